@@ -1,0 +1,34 @@
+"""Save and load motion models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoint import CheckpointError, load_state, read_checkpoint, save_checkpoint
+from models.fomm.config import FommConfig
+from models.fomm.model import MotionModel
+
+KIND = "fomm"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "fomm_face64.pt"
+
+
+def save_motion_model(path: str | Path, model: MotionModel, meta: dict[str, Any] | None = None,
+                      half: bool = True) -> int:
+    return save_checkpoint(path, model, KIND, model.config.to_dict(), meta, half=half)
+
+
+def load_motion_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[MotionModel, dict[str, Any]]:
+    """Load a motion model in eval mode; returns (model, meta)."""
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    blob = read_checkpoint(path, KIND)
+    try:
+        config = FommConfig.from_dict(blob["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config: {e}") from e
+    model = MotionModel(config)
+    load_state(model, blob["state_dict"], path)
+    return model.to(device).eval(), blob["meta"]

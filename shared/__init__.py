@@ -1,0 +1,1 @@
+"""What both ends of a kpcast call agree on: wire protocol, signaling, ICE set-up. No torch here."""

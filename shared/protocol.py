@@ -1,0 +1,399 @@
+"""The kpcast wire protocol: versioned msgpack messages on WebRTC data channels.
+
+Every message is a msgpack array ``[version, type, *fields]``. The decoder is the
+one place that trusts nothing a peer sends: every failure raises
+:class:`ProtocolError` with a short machine-readable ``reason`` that the receiver
+counts, and nothing else escapes it.
+
+Messages
+--------
+- ``Hello``: protocol version, model id, frame size, fps, keypoint codec, decimation.
+- ``SourceChunk``: one piece of the JPEG source image (split under the peer's max
+  message size, reassembled by :class:`SourceAssembler` and checked by SHA-256).
+- ``KeypointBatch``: one or more keypoint frames (``seq0 + i*step``), each a
+  60-value vector quantised by a :class:`Codec`.
+- ``Heartbeat``, ``SourceRequest``, ``Bye``: liveness and control.
+
+Keypoint vector layout (60 = 10 keypoints x (x, y) + 10 Jacobians x 4):
+``[x0, y0, ..., x9, y9, J0_00, J0_01, J0_10, J0_11, ..., J9_11]``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Union
+
+import msgpack
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+NUM_KP = 10
+KP_DIM = 6 * NUM_KP
+MAX_MESSAGE_BYTES = 64 * 1024  # peers without a max-message-size SDP line allow 64 KiB
+MAX_SOURCE_BYTES = 2 * 1024 * 1024  # a JPEG source image larger than this is refused
+MAX_FRAMES_PER_BATCH = 64
+COORD_LIMIT = 1.0 + 1e-3  # keypoints are soft-argmax means of a grid in [-1, 1]
+JACOBIAN_LIMIT = 16.0  # local affines larger than this are not a face moving
+DIGEST_BYTES = 16
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    SOURCE_CHUNK = 2
+    KEYPOINTS = 3
+    HEARTBEAT = 4
+    SOURCE_REQUEST = 5
+    BYE = 6
+
+
+class ProtocolError(ValueError):
+    """A message was rejected; ``reason`` is one of a small fixed set, for counting."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+class Codec(enum.IntEnum):
+    """How a 60-value keypoint vector is quantised.
+
+    F16: every value float16 (120 B/frame).
+    Q8: coordinates as uint16 over [-1, 1] (step 3e-5), Jacobians as int8 over
+        [-JAC_RANGE, JAC_RANGE] (step ~0.016) (80 B/frame).
+    """
+
+    F16 = 0
+    Q8 = 1
+
+
+JAC_RANGE = 2.0
+_NC = 2 * NUM_KP  # number of coordinate values
+
+
+def frame_bytes(codec: Codec) -> int:
+    return {Codec.F16: 2 * KP_DIM, Codec.Q8: 2 * _NC + (KP_DIM - _NC)}[Codec(codec)]
+
+
+def encode_vector(vec: np.ndarray, codec: Codec = Codec.Q8) -> bytes:
+    """Quantise one 60-value keypoint vector. Raises ValueError on wrong size or NaN/inf."""
+    v = np.asarray(vec, dtype=np.float64).reshape(-1)
+    if v.size != KP_DIM:
+        raise ValueError(f"keypoint vector must have {KP_DIM} values, got {v.size}")
+    if not np.isfinite(v).all():
+        raise ValueError("keypoint vector contains NaN or inf")
+    coords = np.clip(v[:_NC], -1.0, 1.0)
+    jac = v[_NC:]
+    if codec == Codec.F16:
+        return np.concatenate([coords, np.clip(jac, -JACOBIAN_LIMIT, JACOBIAN_LIMIT)]).astype("<f2").tobytes()
+    if codec == Codec.Q8:
+        q_c = np.round((coords + 1.0) / 2.0 * 65535).astype("<u2")
+        q_j = np.round(np.clip(jac, -JAC_RANGE, JAC_RANGE) / JAC_RANGE * 127).astype("i1")
+        return q_c.tobytes() + q_j.tobytes()
+    raise ValueError(f"unknown codec {codec}")
+
+
+def decode_vectors(payload: bytes, codec: int) -> np.ndarray:
+    """Payload of n frames -> (n, 60) float32. Raises ProtocolError."""
+    try:
+        codec = Codec(codec)
+    except ValueError:
+        raise ProtocolError("codec", f"unknown codec {codec}") from None
+    fb = frame_bytes(codec)
+    if len(payload) == 0 or len(payload) % fb:
+        raise ProtocolError("length", f"payload of {len(payload)} B is not a multiple of {fb} B")
+    n = len(payload) // fb
+    if codec == Codec.F16:
+        out = np.frombuffer(payload, dtype="<f2").reshape(n, KP_DIM).astype(np.float32)
+    else:
+        raw = np.frombuffer(payload, dtype=np.uint8).reshape(n, fb)
+        coords = raw[:, : 2 * _NC].copy().view("<u2").astype(np.float32) / 65535 * 2.0 - 1.0
+        jac = raw[:, 2 * _NC:].copy().view("i1").astype(np.float32) / 127 * JAC_RANGE
+        out = np.concatenate([coords, jac], axis=1)
+    if not np.isfinite(out).all():
+        raise ProtocolError("nonfinite", "keypoints contain NaN or inf")
+    if np.abs(out[:, :_NC]).max() > COORD_LIMIT:
+        raise ProtocolError("range", "keypoint coordinate outside [-1, 1]")
+    if np.abs(out[:, _NC:]).max() > JACOBIAN_LIMIT:
+        raise ProtocolError("range", "Jacobian entry out of range")
+    return out
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Hello:
+    model: str
+    size: int
+    fps: float
+    codec: int = int(Codec.Q8)
+    kp_every: int = 1  # the sender sends every k-th frame's keypoints
+    num_kp: int = NUM_KP
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class SourceChunk:
+    image_id: int
+    index: int
+    total: int
+    total_bytes: int
+    digest: bytes  # first 16 bytes of SHA-256 of the whole JPEG
+    data: bytes
+
+
+@dataclass(frozen=True)
+class KeypointBatch:
+    seq0: int  # capture-frame index of the first vector
+    step: int  # seq of vector i is seq0 + i * step
+    ts0_us: int  # sender capture time of the first vector (sender clock, microseconds)
+    interval_us: int  # capture time between consecutive vectors
+    codec: int
+    payload: bytes
+
+    def frames(self) -> list[tuple[int, int, np.ndarray]]:
+        """(seq, capture time in us, vector) for each frame; raises ProtocolError."""
+        vecs = decode_vectors(self.payload, self.codec)
+        return [(self.seq0 + i * self.step, self.ts0_us + i * self.interval_us, v) for i, v in enumerate(vecs)]
+
+    @staticmethod
+    def build(seq0: int, ts0_us: int, vectors: list[np.ndarray], codec: Codec = Codec.Q8,
+              step: int = 1, interval_us: int = 0) -> "KeypointBatch":
+        payload = b"".join(encode_vector(v, codec) for v in vectors)
+        return KeypointBatch(seq0, step, ts0_us, interval_us, int(codec), payload)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    ts_us: int
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Bye:
+    reason: str = ""
+
+
+Message = Union[Hello, SourceChunk, KeypointBatch, Heartbeat, SourceRequest, Bye]
+
+
+def encode(msg: Message) -> bytes:
+    """Serialise a message to bytes."""
+    v = PROTOCOL_VERSION
+    if isinstance(msg, Hello):
+        body = [v, MsgType.HELLO, msg.model, msg.size, float(msg.fps), msg.codec, msg.kp_every, msg.num_kp]
+    elif isinstance(msg, SourceChunk):
+        body = [v, MsgType.SOURCE_CHUNK, msg.image_id, msg.index, msg.total, msg.total_bytes, msg.digest, msg.data]
+    elif isinstance(msg, KeypointBatch):
+        body = [v, MsgType.KEYPOINTS, msg.seq0, msg.step, msg.ts0_us, msg.interval_us, msg.codec, msg.payload]
+    elif isinstance(msg, Heartbeat):
+        body = [v, MsgType.HEARTBEAT, msg.ts_us]
+    elif isinstance(msg, SourceRequest):
+        body = [v, MsgType.SOURCE_REQUEST, msg.reason]
+    elif isinstance(msg, Bye):
+        body = [v, MsgType.BYE, msg.reason]
+    else:
+        raise TypeError(f"not a protocol message: {type(msg).__name__}")
+    return msgpack.packb([int(x) if isinstance(x, enum.IntEnum) else x for x in body], use_bin_type=True)
+
+
+def _int(x: object, lo: int, hi: int, name: str) -> int:
+    if type(x) is not int or not lo <= x <= hi:
+        raise ProtocolError("field", f"{name} must be an int in [{lo}, {hi}], got {x!r:.40}")
+    return x
+
+
+def _bytes(x: object, max_len: int, name: str) -> bytes:
+    if not isinstance(x, bytes) or len(x) > max_len:
+        raise ProtocolError("field", f"{name} must be bytes of at most {max_len}")
+    return x
+
+
+def _str(x: object, max_len: int, name: str) -> str:
+    if not isinstance(x, str) or len(x) > max_len:
+        raise ProtocolError("field", f"{name} must be a string of at most {max_len} chars")
+    return x
+
+
+_ARITY = {MsgType.HELLO: 8, MsgType.SOURCE_CHUNK: 8, MsgType.KEYPOINTS: 8, MsgType.HEARTBEAT: 3,
+          MsgType.SOURCE_REQUEST: 3, MsgType.BYE: 3}
+I64 = 2 ** 62
+
+
+def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse and validate one message. Raises ProtocolError, never anything else."""
+    if isinstance(data, str):  # aiortc delivers text frames as str
+        raise ProtocolError("malformed", "text message on a binary protocol")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("malformed", f"unexpected {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise ProtocolError("oversized", f"{len(data)} B > {max_bytes} B")
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True,
+                              max_array_len=16, max_map_len=16,
+                              max_str_len=4096, max_bin_len=max_bytes)
+    except Exception as e:  # msgpack raises a zoo of types on garbage
+        raise ProtocolError("malformed", f"not msgpack: {type(e).__name__}") from None
+    if not isinstance(obj, list) or len(obj) < 2:
+        raise ProtocolError("malformed", "expected an array [version, type, ...]")
+    if obj[0] != PROTOCOL_VERSION or type(obj[0]) is not int:
+        raise ProtocolError("version", f"protocol version {obj[0]!r:.20}, this end speaks {PROTOCOL_VERSION}")
+    try:
+        mtype = MsgType(obj[1])
+    except (ValueError, TypeError):
+        raise ProtocolError("type", f"unknown message type {obj[1]!r:.20}") from None
+    if len(obj) != _ARITY[mtype]:
+        raise ProtocolError("malformed", f"{mtype.name} needs {_ARITY[mtype]} fields, got {len(obj)}")
+    f = obj[2:]
+    if mtype == MsgType.HELLO:
+        model = _str(f[0], 128, "model")
+        size = _int(f[1], 16, 4096, "size")
+        if not isinstance(f[2], (int, float)) or not (0 < float(f[2]) <= 240):
+            raise ProtocolError("field", f"fps must be in (0, 240], got {f[2]!r:.20}")
+        codec = _int(f[3], 0, 255, "codec")
+        if codec not in {c.value for c in Codec}:
+            raise ProtocolError("codec", f"unknown codec {codec}")
+        kp_every = _int(f[4], 1, 64, "kp_every")
+        num_kp = _int(f[5], 1, 64, "num_kp")
+        if num_kp != NUM_KP:
+            raise ProtocolError("field", f"num_kp {num_kp} unsupported (this end uses {NUM_KP})")
+        return Hello(model, size, float(f[2]), codec, kp_every, num_kp)
+    if mtype == MsgType.SOURCE_CHUNK:
+        image_id = _int(f[0], 0, I64, "image_id")
+        total = _int(f[2], 1, 4096, "total")
+        index = _int(f[1], 0, total - 1, "index")
+        total_bytes = _int(f[3], 1, MAX_SOURCE_BYTES, "total_bytes")
+        digest = _bytes(f[4], DIGEST_BYTES, "digest")
+        if len(digest) != DIGEST_BYTES:
+            raise ProtocolError("field", "digest must be 16 bytes")
+        chunk = _bytes(f[5], max_bytes, "data")
+        if not chunk:
+            raise ProtocolError("field", "empty source chunk")
+        return SourceChunk(image_id, index, total, total_bytes, digest, chunk)
+    if mtype == MsgType.KEYPOINTS:
+        seq0 = _int(f[0], 0, I64, "seq0")
+        step = _int(f[1], 1, 64, "step")
+        ts0 = _int(f[2], 0, I64, "ts0_us")
+        interval = _int(f[3], 0, 10_000_000, "interval_us")
+        codec = _int(f[4], 0, 255, "codec")
+        payload = _bytes(f[5], max_bytes, "payload")
+        batch = KeypointBatch(seq0, step, ts0, interval, codec, payload)
+        vecs = decode_vectors(payload, codec)  # validates size, NaN/inf, ranges
+        if len(vecs) > MAX_FRAMES_PER_BATCH:
+            raise ProtocolError("length", f"{len(vecs)} frames in one message > {MAX_FRAMES_PER_BATCH}")
+        return batch
+    if mtype == MsgType.HEARTBEAT:
+        return Heartbeat(_int(f[0], 0, I64, "ts_us"))
+    if mtype == MsgType.SOURCE_REQUEST:
+        return SourceRequest(_str(f[0], 256, "reason"))
+    return Bye(_str(f[0], 256, "reason"))
+
+
+# --------------------------------------------------------------------------- source image
+
+
+def split_source(jpeg: bytes, image_id: int, chunk_bytes: int = 16 * 1024) -> list[SourceChunk]:
+    """Split an encoded image into chunks that each fit one data-channel message."""
+    if not jpeg:
+        raise ValueError("empty source image")
+    if len(jpeg) > MAX_SOURCE_BYTES:
+        raise ValueError(f"source image of {len(jpeg)} B exceeds {MAX_SOURCE_BYTES} B")
+    digest = hashlib.sha256(jpeg).digest()[:DIGEST_BYTES]
+    parts = [jpeg[i:i + chunk_bytes] for i in range(0, len(jpeg), chunk_bytes)]
+    return [SourceChunk(image_id, i, len(parts), len(jpeg), digest, p) for i, p in enumerate(parts)]
+
+
+class SourceAssembler:
+    """Reassembles source-image chunks; returns the image bytes once complete and verified.
+
+    Only the newest image id is kept, so a stream of half-sent images cannot grow memory.
+    """
+
+    def __init__(self) -> None:
+        self._id: int | None = None
+        self._parts: dict[int, bytes] = {}
+        self._meta: tuple[int, int, bytes] | None = None
+        self.completed_ids: set[int] = set()
+
+    def add(self, chunk: SourceChunk) -> bytes | None:
+        if chunk.image_id in self.completed_ids:
+            raise ProtocolError("duplicate", f"image {chunk.image_id} already complete")
+        if self._id is not None and chunk.image_id < self._id:
+            raise ProtocolError("stale", f"chunk of old image {chunk.image_id}")
+        if chunk.image_id != self._id:
+            self._id, self._parts, self._meta = chunk.image_id, {}, (chunk.total, chunk.total_bytes, chunk.digest)
+        if (chunk.total, chunk.total_bytes, chunk.digest) != self._meta:
+            raise ProtocolError("field", "chunk disagrees with earlier chunks of the same image")
+        if chunk.index in self._parts:
+            raise ProtocolError("duplicate", f"chunk {chunk.index} of image {chunk.image_id} twice")
+        size = sum(map(len, self._parts.values())) + len(chunk.data)
+        if size > chunk.total_bytes:
+            raise ProtocolError("length", "chunks exceed the announced image size")
+        self._parts[chunk.index] = chunk.data
+        if len(self._parts) < chunk.total:
+            return None
+        blob = b"".join(self._parts[i] for i in range(chunk.total))
+        self._parts = {}
+        if len(blob) != chunk.total_bytes or hashlib.sha256(blob).digest()[:DIGEST_BYTES] != chunk.digest:
+            raise ProtocolError("digest", "reassembled source image fails its checksum")
+        self.completed_ids.add(chunk.image_id)
+        return blob
+
+
+# --------------------------------------------------------------------------- receiving side helpers
+
+
+class SequenceFilter:
+    """Rejects duplicate keypoint frames and frames older than ``window`` behind the newest."""
+
+    def __init__(self, window: int = 256) -> None:
+        self.window = window
+        self.newest: int | None = None
+        self._seen: set[int] = set()
+
+    def check(self, seq: int) -> None:
+        if self.newest is not None and seq <= self.newest - self.window:
+            raise ProtocolError("stale", f"seq {seq} is {self.newest - seq} behind")
+        if seq in self._seen:
+            raise ProtocolError("duplicate", f"seq {seq} seen before")
+        self._seen.add(seq)
+        if self.newest is None or seq > self.newest:
+            self.newest = seq
+            floor = seq - self.window
+            if len(self._seen) > 2 * self.window:
+                self._seen = {s for s in self._seen if s > floor}
+
+
+@dataclass
+class RejectCounter:
+    """Counts rejected messages by reason and logs them without flooding the log."""
+
+    counts: Counter = field(default_factory=Counter)
+    log_interval_s: float = 2.0
+    _last_log: float = 0.0
+
+    def reject(self, err: ProtocolError) -> None:
+        self.counts[err.reason] += 1
+        now = time.monotonic()
+        if now - self._last_log >= self.log_interval_s:
+            self._last_log = now
+            log.warning("rejected message (%s); totals so far %s", err, dict(self.counts))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

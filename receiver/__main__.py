@@ -1,0 +1,100 @@
+"""kpcast receiver: answer calls, render the caller's face from keypoints, write it to a sink.
+
+Usage:
+  python -m receiver                                   # 127.0.0.1:8080, bundled weights, no output
+  python -m receiver --sink file:out/call.mp4 --stats-dir out/stats
+  python -m receiver --host 0.0.0.0 --port 8080 --token SECRET --sink window
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from models.checkpoint import CheckpointError
+from models.fomm.io import DEFAULT_WEIGHTS, load_motion_model
+from receiver.render import pick_device
+from receiver.server import ReceiverServer, ServerConfig
+from receiver.session import SessionConfig
+from receiver.sinks import SinkError, check_sink_spec
+from shared.ice import addresses_for_host, restrict_host_addresses
+
+log = logging.getLogger("receiver")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m receiver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="listen address (also restricts ICE to it)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="motion model checkpoint")
+    p.add_argument("--sink", default="null", help="null | window | file:PATH")
+    p.add_argument("--token", default=os.environ.get("KPCAST_TOKEN"), help="shared secret (or $KPCAST_TOKEN)")
+    p.add_argument("--playout", choices=["clock", "immediate"], default="clock",
+                   help="clock: steady fps with concealment; immediate: render each frame on arrival")
+    p.add_argument("--forecaster", default="linear", help="concealment: vrnn, grunf, gru, linear, last")
+    p.add_argument("--lookahead-ms", type=float, default=0.0, help="render ahead by this much (latency hiding)")
+    p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
+    p.add_argument("--stop-after-calls", type=int, help="exit after this many calls ended")
+    p.add_argument("--stats-dir", help="write each call's stats JSON here")
+    p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for rendering")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    a = p.parse_args(argv)
+    session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms)
+    cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session)
+    return cfg, a
+
+
+async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    device = a.device or pick_device()
+    model, meta = load_motion_model(a.weights, device)
+    if cfg.session.playout == "clock":
+        from models.forecast import load_forecaster
+        load_forecaster(cfg.session.forecaster)  # fail now, not at the first call
+    log.info("model %s (%dx%d) on %s", a.weights, model.config.size, model.config.size, device)
+    restrict_host_addresses(a.ice_address or addresses_for_host(cfg.host))
+    server = ReceiverServer(model, cfg)
+    await server.start()
+    print(f"receiver ready on http://{cfg.host}:{cfg.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.done.wait())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg, a = parse_args(argv)
+    try:
+        check_sink_spec(cfg.session.sink)
+        try:
+            import uvloop
+            runner = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        runner(serve(cfg, a))
+    except (CheckpointError, SinkError, ValueError) as e:
+        print(f"receiver: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"receiver: cannot listen on {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(main())

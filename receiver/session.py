@@ -1,0 +1,279 @@
+"""One call on the receiver: decode -> buffer -> (forecast) -> render -> sink, plus its stats.
+
+Everything a peer sends goes through ``shared.protocol.decode`` and per-call checks;
+a bad message is counted and dropped, never raised into aiortc's event handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from aiortc import RTCDataChannel, RTCPeerConnection
+
+from receiver.render import Renderer
+from receiver.sinks import Sink, make_sink
+from receiver.stats import CallStats
+from shared import protocol as P
+
+log = logging.getLogger(__name__)
+
+MAX_SOURCE_PIXELS = 4096 * 4096
+
+
+@dataclass
+class SessionConfig:
+    sink: str = "null"  # null | window | file:PATH
+    playout: str = "clock"  # clock: steady fps from a jitter buffer with concealment; immediate: render on arrival
+    forecaster: str = "linear"  # conceals missing keypoints in clock mode
+    heartbeat_timeout_s: float = 1.5  # aiortc only reports "failed" after ~30 s, so we watch liveness ourselves
+    max_messages_per_s: float = 400.0  # beyond this a peer's messages are dropped (rate_limited)
+    max_message_bytes: int = P.MAX_MESSAGE_BYTES
+    lookahead_ms: float = 0.0  # render-ahead for latency hiding (clock mode)
+
+
+class CallSession:
+    def __init__(self, call_id: str, index: int, pc: RTCPeerConnection, renderer: Renderer,
+                 executor: Executor, config: SessionConfig,
+                 on_closed: Callable[["CallSession"], None] | None = None) -> None:
+        self.call_id = call_id
+        self.index = index
+        self.pc = pc
+        self.renderer = renderer
+        self.executor = executor
+        self.config = config
+        self.on_closed = on_closed
+        self.stats = CallStats(call_id)
+        self.hello: P.Hello | None = None
+        self.assembler = P.SourceAssembler()
+        self.seq_filter = P.SequenceFilter()
+        self.rejects = P.RejectCounter(counts=self.stats.rejected)
+        self.sink: Sink | None = None
+        self.control: RTCDataChannel | None = None
+        self.last_seen = time.monotonic()
+        self.closed = asyncio.Event()
+        self._queue: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._rate_window: collections.deque[float] = collections.deque()
+        self._source_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.playout = None
+        self._last_rendered_seq = -1
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, channel: RTCDataChannel) -> None:
+        if channel.label == "control":
+            self.control = channel
+        channel.on("message", lambda data, label=channel.label: self.on_message(label, data))
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.ensure_future(self._render_loop()))
+        self._tasks.append(asyncio.ensure_future(self._watchdog()))
+
+    # ------------------------------------------------------------------ input
+    def on_message(self, label: str, data: bytes | str) -> None:
+        """Entry point for every data-channel message; never raises."""
+        try:
+            self._on_message(label, data)
+        except P.ProtocolError as e:
+            self.rejects.reject(e)
+        except Exception as e:  # a bug here must not take the receiver down
+            log.exception("call %s: error handling a message", self.call_id)
+            self.rejects.reject(P.ProtocolError("internal", str(e)))
+
+    def _on_message(self, label: str, data: bytes | str) -> None:
+        now = time.monotonic()
+        self.last_seen = now
+        self.stats.messages_received += 1
+        self.stats.bytes_received += len(data)
+        self._rate_window.append(now)
+        while self._rate_window and self._rate_window[0] < now - 1.0:
+            self._rate_window.popleft()
+        if len(self._rate_window) > self.config.max_messages_per_s:
+            raise P.ProtocolError("rate_limited", f"more than {self.config.max_messages_per_s:.0f} messages/s")
+        msg = P.decode(data, self.config.max_message_bytes)
+        if isinstance(msg, P.KeypointBatch):
+            if label != "kp":
+                raise P.ProtocolError("channel", "keypoints on the control channel")
+            self._on_keypoints(msg, len(data), now)
+        elif isinstance(msg, P.Hello):
+            self._on_hello(msg)
+        elif isinstance(msg, P.SourceChunk):
+            blob = self.assembler.add(msg)
+            if blob is not None:
+                if self._source_task is not None and not self._source_task.done():
+                    raise P.ProtocolError("busy", "source image while the previous one is still decoding")
+                self._source_task = asyncio.ensure_future(self._set_source(blob))
+        elif isinstance(msg, P.Bye):
+            log.info("call %s: peer said bye (%s)", self.call_id, msg.reason)
+            asyncio.ensure_future(self._drain_and_close(f"bye: {msg.reason}"))
+        # Heartbeat: last_seen is already updated; SourceRequest is for senders.
+
+    def _on_hello(self, hello: P.Hello) -> None:
+        if hello.size != self.renderer.size:
+            self.send(P.Bye(f"model size {hello.size} != receiver's {self.renderer.size}"))
+            asyncio.ensure_future(self.close("size mismatch"))
+            raise P.ProtocolError("field", f"sender model size {hello.size} != {self.renderer.size}")
+        first = self.hello is None
+        self.hello = hello
+        self.stats.hello = {"model": hello.model, "size": hello.size, "fps": hello.fps,
+                            "codec": P.Codec(hello.codec).name, "kp_every": hello.kp_every}
+        if first:
+            self.sink = make_sink(self.config.sink, hello.fps, self.renderer.size, self.index)
+            if self.config.playout == "clock":
+                from models.forecast import load_forecaster
+                from receiver.playout import Playout, PlayoutConfig
+                self.playout = Playout(PlayoutConfig(fps=hello.fps, forecaster=load_forecaster(self.config.forecaster),
+                                                     kp_every=hello.kp_every, lookahead_ms=self.config.lookahead_ms))
+
+    def _on_keypoints(self, batch: P.KeypointBatch, nbytes: int, now: float) -> None:
+        if self.hello is None:
+            raise P.ProtocolError("order", "keypoints before hello")
+        self.stats.keypoint_messages += 1
+        self.stats.keypoint_message_bytes += nbytes
+        self.stats.keypoint_payload_bytes += len(batch.payload)
+        for seq, capture_us, vec in batch.frames():
+            try:
+                self.seq_filter.check(seq)
+            except P.ProtocolError as e:
+                self.rejects.reject(e)
+                continue
+            self.stats.frames_received += 1
+            if self.playout is not None:
+                if not self.playout.push(seq, capture_us, vec, now):
+                    self.rejects.reject(P.ProtocolError("late", f"seq {seq} arrived after its playout time"))
+            else:
+                self._queue.append((seq, capture_us, vec))
+        self._wake.set()
+
+    async def _set_source(self, blob: bytes) -> None:
+        img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+        if img is None or img.ndim != 3 or img.shape[0] * img.shape[1] > MAX_SOURCE_PIXELS:
+            self.rejects.reject(P.ProtocolError("source_image", "source image does not decode to a sane picture"))
+            return
+        rgb = np.ascontiguousarray(img[..., ::-1])
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.set_source, rgb)
+        self.stats.source_image_bytes += len(blob)
+        self.stats.source_sha256 = hashlib.sha256(blob).hexdigest()
+        self.stats.source_images += 1
+        log.info("call %s: source image %dx%d (%d B) ready", self.call_id, img.shape[1], img.shape[0], len(blob))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ output
+    def send(self, msg: P.Message) -> None:
+        if self.control is not None and self.control.readyState == "open":
+            self.control.send(P.encode(msg))
+
+    def request_source(self, reason: str) -> None:
+        """Ask the sender for a fresh source image (e.g. the scene changed)."""
+        self.send(P.SourceRequest(reason))
+
+    async def _render(self, seq: int, capture_us: int, vec: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        image = await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.render, vec)
+        self.stats.render_ms.append((time.perf_counter() - t0) * 1000)
+        if self.sink is not None:
+            self.sink.write(image, seq)
+        self.stats.frames_rendered += 1
+        self.stats.render_times.append(time.monotonic())
+        self.stats.latency_ms.append(time.time() * 1000 - capture_us / 1000)
+
+    async def _render_loop(self) -> None:
+        while not self.closed.is_set():
+            if self.playout is not None:
+                await self._tick_clock()
+                continue
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue and self.renderer.ready and not self.closed.is_set():
+                if len(self._queue) > 3:  # behind real time: skip to the newest frames
+                    self._queue.popleft()
+                    self.stats.frames_dropped += 1
+                    continue
+                seq, capture_us, vec = self._queue.popleft()
+                if seq <= self._last_rendered_seq:  # reordered: an older frame is not worth showing
+                    self.stats.frames_dropped += 1
+                    continue
+                self._last_rendered_seq = seq
+                await self._render(seq, capture_us, vec)
+
+    async def _tick_clock(self) -> None:
+        period = 1.0 / self.hello.fps
+        next_tick = time.monotonic()
+        while not self.closed.is_set():
+            now = time.monotonic()
+            if now < next_tick:
+                await asyncio.sleep(next_tick - now)
+            next_tick += period
+            if time.monotonic() - next_tick > period:  # renderer fell behind: don't burst to catch up
+                next_tick = time.monotonic() + period
+            frame = self.playout.tick(time.monotonic())
+            if frame is None or not self.renderer.ready:
+                continue
+            if frame.kind == "concealed":
+                self.stats.frames_concealed += 1
+            elif frame.kind == "interpolated":
+                self.stats.frames_interpolated += 1
+            await self._render(frame.seq, frame.capture_us, frame.vector)
+
+    async def _drain_and_close(self, reason: str, max_wait_s: float = 2.0) -> None:
+        """After a Bye, show the frames already received before hanging up."""
+        deadline = time.monotonic() + max_wait_s
+        while time.monotonic() < deadline and not self.closed.is_set():
+            pending = len(self._queue) if self.playout is None else self.playout.pending()
+            if pending == 0 or not self.renderer.ready:
+                break
+            await asyncio.sleep(0.02)
+        await self.close(reason)
+
+    async def _watchdog(self) -> None:
+        while not self.closed.is_set():
+            await asyncio.sleep(0.25)
+            if time.monotonic() - self.last_seen > self.config.heartbeat_timeout_s:
+                log.warning("call %s: no message for %.1fs, peer is gone", self.call_id,
+                            self.config.heartbeat_timeout_s)
+                await self.close("peer timeout")
+                return
+
+    async def close(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        self.stats.end_reason = reason
+        self.stats.ended = time.time()
+        current = asyncio.current_task()
+        for t in self._tasks:
+            if t is not current:
+                t.cancel()
+        try:
+            report = self.pc.sctp.transport._get_stats() if self.pc.sctp else {}
+            s = next(iter(report.values()), None)
+            if s is not None:
+                self.stats.udp = {"udp_bytes_received": s.bytesReceived, "udp_packets_received": s.packetsReceived,
+                                  "udp_bytes_sent": s.bytesSent, "udp_packets_sent": s.packetsSent}
+        except Exception:  # stats are best effort
+            pass
+        if self.playout is not None:
+            self.stats.playout = self.playout.stats()
+        if self.sink is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.sink.close)
+        await self.pc.close()
+        log.info("call %s ended (%s): %d frames received, %d rendered, %d rejected", self.call_id, reason,
+                 self.stats.frames_received, self.stats.frames_rendered, self.rejects.total)
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    def summary(self) -> dict[str, Any]:
+        d = self.stats.to_dict()
+        if self.playout is not None and not self.closed.is_set():
+            d["playout"] = self.playout.stats()
+        return d

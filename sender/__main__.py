@@ -1,0 +1,201 @@
+"""kpcast sender: stream keypoints of a camera or video file to a receiver.
+
+Usage:
+  python -m sender --receiver http://127.0.0.1:8080 --video clip.mp4
+  python -m sender --receiver http://HOST:8080 --camera 0 --token SECRET
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import cv2
+import numpy as np
+
+from models.checkpoint import CheckpointError
+from models.fomm.io import DEFAULT_WEIGHTS, load_motion_model
+from sender.capture import CaptureConfig, CaptureError, FrameSource
+from sender.extract import KeypointExtractor
+from sender.peer import SenderPeer
+from shared import protocol as P
+from shared.ice import addresses_for_host, restrict_host_addresses
+from shared.signaling import SignalingError
+
+log = logging.getLogger("sender")
+
+
+@dataclass
+class SenderConfig:
+    receiver: str = "http://127.0.0.1:8080"
+    camera: int | None = None
+    video: str | None = None
+    fps: float | None = None
+    loop: bool = False
+    max_frames: int | None = None
+    mirror: bool = False
+    token: str | None = None
+    weights: str = str(DEFAULT_WEIGHTS)
+    codec: str = "q8"  # q8 (80 B/frame) or f16 (120 B/frame)
+    kp_every: int = 1  # send every k-th frame's keypoints; the receiver fills the rest
+    batch: int = 1  # keypoint frames per message (fewer messages, more latency)
+    ice_address: list[str] | None = None  # restrict ICE host candidates (default: from the URL)
+    stats_json: str | None = None
+    truth_out: str | None = None  # save every frame's true keypoints (npz) for evaluation
+    source_quality: int = 90
+    threads: int = 1
+
+
+def parse_args(argv: list[str] | None = None) -> SenderConfig:
+    p = argparse.ArgumentParser(prog="python -m sender", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--receiver", default=SenderConfig.receiver, help="receiver base URL")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--camera", type=int, help="camera index")
+    src.add_argument("--video", help="video file to stream")
+    p.add_argument("--fps", type=float, help="frame rate (default: the file's, or 30 for a camera)")
+    p.add_argument("--loop", action="store_true", help="loop the video file")
+    p.add_argument("--max-frames", type=int)
+    p.add_argument("--mirror", action="store_true", help="flip the picture horizontally")
+    p.add_argument("--token", default=os.environ.get("KPCAST_TOKEN"), help="shared secret (or $KPCAST_TOKEN)")
+    p.add_argument("--weights", default=SenderConfig.weights, help="motion model checkpoint")
+    p.add_argument("--codec", choices=["q8", "f16"], default="q8")
+    p.add_argument("--kp-every", type=int, default=1, help="send keypoints of every k-th frame")
+    p.add_argument("--batch", type=int, default=1, help="keypoint frames per message")
+    p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
+    p.add_argument("--stats-json", help="write sender stats here at the end")
+    p.add_argument("--truth-out", help="write every frame's keypoints to this .npz")
+    p.add_argument("--source-quality", type=int, default=90, help="JPEG quality of the source image")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for keypoint extraction")
+    a = p.parse_args(argv)
+    cfg = SenderConfig(**{k: v for k, v in vars(a).items()})
+    if cfg.camera is None and cfg.video is None:
+        p.error("give --camera N or --video PATH")
+    if not 1 <= cfg.kp_every <= 64 or not 1 <= cfg.batch <= P.MAX_FRAMES_PER_BATCH:
+        p.error("--kp-every must be in 1..64 and --batch in 1..64")
+    return cfg
+
+
+async def run(cfg: SenderConfig) -> dict:
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    model, meta = load_motion_model(cfg.weights)
+    extractor = KeypointExtractor(model)
+    source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, model.config.size, cfg.loop,
+                                       cfg.max_frames, cfg.mirror))
+    restrict_host_addresses(cfg.ice_address or addresses_for_host(urlparse(cfg.receiver).hostname or ""))
+    codec = P.Codec.Q8 if cfg.codec == "q8" else P.Codec.F16
+    latest: dict[str, np.ndarray] = {}
+    source_requests: list[str] = []
+
+    def on_message(msg: P.Message) -> None:
+        if isinstance(msg, P.SourceRequest):
+            source_requests.append(msg.reason)
+
+    peer = SenderPeer(on_message)
+    stats = {"frames_captured": 0, "frames_sent": 0, "messages_sent": 0, "keypoint_payload_bytes": 0,
+             "source_image_bytes": 0, "source_images_sent": 0, "extract_ms": []}
+    truth_seq, truth_vec = [], []
+    t_start = time.monotonic()
+    try:
+        await peer.connect(cfg.receiver, cfg.token)
+        peer.send_control(P.Hello(model=str(meta.get("model_id", Path(cfg.weights).stem)), size=model.config.size,
+                                  fps=source.fps, codec=int(codec), kp_every=cfg.kp_every))
+        pending: list[tuple[int, int, np.ndarray]] = []
+        image_id = 0
+        heartbeat_at = time.monotonic()
+        async for frame in source.frames():
+            stats["frames_captured"] += 1
+            latest["image"] = frame.image
+            if frame.seq == 0 or source_requests:
+                reason = source_requests.pop() if source_requests else "start"
+                ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, cfg.source_quality])
+                await peer.send_source(jpeg.tobytes(), image_id)
+                stats["source_image_bytes"] += len(jpeg)
+                stats["source_sha256"] = hashlib.sha256(jpeg.tobytes()).hexdigest()
+                stats["source_images_sent"] += 1
+                log.info("sent source image %d (%d B, %s)", image_id, len(jpeg), reason)
+                image_id += 1
+                source_requests.clear()
+            t0 = time.perf_counter()
+            vec = await asyncio.to_thread(extractor, frame.image)
+            stats["extract_ms"].append((time.perf_counter() - t0) * 1000)
+            if cfg.truth_out:
+                truth_seq.append(frame.seq)
+                truth_vec.append(vec)
+            if frame.seq % cfg.kp_every == 0:
+                pending.append((frame.seq, frame.capture_us, vec))
+            if len(pending) >= cfg.batch:
+                batch = P.KeypointBatch.build(pending[0][0], pending[0][1], [v for _, _, v in pending], codec,
+                                              step=cfg.kp_every, interval_us=int(1e6 * cfg.kp_every / source.fps))
+                if peer.send_keypoints(batch):
+                    stats["frames_sent"] += len(pending)
+                    stats["messages_sent"] += 1
+                    stats["keypoint_payload_bytes"] += len(batch.payload)
+                pending = []
+            if time.monotonic() - heartbeat_at > 0.5:
+                peer.send_control(P.Heartbeat(time.time_ns() // 1000))
+                heartbeat_at = time.monotonic()
+            if peer.closed.is_set():
+                log.warning("receiver ended the call")
+                break
+    finally:
+        stats["duration_s"] = time.monotonic() - t_start
+        stats.update(peer.wire_stats())
+        stats["keypoint_message_bytes"] = peer.bytes_sent["kp"]
+        stats["kp_dropped_congestion"] = peer.kp_dropped_congestion
+        await peer.close()
+        source.close()
+    ex = np.array(stats.pop("extract_ms") or [0.0])
+    stats["extract_ms_p50"] = float(np.percentile(ex, 50))
+    stats["extract_ms_p95"] = float(np.percentile(ex, 95))
+    stats["fps"] = source.fps
+    if cfg.truth_out:
+        Path(cfg.truth_out).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cfg.truth_out, seq=np.array(truth_seq), vectors=np.array(truth_vec))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = parse_args(argv)
+    try:
+        import uvloop
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    task = loop.create_task(run(cfg))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        stats = loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        print("sender: stopped", file=sys.stderr)
+        return 130
+    except (CaptureError, CheckpointError, SignalingError, TimeoutError) as e:
+        print(f"sender: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        loop.close()
+    if cfg.stats_json:
+        Path(cfg.stats_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.stats_json).write_text(json.dumps({"config": asdict(cfg), **stats}, indent=1))
+    log.info("sent %d/%d frames, %d keypoint bytes", stats["frames_sent"], stats["frames_captured"],
+             stats["keypoint_payload_bytes"])
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Frame capture from a camera or a video file, cropped to a square and resized to the model size."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from models.data import center_square
+
+log = logging.getLogger(__name__)
+
+
+class CaptureError(RuntimeError):
+    """The camera or file cannot be opened or read."""
+
+
+@dataclass
+class CaptureConfig:
+    camera: int | None = None  # camera index (cv2.VideoCapture(N))
+    video: str | None = None  # or a video file, paced at its own frame rate (or fps)
+    fps: float | None = None  # None: the file's rate, 30 for a camera
+    size: int = 64  # output square size (the model's)
+    loop: bool = False  # restart a file at its end
+    max_frames: int | None = None  # stop after this many frames
+    mirror: bool = False  # flip horizontally (a selfie view)
+
+
+@dataclass
+class CapturedFrame:
+    seq: int
+    capture_us: int  # wall-clock time of capture, microseconds
+    image: np.ndarray  # (size, size, 3) uint8 RGB
+
+
+class FrameSource:
+    """Opens the device or file up front so a missing camera fails before any call is made."""
+
+    def __init__(self, config: CaptureConfig) -> None:
+        self.config = config
+        if (config.camera is None) == (config.video is None):
+            raise CaptureError("give exactly one of a camera index or a video file")
+        if config.video is not None:
+            if not Path(config.video).is_file():
+                raise CaptureError(f"video file not found: {config.video}")
+            self.cap = cv2.VideoCapture(config.video)
+            what = f"video file {config.video}"
+        else:
+            self.cap = cv2.VideoCapture(int(config.camera))
+            what = f"camera {config.camera}"
+        if not self.cap.isOpened():
+            raise CaptureError(f"cannot open {what} (is it connected, and not used by another program?)")
+        ok, first = self.cap.read()
+        if not ok or first is None:
+            self.cap.release()
+            raise CaptureError(f"{what} opened but gave no frame")
+        self._first: np.ndarray | None = first
+        native = self.cap.get(cv2.CAP_PROP_FPS) if config.video is not None else 0.0
+        self.fps = float(config.fps or (native if 1.0 <= native <= 120.0 else 30.0))
+        self.what = what
+
+    def _prepare(self, bgr: np.ndarray) -> np.ndarray:
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        if self.config.mirror:
+            rgb = rgb[:, ::-1]
+        return center_square(rgb, self.config.size)
+
+    def read(self) -> np.ndarray | None:
+        """Next frame (RGB, square, model size) or None at the end of a file."""
+        if self._first is not None:
+            bgr, self._first = self._first, None
+            return self._prepare(bgr)
+        ok, bgr = self.cap.read()
+        if not ok and self.config.video is not None and self.config.loop:
+            self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, bgr = self.cap.read()
+        if not ok or bgr is None:
+            if self.config.camera is not None:
+                raise CaptureError(f"{self.what} stopped delivering frames")
+            return None
+        return self._prepare(bgr)
+
+    async def frames(self) -> AsyncIterator[CapturedFrame]:
+        """Frames paced at ``self.fps``; a camera paces itself, a file is paced by sleeping."""
+        period = 1.0 / self.fps
+        start = time.monotonic()
+        seq = 0
+        while self.config.max_frames is None or seq < self.config.max_frames:
+            if self.config.video is not None:
+                delay = start + seq * period - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            image = await asyncio.to_thread(self.read) if self.config.camera is not None else self.read()
+            if image is None:
+                return
+            yield CapturedFrame(seq, time.time_ns() // 1000, image)
+            seq += 1
+
+    def close(self) -> None:
+        self.cap.release()

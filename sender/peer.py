@@ -1,0 +1,122 @@
+"""The sender's WebRTC peer: one reliable control channel, one unreliable keypoint channel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
+
+from shared import protocol as P
+from shared.signaling import send_offer
+
+log = logging.getLogger(__name__)
+
+CONTROL_LABEL = "control"  # ordered, reliable: hello, source image, heartbeats, bye
+KEYPOINT_LABEL = "kp"  # unordered, maxRetransmits=0: a late keypoint is worth nothing
+MAX_BUFFERED_BYTES = 32 * 1024  # above this the link is congested: drop keypoints, don't queue them
+
+
+class SenderPeer:
+    def __init__(self, on_message: Callable[[P.Message], None] | None = None) -> None:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.control: RTCDataChannel = self.pc.createDataChannel(CONTROL_LABEL, ordered=True)
+        self.kp: RTCDataChannel = self.pc.createDataChannel(KEYPOINT_LABEL, ordered=False, maxRetransmits=0)
+        self.on_message = on_message
+        self.closed = asyncio.Event()
+        self.bytes_sent = {"control": 0, "kp": 0}
+        self.messages_sent = {"control": 0, "kp": 0}
+        self.kp_dropped_congestion = 0
+        self.rejected = P.RejectCounter()
+        self.control.on("message", self._on_control)
+
+        @self.pc.on("connectionstatechange")
+        async def _state() -> None:
+            log.info("connection state %s", self.pc.connectionState)
+            if self.pc.connectionState in ("failed", "closed"):
+                self.closed.set()
+
+    def _on_control(self, data: bytes | str) -> None:
+        try:
+            msg = P.decode(data)
+        except P.ProtocolError as e:
+            self.rejected.reject(e)
+            return
+        if isinstance(msg, P.Bye):
+            self.closed.set()
+        if self.on_message is not None:
+            self.on_message(msg)
+
+    async def connect(self, url: str, token: str | None = None, timeout_s: float = 15.0) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        answer = await send_offer(url, self.pc.localDescription, token)
+        await self.pc.setRemoteDescription(answer)
+        await asyncio.wait_for(asyncio.gather(_opened(self.control), _opened(self.kp)), timeout_s)
+        log.info("connected to %s", url)
+
+    def send_control(self, msg: P.Message) -> int:
+        data = P.encode(msg)
+        self.control.send(data)
+        self.bytes_sent["control"] += len(data)
+        self.messages_sent["control"] += 1
+        return len(data)
+
+    async def send_source(self, jpeg: bytes, image_id: int) -> int:
+        """Send the source image in chunks under the peer's max message size."""
+        chunk = min(16 * 1024, _max_message_size(self.pc) - 256)
+        total = 0
+        for part in P.split_source(jpeg, image_id, chunk):
+            total += self.send_control(part)
+            while self.control.bufferedAmount > 256 * 1024:  # don't pile the whole image into SCTP at once
+                await asyncio.sleep(0.005)
+        return total
+
+    def send_keypoints(self, batch: P.KeypointBatch) -> bool:
+        """Send one keypoint message now, or drop it if the channel is congested."""
+        if self.kp.readyState != "open":
+            return False
+        if self.kp.bufferedAmount > MAX_BUFFERED_BYTES:
+            self.kp_dropped_congestion += 1
+            return False
+        data = P.encode(batch)
+        self.kp.send(data)
+        self.bytes_sent["kp"] += len(data)
+        self.messages_sent["kp"] += 1
+        return True
+
+    def wire_stats(self) -> dict[str, int]:
+        """UDP payload bytes/packets through DTLS (all channels, handshakes included)."""
+        try:
+            report = self.pc.sctp.transport._get_stats()  # aiortc keeps per-transport counters here
+            s = next(iter(report.values()))
+            return {"udp_bytes_sent": s.bytesSent, "udp_packets_sent": s.packetsSent,
+                    "udp_bytes_received": s.bytesReceived, "udp_packets_received": s.packetsReceived}
+        except Exception:  # stats are best effort, never fatal
+            return {}
+
+    async def close(self, reason: str = "done") -> None:
+        if self.control.readyState == "open":
+            try:
+                self.send_control(P.Bye(reason))
+                for _ in range(100):  # let the Bye leave before tearing the transport down
+                    if self.control.bufferedAmount == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)
+            except Exception as e:  # a dead transport must not stop the shutdown
+                log.debug("bye not sent: %s", e)
+        await self.pc.close()
+
+
+async def _opened(channel: RTCDataChannel) -> None:
+    if channel.readyState == "open":
+        return
+    ev = asyncio.Event()
+    channel.on("open", ev.set)
+    await ev.wait()
+
+
+def _max_message_size(pc: RTCPeerConnection) -> int:
+    size = getattr(pc.sctp, "_remote_max_message_size", None) if pc.sctp else None
+    return int(size) if size else P.MAX_MESSAGE_BYTES

@@ -1,0 +1,92 @@
+"""End-to-end calls: two real processes, real aiortc peers over 127.0.0.1, a tiny real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import pytest
+
+from tests.procs import run_sender, start_receiver, stop
+
+FRAMES = 60
+
+
+def _call(tmp: Path, weights: Path, clip: Path, port: int, playout: str = "immediate",
+          calls: int = 1, extra_sender: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    recv = start_receiver(["--port", str(port), "--weights", str(weights), "--playout", playout,
+                           "--sink", f"file:{tmp / 'received.mp4'}", "--stats-dir", str(tmp),
+                           "--stop-after-calls", str(calls)], log_path=tmp / "receiver.log")
+    senders = []
+    try:
+        for i in range(calls):
+            res = run_sender(["--receiver", f"http://127.0.0.1:{port}", "--video", str(clip), "--weights",
+                              str(weights), "--max-frames", str(FRAMES), "--fps", "30",
+                              "--stats-json", str(tmp / f"sender_{i + 1}.json"), *(extra_sender or [])])
+            assert res.returncode == 0, res.stderr[-2000:]
+            senders.append(json.loads((tmp / f"sender_{i + 1}.json").read_text()))
+    finally:
+        assert stop(recv) == 0, (tmp / "receiver.log").read_text()[-2000:]
+    receivers = [json.loads((tmp / f"call_{i + 1}.json").read_text()) for i in range(calls)]
+    return senders, receivers
+
+
+def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_clip: Path, free_port: int) -> None:
+    (sent,), (got,) = _call(tmp_path, tiny_weights, demo_clip, free_port)
+    # the source image arrives byte-identical
+    assert got["source_sha256"] == sent["source_sha256"] and got["source_image_bytes"] == sent["source_image_bytes"]
+    assert sent["frames_sent"] == FRAMES
+    # loopback loses nothing; the renderer must keep up with a tiny model
+    assert got["frames_received"] == FRAMES
+    assert got["frames_rendered"] >= 0.95 * FRAMES
+    # stats add up
+    assert got["frames_rendered"] + got["frames_dropped"] <= got["frames_received"]
+    assert got["keypoint_payload_bytes"] == sent["keypoint_payload_bytes"] == FRAMES * 80
+    assert got["keypoint_message_bytes"] == sent["keypoint_message_bytes"]
+    assert got["frames_rejected"] == 0
+    assert got["latency_ms_p50"] is not None and 0 < got["latency_ms_p50"] < got["latency_ms_p95"] + 1e-9
+    # the sink wrote one video frame per rendered frame, and recorded their sequence numbers
+    with av.open(str(tmp_path / "received.mp4")) as c:
+        n = sum(1 for _ in c.decode(video=0))
+    seqs = json.loads((tmp_path / "received.mp4.seq.json").read_text())
+    assert n == len(seqs) == got["frames_rendered"]
+    assert seqs == sorted(seqs)
+
+
+def test_second_call_after_first_sender_quits(tmp_path: Path, tiny_weights: Path, demo_clip: Path,
+                                              free_port: int) -> None:
+    senders, receivers = _call(tmp_path, tiny_weights, demo_clip, free_port, calls=2)
+    assert [r["frames_received"] for r in receivers] == [FRAMES, FRAMES]
+    assert receivers[0]["call_id"] != receivers[1]["call_id"]
+    assert (tmp_path / "received_2.mp4").exists()
+
+
+def test_wrong_token_is_refused(tmp_path: Path, tiny_weights: Path, demo_clip: Path, free_port: int) -> None:
+    recv = start_receiver(["--port", str(free_port), "--weights", str(tiny_weights), "--token", "s3cret"])
+    try:
+        res = run_sender(["--receiver", f"http://127.0.0.1:{free_port}", "--video", str(demo_clip),
+                          "--weights", str(tiny_weights), "--max-frames", "5", "--token", "wrong"])
+        assert res.returncode == 2
+        assert "token" in res.stderr
+    finally:
+        recv.terminate()
+        stop(recv)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--video", "/nonexistent.mp4"], "video file not found"),
+    (["--camera", "57"], "cannot open camera 57"),
+])
+def test_sender_missing_input_is_a_clear_error(tiny_weights: Path, args: list[str], message: str) -> None:
+    res = run_sender(["--receiver", "http://127.0.0.1:9", "--weights", str(tiny_weights), *args])
+    assert res.returncode == 2
+    assert message in res.stderr
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path: Path, demo_clip: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    res = run_sender(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(bad)])
+    assert res.returncode == 2
+    assert "corrupt" in res.stderr

@@ -44,7 +44,7 @@ class SessionConfig:
 class CallSession:
     def __init__(self, call_id: str, index: int, pc: RTCPeerConnection, renderer: Renderer,
                  executor: Executor, config: SessionConfig,
-                 on_closed: Callable[["CallSession"], None] | None = None) -> None:
+                 on_closed: Callable[[CallSession], None] | None = None) -> None:
         self.call_id = call_id
         self.index = index
         self.pc = pc
@@ -68,6 +68,7 @@ class CallSession:
         self._tasks: list[asyncio.Task] = []
         self.playout = None
         self._last_rendered_seq = -1
+        self._last_image: np.ndarray | None = None
 
     # ------------------------------------------------------------------ wiring
     def attach(self, channel: RTCDataChannel) -> None:
@@ -127,6 +128,8 @@ class CallSession:
         self.hello = hello
         self.stats.hello = {"model": hello.model, "size": hello.size, "fps": hello.fps,
                             "codec": P.Codec(hello.codec).name, "kp_every": hello.kp_every}
+        if not first and self.playout is not None:
+            self.playout.reset()  # the sender restarted its stream
         if first:
             self.sink = make_sink(self.config.sink, hello.fps, self.renderer.size, self.index)
             if self.config.playout == "clock":
@@ -183,6 +186,7 @@ class CallSession:
         self.stats.render_ms.append((time.perf_counter() - t0) * 1000)
         if self.sink is not None:
             self.sink.write(image, seq)
+        self._last_image = image
         self.stats.frames_rendered += 1
         self.stats.render_times.append(time.monotonic())
         self.stats.latency_ms.append(time.time() * 1000 - capture_us / 1000)
@@ -218,6 +222,12 @@ class CallSession:
                 next_tick = time.monotonic() + period
             frame = self.playout.tick(time.monotonic())
             if frame is None or not self.renderer.ready:
+                continue
+            if frame.repeated and self._last_image is not None:
+                # the playout holds a frame to let the buffer refill: show it again, don't re-render
+                if self.sink is not None:
+                    self.sink.write(self._last_image, frame.seq)
+                self.stats.frames_repeated += 1
                 continue
             if frame.kind == "concealed":
                 self.stats.frames_concealed += 1

@@ -32,6 +32,7 @@ class CallStats:
     frames_rendered: int = 0
     frames_concealed: int = 0
     frames_interpolated: int = 0
+    frames_repeated: int = 0  # a held frame shown again while the jitter buffer refills
     frames_dropped: int = 0  # accepted but never rendered (renderer behind, or superseded)
     source_image_bytes: int = 0
     source_images: int = 0
@@ -66,6 +67,7 @@ class CallStats:
             "frames_rendered": self.frames_rendered,
             "frames_concealed": self.frames_concealed,
             "frames_interpolated": self.frames_interpolated,
+            "frames_repeated": self.frames_repeated,
             "frames_dropped": self.frames_dropped,
             "frames_rejected": int(sum(self.rejected.values())),
             "rejected_by_reason": dict(self.rejected),

@@ -8,8 +8,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import asyncio
+import hashlib
 import json
 import logging
 import os

@@ -26,7 +26,6 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Union
 
 import msgpack
 import numpy as np
@@ -169,7 +168,7 @@ class KeypointBatch:
 
     @staticmethod
     def build(seq0: int, ts0_us: int, vectors: list[np.ndarray], codec: Codec = Codec.Q8,
-              step: int = 1, interval_us: int = 0) -> "KeypointBatch":
+              step: int = 1, interval_us: int = 0) -> KeypointBatch:
         payload = b"".join(encode_vector(v, codec) for v in vectors)
         return KeypointBatch(seq0, step, ts0_us, interval_us, int(codec), payload)
 
@@ -189,7 +188,7 @@ class Bye:
     reason: str = ""
 
 
-Message = Union[Hello, SourceChunk, KeypointBatch, Heartbeat, SourceRequest, Bye]
+Message = Hello | SourceChunk | KeypointBatch | Heartbeat | SourceRequest | Bye
 
 
 def encode(msg: Message) -> bytes:

@@ -32,16 +32,22 @@ def _call(tmp: Path, weights: Path, clip: Path, port: int, playout: str = "immed
     return senders, receivers
 
 
-def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_clip: Path, free_port: int) -> None:
-    (sent,), (got,) = _call(tmp_path, tiny_weights, demo_clip, free_port)
+@pytest.mark.parametrize("playout", ["immediate", "clock"])
+def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_clip: Path, free_port: int,
+                                    playout: str) -> None:
+    (sent,), (got,) = _call(tmp_path, tiny_weights, demo_clip, free_port, playout=playout)
     # the source image arrives byte-identical
     assert got["source_sha256"] == sent["source_sha256"] and got["source_image_bytes"] == sent["source_image_bytes"]
     assert sent["frames_sent"] == FRAMES
     # loopback loses nothing; the renderer must keep up with a tiny model
     assert got["frames_received"] == FRAMES
-    assert got["frames_rendered"] >= 0.95 * FRAMES
-    # stats add up
-    assert got["frames_rendered"] + got["frames_dropped"] <= got["frames_received"]
+    if playout == "immediate":
+        assert got["frames_rendered"] >= 0.95 * FRAMES
+        assert got["frames_rendered"] + got["frames_dropped"] <= got["frames_received"]
+    else:  # on a clock, every rendered frame is real, concealed or interpolated
+        # a steady clock skips a frame when rendering falls behind (a busy CPU), so this bound is looser
+        assert got["playout"]["real"] >= 0.8 * FRAMES
+        assert got["frames_rendered"] == got["playout"]["real"] + got["frames_concealed"] + got["frames_interpolated"]
     assert got["keypoint_payload_bytes"] == sent["keypoint_payload_bytes"] == FRAMES * 80
     assert got["keypoint_message_bytes"] == sent["keypoint_message_bytes"]
     assert got["frames_rejected"] == 0
@@ -50,7 +56,7 @@ def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_cli
     with av.open(str(tmp_path / "received.mp4")) as c:
         n = sum(1 for _ in c.decode(video=0))
     seqs = json.loads((tmp_path / "received.mp4.seq.json").read_text())
-    assert n == len(seqs) == got["frames_rendered"]
+    assert n == len(seqs) == got["frames_rendered"] + got["frames_repeated"]
     assert seqs == sorted(seqs)
 
 

@@ -52,7 +52,7 @@ class FommConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FommConfig":
+    def from_dict(cls, d: dict[str, Any]) -> FommConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -60,7 +60,7 @@ class FommConfig:
         return cls(**d)
 
     @classmethod
-    def tiny(cls, size: int = 64) -> "FommConfig":
+    def tiny(cls, size: int = 64) -> FommConfig:
         """A very small model for fast tests."""
         return cls(
             size=size, motion_size=min(size, 64), kp_block_expansion=8, kp_max_features=32,

@@ -45,7 +45,7 @@ class Generator(nn.Module):
         source, enc = feats[0], feats[1:]
         warped = [warp(f, deformation) * _fit(occlusion, f.shape[-1]) for f in enc]
         x = self.bottleneck(warped[-1])
-        for block, skip in zip(self.up, reversed(warped[:-1])):
+        for block, skip in zip(self.up, reversed(warped[:-1]), strict=False):
             x = torch.cat([block(x), skip], dim=1)
         out = self.final(x)
         decoded = torch.sigmoid(out[:, :-1])

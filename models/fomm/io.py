@@ -21,7 +21,8 @@ def save_motion_model(path: str | Path, model: MotionModel, meta: dict[str, Any]
     return save_checkpoint(path, model, KIND, model.config.to_dict(), meta, half=half)
 
 
-def load_motion_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[MotionModel, dict[str, Any]]:
+def load_motion_model(path: str | Path | None = None,
+                      device: str | torch.device = "cpu") -> tuple[MotionModel, dict[str, Any]]:
     """Load a motion model in eval mode; returns (model, meta)."""
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     blob = read_checkpoint(path, KIND)

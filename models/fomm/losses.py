@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from models.fomm.blocks import inverse_2x2, make_coordinate_grid
 
 
-def pyramid_l1(pred: torch.Tensor, target: torch.Tensor, scales: tuple[float, ...] = (1, 0.5, 0.25, 0.125)) -> torch.Tensor:
+def pyramid_l1(pred: torch.Tensor, target: torch.Tensor,
+               scales: tuple[float, ...] = (1, 0.5, 0.25, 0.125)) -> torch.Tensor:
     """Mean L1 over an image pyramid: coarse scales give gradients for large motions."""
     loss = pred.new_zeros(())
     for s in scales:

@@ -34,7 +34,7 @@ def save_grid(path: str | Path, source: torch.Tensor, driving: torch.Tensor, pre
               kp_driving: torch.Tensor) -> None:
     """Rows of source | driving | rendered | driving with keypoints, saved as PNG."""
     rows = []
-    for s, d, p, k in zip(source, driving, pred, kp_driving):
+    for s, d, p, k in zip(source, driving, pred, kp_driving, strict=False):
         dd = to_uint8(d)
         rows.append(np.concatenate([to_uint8(s), dd, to_uint8(p), draw_keypoints(dd, k.cpu().numpy())], axis=1))
     grid = np.concatenate(rows, axis=0)

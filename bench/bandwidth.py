@@ -1,0 +1,456 @@
+"""Bits on the wire: the keypoint stream against H.264 at equal quality.
+
+Usage:
+  python -m bench.bandwidth --data ../shared/data --weights runs/face64/best.pt --split val \\
+      --json out/bandwidth.json --png out/bandwidth.png
+
+Everything runs at the motion model's output size, on the same frames, played at 30 fps.
+
+Keypoint stream: for every configuration (codec F16/Q8, decimation k = 1, 2, 3, batching B
+frames per message) the exact ``shared.protocol`` message bytes are counted, plus a stated
+95 B per message of transport overhead (DTLS + SCTP + UDP + IPv4, measured for aiortc 1.16
+data channels) and, once per call, the Hello message and the JPEG source image (quality 90)
+in ``SourceChunk`` messages, amortised over ``--call-seconds``. Quality: the receiver side
+is simulated from those bytes — messages are decoded, missing frames linearly interpolated
+(frames after the last sent one hold it), and rendered from the JPEG-decoded source; SSIM
+and PSNR vs the original frames (all frames but the first, which is the source).
+
+H.264: libx264 through PyAV (veryfast, zerolatency, yuv420p, 30 fps, no periodic IDR) over a
+CRF sweep, decoded and scored on the same frames. Steady-state rate = bytes of every frame
+after the first (the IDR); the "amortised" rate adds the IDR spread over the call. A
+``kbps_rtp`` column adds per-packet RTP/SRTP/UDP/IP headers (aiortc's own packetiser) so
+the keypoint stream's transport overhead has a counterpart.
+
+Stock WebRTC H.264: aiortc's ``H264Encoder`` clamps its target to [MIN_BITRATE, MAX_BITRATE]
+(500 kbps .. 3 Mbps, default 1 Mbps); the frames are encoded with it at both targets and the
+actual bytes reported. A stock aiortc call never asks the encoder for less than MIN_BITRATE.
+
+Ratios: ``ratio_equal_ssim`` = H.264 kbps needed to reach the keypoint stream's SSIM (linear
+interpolation on the rate-SSIM curve made monotone; if our SSIM is below the curve's lowest
+point, that point is used and ``h264_floor_used`` is true) / our kbps.
+``ratio_vs_webrtc_h264`` = stock aiortc H.264 kbps at MIN_BITRATE (measured) / our kbps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fractions
+import logging
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+
+from bench import common
+from models.fomm.model import MotionModel
+from shared import protocol
+from shared.protocol import Codec, Hello, KeypointBatch
+
+log = logging.getLogger(__name__)
+
+FPS = 30.0
+OVERHEAD_BYTES_PER_MSG = 95  # DTLS + SCTP + UDP + IPv4 per data-channel message, aiortc 1.16
+RTP_OVERHEAD_BYTES_PER_PACKET = 12 + 16 + 8 + 20  # RTP + SRTP AEAD-GCM tag + UDP + IPv4
+CRFS = (18, 23, 28, 33, 35, 38, 40, 43, 45, 48, 51)
+JPEG_QUALITY = 90
+TS_BASE_US = 5_000_000_000_000  # a sender clock that has passed 2^32 us, so ts fields take 9 B
+HEADLINE = {"codec": "Q8", "k": 1, "batch": 1}  # what the sender sends by default (Hello defaults)
+
+
+# --------------------------------------------------------------------------- keypoint stream
+
+
+def stream_messages(vectors: np.ndarray, codec: Codec, k: int, batch: int, fps: float = FPS,
+                    ts_base_us: int = TS_BASE_US) -> list[bytes]:
+    """Encoded KeypointBatch messages for a clip's keypoints (T,60): every k-th frame, B a message."""
+    sent = list(range(0, len(vectors), k))
+    out = []
+    for i in range(0, len(sent), batch):
+        group = sent[i:i + batch]
+        msg = KeypointBatch.build(seq0=group[0], ts0_us=ts_base_us + round(group[0] * 1e6 / fps),
+                                  vectors=[vectors[j] for j in group], codec=codec, step=k,
+                                  interval_us=round(k * 1e6 / fps))
+        out.append(protocol.encode(msg))
+    return out
+
+
+def receive(messages: list[bytes], n_frames: int) -> np.ndarray:
+    """What the receiver reconstructs: decode every message, interpolate to all frames (T,60)."""
+    seqs, vecs = [], []
+    for data in messages:
+        msg = protocol.decode(data)
+        assert isinstance(msg, KeypointBatch)
+        for seq, _ts, v in msg.frames():
+            seqs.append(seq)
+            vecs.append(v)
+    seqs_a, vecs_a = np.asarray(seqs, dtype=np.float64), np.stack(vecs)
+    t = np.arange(n_frames, dtype=np.float64)
+    # np.interp holds the end values, i.e. frames after the last sent one repeat it
+    return np.stack([np.interp(t, seqs_a, vecs_a[:, d]) for d in range(vecs_a.shape[1])], axis=1).astype(np.float32)
+
+
+def jpeg_source(frame: np.ndarray, quality: int = JPEG_QUALITY) -> tuple[bytes, np.ndarray]:
+    """JPEG bytes of an RGB uint8 frame, and the decoded image the receiver will use."""
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(frame[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    jpeg = buf.tobytes()
+    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    return jpeg, np.ascontiguousarray(decoded)
+
+
+def one_off_messages(jpeg: bytes, size: int, codec: Codec, k: int) -> list[bytes]:
+    """Hello + the source image's SourceChunk messages, sent once per call."""
+    hello = Hello(model="fomm", size=size, fps=FPS, codec=int(codec), kp_every=k)
+    return [protocol.encode(hello)] + [protocol.encode(c) for c in protocol.split_source(jpeg, image_id=1)]
+
+
+def wire_kbps(msg_bytes: int, msgs: int, seconds: float) -> float:
+    return (msg_bytes + OVERHEAD_BYTES_PER_MSG * msgs) * 8 / seconds / 1000
+
+
+def keypoint_configs(model: MotionModel, clips: list[tuple[Any, np.ndarray]], codecs: list[Codec],
+                     decimations: list[int], batches: list[int], call_seconds: float) -> tuple[list[dict], dict]:
+    """Every stream configuration pooled over clips, plus the static-source baseline."""
+    acc: dict[tuple, dict[str, Any]] = {}
+    static_rows = []
+    for info, frames in clips:
+        ref = common.to_float(frames)
+        kp = common.detect_keypoints(model, frames)  # the sender detects on the original frames
+        jpeg, src = jpeg_source(frames[0])
+        cache = common.prepare(model, src)
+        src_f = common.to_float(src[None])[0]
+        static_rows.append(common.frame_metrics(np.broadcast_to(src_f, ref[1:].shape), ref[1:], ref[0]))
+        for codec in codecs:
+            for k in decimations:
+                streams = {b: stream_messages(kp, codec, k, b) for b in batches}
+                received = receive(streams[batches[0]], len(frames))
+                pred = common.render_vectors(model, cache, received[1:])
+                q = common.frame_metrics(pred, ref[1:], ref[0])
+                one_off = one_off_messages(jpeg, frames.shape[1], codec, k)
+                for b, msgs in streams.items():
+                    a = acc.setdefault((codec.name, k, b), {"rows": [], "msg_bytes": 0, "msgs": 0, "frames": 0,
+                                                             "one_off_bytes": [], "one_off_msgs": []})
+                    a["rows"].append(q)
+                    a["msg_bytes"] += sum(len(m) for m in msgs)
+                    a["msgs"] += len(msgs)
+                    a["frames"] += len(frames)
+                    a["one_off_bytes"].append(sum(len(m) for m in one_off))
+                    a["one_off_msgs"].append(len(one_off))
+        log.info("keypoint stream: %s done", common.clip_name(info))
+    configs = []
+    for (codec_name, k, b), a in acc.items():
+        seconds = a["frames"] / FPS
+        one_off_wire = float(np.mean([by + OVERHEAD_BYTES_PER_MSG * n for by, n in zip(a["one_off_bytes"], a["one_off_msgs"])]))
+        kbps_stream = wire_kbps(a["msg_bytes"], a["msgs"], seconds)
+        kbps_source = one_off_wire * 8 / call_seconds / 1000
+        q = common.mean_over_clips(a["rows"], ("ssim", "psnr", "l1", "l1_moving"))
+        configs.append({
+            "codec": codec_name, "k": k, "batch": b,
+            "payload_bytes_per_msg": a["msg_bytes"] / a["msgs"],
+            "msgs_per_s": a["msgs"] / seconds,
+            "msg_bytes_total": a["msg_bytes"], "msgs_total": a["msgs"], "frames_total": a["frames"],
+            "stream_seconds": seconds,
+            "kbps_payload": a["msg_bytes"] * 8 / seconds / 1000,
+            "kbps_stream": kbps_stream,
+            "one_off_wire_bytes_per_call": one_off_wire,
+            "kbps_source_amortised": kbps_source,
+            "kbps_wire": kbps_stream + kbps_source,
+            # a receiver waits k-1 frames to interpolate, and B*k-k frames more for a full batch
+            "added_latency_ms": (b * k - 1) / FPS * 1000,
+            **q,
+        })
+    static = common.mean_over_clips(static_rows, ("ssim", "psnr", "l1", "l1_moving"))
+    return configs, static
+
+
+# --------------------------------------------------------------------------- H.264
+
+
+def _encoder(w: int, h: int, options: dict[str, str], gop: int) -> av.video.codeccontext.VideoCodecContext:
+    ctx = av.CodecContext.create("libx264", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = w, h, "yuv420p"
+    ctx.framerate = fractions.Fraction(int(FPS), 1)
+    ctx.time_base = fractions.Fraction(1, int(FPS))
+    ctx.gop_size = gop  # keyframes only on request in a call: no periodic IDR within the clip
+    ctx.options = options
+    return ctx
+
+
+def _video_frame(f: np.ndarray, i: int) -> av.VideoFrame:
+    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24").reformat(format="yuv420p")
+    vf.pts = i
+    vf.time_base = fractions.Fraction(1, int(FPS))
+    return vf
+
+
+def rtp_packets(frame_bytes: bytes) -> list[bytes]:
+    """RTP payloads aiortc would send for one Annex-B access unit (its own packetiser)."""
+    from aiortc.codecs.h264 import H264Encoder
+
+    return H264Encoder._packetize(H264Encoder._split_bitstream(frame_bytes))
+
+
+def h264_encode(frames: np.ndarray, crf: int) -> tuple[list[bytes], np.ndarray, int]:
+    """Encode a clip (uint8 (T,H,W,3)); returns per-frame bitstreams, decoded frames, IDR count."""
+    t, h, w = frames.shape[:3]
+    enc = _encoder(w, h, {"preset": "veryfast", "tune": "zerolatency", "crf": str(crf)}, gop=t + 1)
+    dec = av.CodecContext.create("h264", "r")
+    per_frame: dict[int, bytes] = {}
+    decoded = []
+    keyframes = 0
+    packets = []
+    for i, f in enumerate(frames):
+        packets += enc.encode(_video_frame(f, i))
+    packets += enc.encode(None)
+    for p in packets:
+        per_frame[int(p.pts)] = bytes(p)
+        keyframes += int(p.is_keyframe)
+        decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(p)]
+    decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(None)]
+    if len(per_frame) != t or len(decoded) != t:
+        raise RuntimeError(f"libx264 gave {len(per_frame)} packets / {len(decoded)} frames for {t} frames")
+    return [per_frame[i] for i in range(t)], np.stack(decoded), keyframes
+
+
+def h264_curve(clips: list[tuple[Any, np.ndarray]], crfs: list[int], call_seconds: float) -> list[dict[str, Any]]:
+    curve = []
+    for crf in crfs:
+        rows, idr_bytes, steady_bytes, rtp_bytes, steady_frames, keyframes = [], [], 0, 0, 0, 0
+        for _info, frames in clips:
+            streams, decoded, kf = h264_encode(frames, crf)
+            ref = common.to_float(frames)
+            rows.append(common.frame_metrics(common.to_float(decoded[1:]), ref[1:], ref[0]))
+            idr_bytes.append(len(streams[0]))
+            steady_bytes += sum(len(s) for s in streams[1:])
+            rtp_bytes += sum(len(p) + RTP_OVERHEAD_BYTES_PER_PACKET for s in streams[1:] for p in rtp_packets(s))
+            steady_frames += len(frames) - 1
+            keyframes += kf
+        seconds = steady_frames / FPS
+        kbps = steady_bytes * 8 / seconds / 1000
+        idr_kbps = float(np.mean(idr_bytes)) * 8 / call_seconds / 1000
+        q = common.mean_over_clips(rows, ("ssim", "psnr", "l1"))
+        curve.append({"crf": crf, "kbps": kbps, "kbps_amortised_idr": kbps + idr_kbps,
+                      "kbps_rtp": rtp_bytes * 8 / seconds / 1000, "steady_bytes_total": steady_bytes,
+                      "steady_frames_total": steady_frames, "idr_bytes_mean": float(np.mean(idr_bytes)),
+                      "keyframes": keyframes, **q})
+        log.info("CRF %d: %.1f kbps SSIM %.3f", crf, kbps, q["ssim"])
+    return curve
+
+
+def aiortc_h264(clips: list[tuple[Any, np.ndarray]], target_bps: int) -> dict[str, Any]:
+    """Encode the clips with aiortc's own H264Encoder at a target bitrate; measure RTP payload bytes
+    (steady state, after the first frame) and decode them back for SSIM/PSNR."""
+    from aiortc.codecs.h264 import H264Encoder, h264_depayload
+
+    total, frames_n, rows = 0, 0, []
+    for _info, frames in clips:
+        enc = H264Encoder()
+        enc.target_bitrate = target_bps
+        dec = av.CodecContext.create("h264", "r")
+        decoded = []
+        for i, f in enumerate(frames):
+            payloads, _ts = enc.encode(_video_frame(f, i))
+            if i > 0:
+                total += sum(len(p) for p in payloads)
+            au = b"".join(h264_depayload(p) for p in payloads)
+            for pkt in dec.parse(au):
+                decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(pkt)]
+        for pkt in dec.parse(b""):
+            decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(pkt)]
+        decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(None)]
+        frames_n += len(frames) - 1
+        ref = common.to_float(frames)
+        if len(decoded) == len(frames):
+            rows.append(common.frame_metrics(common.to_float(np.stack(decoded)[1:]), ref[1:], ref[0]))
+    q = common.mean_over_clips(rows, ("ssim", "psnr")) if rows else {"ssim": None, "psnr": None}
+    return {"target_kbps": enc.target_bitrate / 1000, "kbps": total * 8 / (frames_n / FPS) / 1000,
+            "clips_decoded": len(rows), **q}
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def monotone_curve(curve: list[dict[str, Any]], rate_key: str = "kbps") -> tuple[np.ndarray, np.ndarray]:
+    """The rate-SSIM frontier: points sorted by rate, keeping only those whose SSIM beats every
+    cheaper point (a dearer point with less SSIM is never the rate "needed" for a quality)."""
+    pts = sorted((c[rate_key], c["ssim"]) for c in curve)
+    keep = [pts[0]]
+    for r, s in pts[1:]:
+        if s > keep[-1][1]:
+            keep.append((r, s))
+    return np.array([p[0] for p in keep]), np.array([p[1] for p in keep])
+
+
+def rate_at_ssim(curve: list[dict[str, Any]], target: float, rate_key: str = "kbps") -> dict[str, Any]:
+    """H.264 rate needed for SSIM ``target``, linear in kbps between frontier points."""
+    rates, ssims = monotone_curve(curve, rate_key)
+    if target <= ssims[0]:
+        return {"kbps": float(rates[0]), "h264_floor_used": True, "h264_ceiling_used": False}
+    if target > ssims[-1]:  # beyond the best CRF tried: the highest rate is only a lower bound
+        return {"kbps": float(rates[-1]), "h264_floor_used": False, "h264_ceiling_used": True}
+    i = int(np.argmax(ssims >= target))
+    f = (target - ssims[i - 1]) / (ssims[i] - ssims[i - 1])
+    return {"kbps": float(rates[i - 1] + f * (rates[i] - rates[i - 1])), "h264_floor_used": False,
+            "h264_ceiling_used": False}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def plot(res: dict[str, Any], path: str | Path) -> None:
+    fig, ax = common.new_figure(7.5, 4.8)
+    c = res["h264_curve"]
+    ax.plot([p["kbps"] for p in c], [p["ssim"] for p in c], "o-", color="tab:blue", label="libx264 veryfast (steady)")
+    for p in c:
+        ax.annotate(str(p["crf"]), (p["kbps"], p["ssim"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.plot([p["kbps_rtp"] for p in c], [p["ssim"] for p in c], ":", color="tab:blue", alpha=0.6,
+            label="libx264 + RTP/SRTP/UDP/IP headers")
+    markers = {"F16": "s", "Q8": "^"}
+    for cfg in res["configs"]:
+        ax.scatter(cfg["kbps_wire"], cfg["ssim"], marker=markers.get(cfg["codec"], "o"),
+                   color=f"C{1 + cfg['k']}", s=18 + 10 * cfg["batch"], zorder=3,
+                   label=f"keypoints {cfg['codec']} k={cfg['k']}" if cfg["batch"] == min(res["batches"]) else None)
+    ax.axhline(res["static_source"]["ssim"], color="gray", ls="--", label="static source")
+    w = res["webrtc_h264"]
+    ax.axvline(w["min_target"]["kbps"], color="tab:red", ls="-.",
+               label=f"stock aiortc H.264 at MIN_BITRATE ({w['min_target']['kbps']:.0f} kbps)")
+    ax.set_xscale("log")
+    ax.set_xlabel("kbps on the wire (log)")
+    ax.set_ylabel("SSIM")
+    ax.set_title(f"Rate vs SSIM, {res['clips']} clips at {res['size']}px, 30 fps "
+                 f"(marker size = frames per message)", fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+
+
+def tables(res: dict[str, Any]) -> str:
+    cfg_rows = [[f"{c['codec']} k={c['k']} B={c['batch']}", c["kbps_wire"], c["kbps_payload"],
+                 c["payload_bytes_per_msg"], c["msgs_per_s"], c["added_latency_ms"], c["ssim"], c["psnr"],
+                 c["ratio_equal_ssim"]] for c in res["configs"]]
+    cfg_rows.append(["static source", res["static_source"]["kbps_wire"], 0, "-", 0, 0,
+                     res["static_source"]["ssim"], res["static_source"]["psnr"], "-"])
+    t1 = common.format_table(["keypoint stream", "kbps wire", "kbps msgs", "B/msg", "msg/s", "+ms",
+                              "SSIM", "PSNR", "x H.264 eq"], cfg_rows)
+    h_rows = [[p["crf"], p["kbps"], p["kbps_amortised_idr"], p["kbps_rtp"], p["ssim"], p["psnr"]]
+              for p in res["h264_curve"]]
+    w = res["webrtc_h264"]
+    for name in ("min_target", "default_target"):
+        h_rows.append([f"aiortc {w[name]['target_kbps']:.0f}k", w[name]["kbps"], "-", "-", w[name]["ssim"], w[name]["psnr"]])
+    t2 = common.format_table(["H.264 CRF", "kbps", "kbps +IDR", "kbps RTP", "SSIM", "PSNR"], h_rows)
+    kp, eq = res["keypoints"], res["h264_at_equal_ssim"]
+    summary = (
+        f"headline {kp['config']}: {kp['kbps_wire']:.2f} kbps on the wire (incl. {OVERHEAD_BYTES_PER_MSG} B/msg "
+        f"transport, source amortised over {res['call_seconds']:.0f} s), SSIM {kp['ssim']:.4f}, PSNR {kp['psnr']:.2f} dB\n"
+        f"H.264 at equal SSIM: {eq['kbps']:.2f} kbps{' (FLOOR: our SSIM is below the lowest CRF point)' if res['h264_floor_used'] else ''}"
+        f"{' (CEILING: our SSIM is above the best CRF point; a lower bound)' if eq['h264_ceiling_used'] else ''}"
+        f" -> ratio_equal_ssim {res['ratio_equal_ssim']:.2f}x (with RTP headers on H.264: {res['ratio_equal_ssim_rtp']:.2f}x)\n"
+        f"stock aiortc H.264 never targets below MIN_BITRATE {w['min_bitrate_kbps']:.0f} kbps; measured "
+        f"{w['min_target']['kbps']:.1f} kbps there -> ratio_vs_webrtc_h264 {res['ratio_vs_webrtc_h264']:.1f}x\n"
+        f"{res['clips']} clips, {res['size']}px, {res['frames']} frames")
+    return f"{t1}\n\n{t2}\n\n{summary}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", default=None)
+    p.add_argument("--png", default=None)
+    p.add_argument("--size", type=int, default=None, help="must equal the model's output size if given")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--split", choices=["val", "all"], default="val")
+    p.add_argument("--kinds", nargs="+", default=["face"])
+    p.add_argument("--call-seconds", type=float, default=60.0)
+    p.add_argument("--max-frames", type=int, default=300)
+    p.add_argument("--max-clips", type=int, default=None)
+    p.add_argument("--decimations", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--crfs", type=int, nargs="+", default=list(CRFS))
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    common.set_threads(a.threads)
+    model, meta, wpath = common.load_model(a.weights)
+    size = model.config.size
+    if a.size is not None and a.size != size:
+        p.error(f"--size {a.size} but the model renders {size}px; pass weights of that size")
+    clips = common.select_clips(a.data, a.kinds, a.split)[: a.max_clips]
+    loaded = common.load_selected(clips, size, a.max_frames)
+    batches = sorted(set(a.batches))
+
+    configs, static = keypoint_configs(model, loaded, [Codec.F16, Codec.Q8], a.decimations, batches, a.call_seconds)
+    curve = h264_curve(loaded, sorted(a.crfs), a.call_seconds)
+    from aiortc.codecs import h264 as aio
+
+    webrtc = {"min_bitrate_kbps": aio.MIN_BITRATE / 1000, "default_bitrate_kbps": aio.DEFAULT_BITRATE / 1000,
+              "max_bitrate_kbps": aio.MAX_BITRATE / 1000,
+              "min_target": aiortc_h264(loaded, 0),  # the setter clamps anything lower up to MIN_BITRATE
+              "default_target": aiortc_h264(loaded, aio.DEFAULT_BITRATE),
+              "note": "aiortc.codecs.h264.H264Encoder.target_bitrate clamps to [MIN_BITRATE, MAX_BITRATE]; "
+                      "kbps = measured RTP payload bytes after the first frame"}
+    for c in configs:
+        c["h264_kbps_at_equal_ssim"] = rate_at_ssim(curve, c["ssim"])["kbps"]
+        c["ratio_equal_ssim"] = c["h264_kbps_at_equal_ssim"] / c["kbps_wire"]
+    head = next(c for c in configs if (c["codec"], c["k"], c["batch"]) == (HEADLINE["codec"], HEADLINE["k"], min(batches))
+                ) if HEADLINE["k"] in a.decimations else configs[0]
+    eq = rate_at_ssim(curve, head["ssim"])
+    eq_rtp = rate_at_ssim(curve, head["ssim"], "kbps_rtp")
+    static_kbps = head["kbps_source_amortised"]  # a static receiver still needs the source image
+    res: dict[str, Any] = {
+        "clips": len(loaded), "size": size, "frames": int(sum(len(f) for _, f in loaded)), "fps": FPS,
+        "weights": str(wpath), "weights_step": meta.get("step"), "split": a.split, "kinds": a.kinds,
+        "call_seconds": a.call_seconds, "batches": batches,
+        "overhead_bytes_per_msg": OVERHEAD_BYTES_PER_MSG,
+        "overhead_note": "95 B per data-channel message = DTLS + SCTP + UDP + IPv4, measured for aiortc 1.16",
+        "keypoints": {"config": f"{head['codec']} k={head['k']} B={head['batch']}", **head},
+        "configs": configs,
+        "static_source": {**static, "kbps_wire": static_kbps},
+        "h264_curve": curve,
+        "h264_at_equal_ssim": {"kbps": eq["kbps"], "ssim": head["ssim"], "h264_ceiling_used": eq["h264_ceiling_used"]},
+        "h264_floor_used": eq["h264_floor_used"],
+        "ratio_equal_ssim": eq["kbps"] / head["kbps_wire"],
+        "h264_rtp_at_equal_ssim": {"kbps": eq_rtp["kbps"], "h264_floor_used": eq_rtp["h264_floor_used"]},
+        "ratio_equal_ssim_rtp": eq_rtp["kbps"] / head["kbps_wire"],
+        "webrtc_h264": webrtc,
+        "ratio_vs_webrtc_h264": webrtc["min_target"]["kbps"] / head["kbps_wire"],
+        "ratio_vs_webrtc_h264_min_target": webrtc["min_bitrate_kbps"] / head["kbps_wire"],
+        "assumptions": [
+            "all clips played at 30 fps whatever their recorded rate; frame 0 is the source and is not scored",
+            (f"keypoint stream: exact shared.protocol message bytes + {OVERHEAD_BYTES_PER_MSG} B/message transport "
+            "(DTLS+SCTP+UDP+IPv4, measured for aiortc 1.16); SCTP acknowledgements flowing back "
+            "(~22 kbps at 30 msg/s measured) are not counted, nor is RTCP for H.264"),
+            (f"Hello + JPEG source (quality {JPEG_QUALITY}, model size) in SourceChunk messages, each + "
+            f"{OVERHEAD_BYTES_PER_MSG} B, sent once and amortised over {a.call_seconds:.0f} s"),
+            "timestamps use a sender clock past 2^32 us (ts fields 9 B in msgpack); seq starts at 0",
+            ("decimation k: every k-th frame sent, receiver interpolates linearly, frames after the last sent hold it; "
+            "batching does not change quality, only bytes and latency"),
+            "keypoint quality is rendered from the decoded wire bytes and the JPEG-decoded source",
+            ("H.264: libx264 veryfast zerolatency yuv420p 30 fps, no periodic IDR (keyframes only on request in a call); "
+            "'kbps' = bitstream bytes of frames after the first, 'kbps_amortised_idr' adds the first IDR over the call, "
+            f"'kbps_rtp' adds {RTP_OVERHEAD_BYTES_PER_PACKET} B per aiortc RTP packet (RTP 12 + SRTP-GCM 16 + UDP 8 + IPv4 20, "
+            "header extensions not counted)"),
+            ("ratio_equal_ssim uses the steady H.264 bitstream rate without packet headers (favours H.264); "
+            "ratio_equal_ssim_rtp uses kbps_rtp"),
+            "rate-SSIM curve reduced to its frontier (points beating every cheaper point), linear interpolation in kbps",
+            ("SSIM: scikit-image structural_similarity(channel_axis=-1, data_range=1) on RGB in [0,1]; "
+            f"PSNR capped at {common.PSNR_CAP_DB:.0f} dB; per-frame, mean per clip, mean over clips; "
+            "rates pooled (total bytes / total seconds)"),
+            ("ratio_vs_webrtc_h264 uses the measured rate of aiortc's H264Encoder asked for MIN_BITRATE, "
+            "the least a stock aiortc call sends"),
+        ],
+    }
+    if a.json:
+        common.write_json(a.json, res)
+    if a.png:
+        plot(res, a.png)
+    print(tables(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Jitter buffer alone: ordering, duplicates, late frames, clock mapping, adaptive delay, memory."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from receiver.jitter_buffer import DUPLICATE, LATE, OK, JitterBuffer, JitterConfig
+from tests.utils import FakeLink
+
+V = np.zeros(60, dtype=np.float32)
+US = 1_000_000 / 30  # frame interval, us
+
+
+def feed(buf: JitterBuffer, link: FakeLink, n: int, t0: float = 0.0, release_lag: int | None = None,
+         seq0: int = 0) -> list[float]:
+    """Send n frames over link into buf; returns the target delay (ms) after each arrival."""
+    for i in range(n):
+        link.send(seq0 + i, t0 + i / 30, V)
+    targets = []
+    for a in link.deliver(float("inf")):
+        buf.push(a.seq, a.capture_us, a.vector, a.arrival_s)
+        targets.append(buf.target_delay_s * 1000)
+        if release_lag is not None and a.seq - release_lag > (buf.floor if buf.floor is not None else -1):
+            buf.release_through(a.seq - release_lag)
+    return targets
+
+
+def test_in_order_and_reorder_are_sorted():
+    buf = JitterBuffer()
+    for s in [3, 0, 2, 1, 5, 4]:
+        assert buf.push(s, int(s * US), V + s, 10.0 + s) == OK
+    assert [f.seq for f in buf.frames_between(-1, 10)] == [0, 1, 2, 3, 4, 5]
+    assert buf.first().seq == 0 and buf.newest.seq == 5
+    assert buf.next_after(2).seq == 3
+    assert buf.next_after(5) is None
+    assert buf.release_through(2) == 2  # seqs 0 and 1 released unplayed, 2 was played
+    assert buf.first().seq == 3 and len(buf) == 3
+
+
+def test_duplicates_and_late_frames_rejected_and_counted():
+    buf = JitterBuffer()
+    assert buf.push(0, 0, V, 1.0) == OK
+    assert buf.push(0, 0, V, 1.01) == DUPLICATE
+    assert buf.push(2, int(2 * US), V, 1.07) == OK
+    buf.release_through(2)
+    assert buf.push(1, int(US), V, 1.2) == LATE  # its slot was skipped
+    assert buf.push(2, int(2 * US), V, 1.2) == DUPLICATE  # played already: a duplicate, not late
+    assert buf.push(1, int(US), V, 1.3) == DUPLICATE
+    assert buf.counts == {"received": 2, "duplicates": 3, "late": 1, "evicted": 0}
+
+
+def test_clock_offset_is_the_minimum_transit():
+    buf = JitterBuffer()
+    link = FakeLink(delay_ms=30, jitter_ms=40, seed=1, offset_s=12345.0)
+    for i in range(300):
+        link.send(i, 50.0 + i / 30, V)
+    for a in link.deliver(float("inf")):
+        buf.push(a.seq, a.capture_us, a.vector, a.arrival_s)
+    # transit = arrival - capture = -12345 s + 30 ms + jitter; the min is within a ms of +30 ms
+    assert buf.offset_at(12345.0 + 60.0) == pytest.approx(-12345.0 + 0.030, abs=0.005)
+    # frame captured at sender time c is due at c + offset + target
+    c_us = (12345.0 + 55.0) * 1e6
+    assert buf.capture_due(buf.playout_time(c_us)) == pytest.approx(c_us * 1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("drift", [0.001, -0.001])
+def test_clock_drift_neither_grows_nor_drains(drift):
+    buf = JitterBuffer()
+    link = FakeLink(delay_ms=20, jitter_ms=10, seed=2, drift=drift)
+    n = 30 * 120  # two minutes: 120 ms of accumulated drift
+    for i in range(n):
+        link.send(i, i / 30, V)
+    rel_at_play = []
+    for a in link.deliver(float("inf")):
+        buf.push(a.seq, a.capture_us, a.vector, a.arrival_s)
+        # a frame arriving now is played at playout_time(capture); how long it waits must stay put
+        rel_at_play.append(buf.playout_time(a.capture_us) - a.arrival_s)
+    assert buf.stats()["drift_ppm"] == pytest.approx(drift * 1e6, abs=300)
+    late_half = np.array(rel_at_play[n // 2:])
+    # without drift handling the wait would change by ~60 ms over the second minute
+    assert np.percentile(late_half, 5) > -0.002, "frames would arrive after their playout time"
+    assert np.percentile(late_half, 95) < 0.040, "the buffer would grow"
+    assert buf.target_delay_s < 0.035
+
+
+def test_adaptive_delay_grows_fast_on_jitter_and_shrinks_slowly():
+    cfg = JitterConfig(initial_delay_ms=20)
+    buf = JitterBuffer(cfg)
+    calm = feed(buf, FakeLink(delay_ms=20, jitter_ms=2, seed=3), 300, t0=0.0, release_lag=5)
+    assert calm[-1] < 20
+    rough = feed(buf, FakeLink(delay_ms=20, jitter_ms=150, seed=4), 150, t0=10.0, release_lag=5, seq0=300)
+    # within a second (30 frames) of the jitter starting the target covers most of it
+    assert max(rough[:30]) > 100
+    assert rough[-1] > 120
+    calm2 = feed(buf, FakeLink(delay_ms=20, jitter_ms=2, seed=5), 600, t0=15.0, release_lag=5, seq0=450)
+    # shrinks slowly: ~15 ms/s once the 3 s window has forgotten the jitter
+    assert calm2[30] > 100, "dropped too fast after the network calmed down"
+    assert calm2[-1] < 25, "never came back down"
+    assert all(b <= a + 1.0 for a, b in itertools.pairwise(calm2)), "must not grow again when calm"
+
+
+def test_bounded_memory():
+    cfg = JitterConfig(capacity=64, seen_window=128, window=50)
+    buf = JitterBuffer(cfg)
+    for i in range(5000):  # nobody releases anything
+        buf.push(i, int(i * US), V, i / 30)
+    assert len(buf) == 64 and buf.counts["evicted"] == 5000 - 64
+    assert len(buf._seen) <= 128 and len(buf._transits) <= 50 and len(buf._buckets) <= cfg.offset_buckets + 1
+    assert buf.first().seq == 5000 - 64

@@ -1,0 +1,167 @@
+"""Wire protocol: round trips, quantisation error bounds, and every bad input rejected cleanly."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared import protocol as P
+
+
+def kp_vector(rng: np.random.Generator) -> np.ndarray:
+    v = np.empty(P.KP_DIM, np.float32)
+    v[:20] = rng.uniform(-1, 1, 20)
+    v[20:] = np.tile([1, 0, 0, 1], 10) + rng.normal(0, 0.2, 40)
+    return v
+
+
+@pytest.mark.parametrize("codec,tol_c,tol_j", [(P.Codec.F16, 1e-3, 1e-3), (P.Codec.Q8, 2e-5, P.JAC_RANGE / 127)])
+def test_keypoint_round_trip_within_quantisation_error(codec: P.Codec, tol_c: float, tol_j: float) -> None:
+    rng = np.random.default_rng(0)
+    vecs = [kp_vector(rng) for _ in range(3)]
+    msg = P.KeypointBatch.build(10, 1_000_000, vecs, codec, step=2, interval_us=66_666)
+    out = P.decode(P.encode(msg))
+    assert out == msg
+    frames = out.frames()
+    assert [f[0] for f in frames] == [10, 12, 14]
+    assert [f[1] for f in frames] == [1_000_000, 1_066_666, 1_133_332]
+    for (_, _, got), want in zip(frames, vecs, strict=False):
+        assert np.abs(got[:20] - want[:20]).max() <= tol_c
+        assert np.abs(got[20:] - want[20:]).max() <= tol_j / 2 + 1e-6
+    assert len(msg.payload) == 3 * P.frame_bytes(codec)
+
+
+def test_q8_is_smaller_than_f16() -> None:
+    v = kp_vector(np.random.default_rng(1))
+    q8 = P.encode(P.KeypointBatch.build(0, 0, [v], P.Codec.Q8))
+    f16 = P.encode(P.KeypointBatch.build(0, 0, [v], P.Codec.F16))
+    assert len(q8) < len(f16) and len(q8) <= 96
+
+
+def test_other_messages_round_trip() -> None:
+    for msg in [P.Hello("face64", 64, 30.0, 1, 2), P.Heartbeat(123), P.SourceRequest("scene changed"), P.Bye("done")]:
+        assert P.decode(P.encode(msg)) == msg
+
+
+def test_source_image_split_and_reassembled() -> None:
+    blob = np.random.default_rng(2).bytes(40_000)
+    chunks = P.split_source(blob, image_id=7, chunk_bytes=16_384)
+    assert len(chunks) == 3 and all(len(P.encode(c)) < 17_000 for c in chunks)
+    asm = P.SourceAssembler()
+    results = [asm.add(P.decode(P.encode(c))) for c in reversed(chunks)]  # any order
+    assert results[:2] == [None, None] and results[2] == blob
+
+
+def test_source_image_corruption_detected() -> None:
+    chunks = P.split_source(b"a" * 1000 + b"b" * 1000, image_id=1, chunk_bytes=1000)
+    bad = P.SourceChunk(1, 1, 2, 2000, chunks[1].digest, b"c" * 1000)
+    asm = P.SourceAssembler()
+    asm.add(chunks[0])
+    with pytest.raises(P.ProtocolError) as e:
+        asm.add(bad)
+    assert e.value.reason == "digest"
+
+
+def test_source_duplicate_and_inconsistent_chunks() -> None:
+    chunks = P.split_source(b"x" * 3000, image_id=1, chunk_bytes=1000)
+    asm = P.SourceAssembler()
+    asm.add(chunks[0])
+    with pytest.raises(P.ProtocolError, match="duplicate"):
+        asm.add(chunks[0])
+    with pytest.raises(P.ProtocolError, match="disagrees"):
+        asm.add(P.SourceChunk(1, 1, 5, 3000, chunks[0].digest, b"x"))
+
+
+def _raw(*fields: object) -> bytes:
+    return msgpack.packb(list(fields), use_bin_type=True)
+
+
+GOOD_PAYLOAD = P.encode_vector(np.zeros(60), P.Codec.F16)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "malformed"),
+    (b"\xc1\xc1\xc1", "malformed"),
+    ("text", "malformed"),
+    (_raw(2, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD), "version"),
+    (_raw(1, 99), "type"),
+    (_raw(1, 3, 0, 1, 0, 0, 0), "malformed"),  # missing a field
+    (_raw(1, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD[:-2]), "length"),  # wrong vector size
+    (_raw(1, 3, 0, 1, 0, 0, 7, GOOD_PAYLOAD), "codec"),
+    (_raw(1, 3, -5, 1, 0, 0, 0, GOOD_PAYLOAD), "field"),  # negative seq
+    (_raw(1, 3, "0", 1, 0, 0, 0, GOOD_PAYLOAD), "field"),
+    (_raw(1, 3, 0, 1, 0, 0, 0, np.full(60, np.nan, "<f2").tobytes()), "nonfinite"),
+    (_raw(1, 3, 0, 1, 0, 0, 0, np.full(60, np.inf, "<f2").tobytes()), "nonfinite"),
+    (_raw(1, 3, 0, 1, 0, 0, 0, np.full(60, 3.0, "<f2").tobytes()), "range"),  # coordinate outside [-1, 1]
+    (_raw(1, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD * 65), "length"),  # too many frames in one message
+    (_raw(1, 1, "m", 64, float("nan"), 1, 1, 10), "field"),  # NaN fps
+    (_raw(1, 1, "m", 64, 30.0, 1, 1, 12), "field"),  # wrong number of keypoints
+    (_raw(1, 2, 0, 3, 2, 10, b"x" * 16, b"abc"), "field"),  # chunk index >= total
+    (_raw(1, 2, 0, 0, 1, 10**9, b"x" * 16, b"abc"), "field"),  # oversized source image
+    (b"\x00" * (P.MAX_MESSAGE_BYTES + 1), "oversized"),
+])
+def test_bad_messages_rejected_with_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(data)
+    assert e.value.reason == reason
+
+
+def test_encode_refuses_bad_vectors() -> None:
+    with pytest.raises(ValueError, match="60 values"):
+        P.encode_vector(np.zeros(59))
+    with pytest.raises(ValueError, match="NaN"):
+        P.encode_vector(np.full(60, math.nan))
+
+
+def test_sequence_filter_rejects_duplicates_and_stale() -> None:
+    f = P.SequenceFilter(window=10)
+    for s in [0, 2, 1, 5]:
+        f.check(s)
+    with pytest.raises(P.ProtocolError, match="duplicate"):
+        f.check(2)
+    f.check(30)
+    with pytest.raises(P.ProtocolError, match="stale"):
+        f.check(15)
+    f.check(25)  # late but inside the window: fine
+
+
+def test_reject_counter_counts_by_reason() -> None:
+    c = P.RejectCounter()
+    for r in ["range", "range", "oversized"]:
+        c.reject(P.ProtocolError(r))
+    assert c.counts == {"range": 2, "oversized": 1} and c.total == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_decoder_never_raises_anything_but_protocol_error(data: bytes) -> None:
+    try:
+        P.decode(data)
+    except P.ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(), st.binary(max_size=200), st.text(max_size=20),
+                          st.none(), st.booleans()), max_size=9))
+def test_decoder_survives_structured_garbage(fields: list) -> None:
+    for head in ([1, 3], [1, 1], [1, 2], []):
+        try:
+            P.decode(msgpack.packb(head + fields, use_bin_type=True))
+        except P.ProtocolError:
+            pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-1, 1, width=32), min_size=60, max_size=60), st.integers(0, 2**40))
+def test_any_valid_vector_round_trips(values: list[float], seq: int) -> None:
+    v = np.array(values, np.float32)
+    msg = P.KeypointBatch.build(seq, 0, [v], P.Codec.Q8)
+    (s, _, got), = P.decode(P.encode(msg)).frames()
+    assert s == seq
+    assert np.abs(got[:20] - v[:20]).max() < 2e-5

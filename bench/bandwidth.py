@@ -56,7 +56,7 @@ RTP_OVERHEAD_BYTES_PER_PACKET = 12 + 16 + 8 + 20  # RTP + SRTP AEAD-GCM tag + UD
 CRFS = (18, 23, 28, 33, 35, 38, 40, 43, 45, 48, 51)
 JPEG_QUALITY = 90
 TS_BASE_US = 5_000_000_000_000  # a sender clock that has passed 2^32 us, so ts fields take 9 B
-HEADLINE = {"codec": "Q8", "k": 1, "batch": 1}  # what the sender sends by default (Hello defaults)
+HEADLINE = "Q8:1:1"  # codec:k:batch the sender sends by default (Hello defaults)
 
 
 # --------------------------------------------------------------------------- keypoint stream
@@ -143,7 +143,8 @@ def keypoint_configs(model: MotionModel, clips: list[tuple[Any, np.ndarray]], co
     configs = []
     for (codec_name, k, b), a in acc.items():
         seconds = a["frames"] / FPS
-        one_off_wire = float(np.mean([by + OVERHEAD_BYTES_PER_MSG * n for by, n in zip(a["one_off_bytes"], a["one_off_msgs"])]))
+        one_off_wire = float(np.mean([by + OVERHEAD_BYTES_PER_MSG * n
+                                      for by, n in zip(a["one_off_bytes"], a["one_off_msgs"], strict=True)]))
         kbps_stream = wire_kbps(a["msg_bytes"], a["msgs"], seconds)
         kbps_source = one_off_wire * 8 / call_seconds / 1000
         q = common.mean_over_clips(a["rows"], ("ssim", "psnr", "l1", "l1_moving"))
@@ -332,24 +333,27 @@ def plot(res: dict[str, Any], path: str | Path) -> None:
 def tables(res: dict[str, Any]) -> str:
     cfg_rows = [[f"{c['codec']} k={c['k']} B={c['batch']}", c["kbps_wire"], c["kbps_payload"],
                  c["payload_bytes_per_msg"], c["msgs_per_s"], c["added_latency_ms"], c["ssim"], c["psnr"],
-                 c["ratio_equal_ssim"]] for c in res["configs"]]
+                 c["ratio_equal_ssim"], c["ratio_equal_ssim_rtp"]] for c in res["configs"]]
     cfg_rows.append(["static source", res["static_source"]["kbps_wire"], 0, "-", 0, 0,
-                     res["static_source"]["ssim"], res["static_source"]["psnr"], "-"])
+                     res["static_source"]["ssim"], res["static_source"]["psnr"], "-", "-"])
     t1 = common.format_table(["keypoint stream", "kbps wire", "kbps msgs", "B/msg", "msg/s", "+ms",
-                              "SSIM", "PSNR", "x H.264 eq"], cfg_rows)
+                              "SSIM", "PSNR", "x H.264 eq", "x +RTP"], cfg_rows)
     h_rows = [[p["crf"], p["kbps"], p["kbps_amortised_idr"], p["kbps_rtp"], p["ssim"], p["psnr"]]
               for p in res["h264_curve"]]
     w = res["webrtc_h264"]
     for name in ("min_target", "default_target"):
-        h_rows.append([f"aiortc {w[name]['target_kbps']:.0f}k", w[name]["kbps"], "-", "-", w[name]["ssim"], w[name]["psnr"]])
+        h_rows.append([f"aiortc {w[name]['target_kbps']:.0f}k", w[name]["kbps"], "-", "-",
+                       w[name]["ssim"], w[name]["psnr"]])
     t2 = common.format_table(["H.264 CRF", "kbps", "kbps +IDR", "kbps RTP", "SSIM", "PSNR"], h_rows)
     kp, eq = res["keypoints"], res["h264_at_equal_ssim"]
+    floor = " (FLOOR: our SSIM is below the lowest CRF point)" if res["h264_floor_used"] else ""
+    ceiling = " (CEILING: our SSIM is above the best CRF point; a lower bound)" if eq["h264_ceiling_used"] else ""
     summary = (
         f"headline {kp['config']}: {kp['kbps_wire']:.2f} kbps on the wire (incl. {OVERHEAD_BYTES_PER_MSG} B/msg "
-        f"transport, source amortised over {res['call_seconds']:.0f} s), SSIM {kp['ssim']:.4f}, PSNR {kp['psnr']:.2f} dB\n"
-        f"H.264 at equal SSIM: {eq['kbps']:.2f} kbps{' (FLOOR: our SSIM is below the lowest CRF point)' if res['h264_floor_used'] else ''}"
-        f"{' (CEILING: our SSIM is above the best CRF point; a lower bound)' if eq['h264_ceiling_used'] else ''}"
-        f" -> ratio_equal_ssim {res['ratio_equal_ssim']:.2f}x (with RTP headers on H.264: {res['ratio_equal_ssim_rtp']:.2f}x)\n"
+        f"transport, source amortised over {res['call_seconds']:.0f} s), "
+        f"SSIM {kp['ssim']:.4f}, PSNR {kp['psnr']:.2f} dB\n"
+        f"H.264 at equal SSIM: {eq['kbps']:.2f} kbps{floor}{ceiling} -> ratio_equal_ssim "
+        f"{res['ratio_equal_ssim']:.2f}x (with RTP headers on H.264: {res['ratio_equal_ssim_rtp']:.2f}x)\n"
         f"stock aiortc H.264 never targets below MIN_BITRATE {w['min_bitrate_kbps']:.0f} kbps; measured "
         f"{w['min_target']['kbps']:.1f} kbps there -> ratio_vs_webrtc_h264 {res['ratio_vs_webrtc_h264']:.1f}x\n"
         f"{res['clips']} clips, {res['size']}px, {res['frames']} frames")
@@ -372,6 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--crfs", type=int, nargs="+", default=list(CRFS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--headline", default=HEADLINE,
+                   help="CODEC:K:BATCH of the configuration the ratios are reported for (default: sender default)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     common.set_threads(a.threads)
@@ -396,8 +402,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for c in configs:
         c["h264_kbps_at_equal_ssim"] = rate_at_ssim(curve, c["ssim"])["kbps"]
         c["ratio_equal_ssim"] = c["h264_kbps_at_equal_ssim"] / c["kbps_wire"]
-    head = next(c for c in configs if (c["codec"], c["k"], c["batch"]) == (HEADLINE["codec"], HEADLINE["k"], min(batches))
-                ) if HEADLINE["k"] in a.decimations else configs[0]
+        c["h264_rtp_kbps_at_equal_ssim"] = rate_at_ssim(curve, c["ssim"], "kbps_rtp")["kbps"]
+        c["ratio_equal_ssim_rtp"] = c["h264_rtp_kbps_at_equal_ssim"] / c["kbps_wire"]
+    try:
+        h_codec, h_k, h_b = a.headline.split(":")
+        head = next(c for c in configs if (c["codec"], c["k"], c["batch"]) == (h_codec, int(h_k), int(h_b)))
+    except (ValueError, StopIteration):
+        p.error(f"--headline {a.headline} is not one of the configurations run")
     eq = rate_at_ssim(curve, head["ssim"])
     eq_rtp = rate_at_ssim(curve, head["ssim"], "kbps_rtp")
     static_kbps = head["kbps_source_amortised"]  # a static receiver still needs the source image
@@ -430,13 +441,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("decimation k: every k-th frame sent, receiver interpolates linearly, frames after the last sent hold it; "
             "batching does not change quality, only bytes and latency"),
             "keypoint quality is rendered from the decoded wire bytes and the JPEG-decoded source",
-            ("H.264: libx264 veryfast zerolatency yuv420p 30 fps, no periodic IDR (keyframes only on request in a call); "
-            "'kbps' = bitstream bytes of frames after the first, 'kbps_amortised_idr' adds the first IDR over the call, "
-            f"'kbps_rtp' adds {RTP_OVERHEAD_BYTES_PER_PACKET} B per aiortc RTP packet (RTP 12 + SRTP-GCM 16 + UDP 8 + IPv4 20, "
-            "header extensions not counted)"),
+            ("H.264: libx264 veryfast zerolatency yuv420p 30 fps, no periodic IDR (keyframes only on request in a "
+             "call); 'kbps' = bitstream bytes of frames after the first, 'kbps_amortised_idr' adds the first IDR "
+             f"over the call, 'kbps_rtp' adds {RTP_OVERHEAD_BYTES_PER_PACKET} B per aiortc RTP packet "
+             "(RTP 12 + SRTP-GCM 16 + UDP 8 + IPv4 20, header extensions not counted)"),
             ("ratio_equal_ssim uses the steady H.264 bitstream rate without packet headers (favours H.264); "
             "ratio_equal_ssim_rtp uses kbps_rtp"),
-            "rate-SSIM curve reduced to its frontier (points beating every cheaper point), linear interpolation in kbps",
+            ("rate-SSIM curve reduced to its frontier (points beating every cheaper point), "
+             "linear interpolation in kbps"),
             ("SSIM: scikit-image structural_similarity(channel_axis=-1, data_range=1) on RGB in [0,1]; "
             f"PSNR capped at {common.PSNR_CAP_DB:.0f} dB; per-frame, mean per clip, mean over clips; "
             "rates pooled (total bytes / total seconds)"),

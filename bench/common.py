@@ -153,15 +153,15 @@ def frame_metrics(pred: np.ndarray, ref: np.ndarray, source: np.ndarray) -> dict
     if pred.shape != ref.shape:
         raise ValueError(f"shape mismatch {pred.shape} vs {ref.shape}")
     err_sum, n_mov = 0.0, 0
-    for p, r in zip(pred, ref):
+    for p, r in zip(pred, ref, strict=True):
         m = moving_mask(source, r)
         if m.any():
             err_sum += float(np.abs(p - r).mean(-1)[m].sum())
             n_mov += int(m.sum())
     return {
-        "l1": float(np.mean([l1(p, r) for p, r in zip(pred, ref)])),
-        "psnr": float(np.mean([psnr(p, r) for p, r in zip(pred, ref)])),
-        "ssim": float(np.mean([ssim(p, r) for p, r in zip(pred, ref)])),
+        "l1": float(np.mean([l1(p, r) for p, r in zip(pred, ref, strict=True)])),
+        "psnr": float(np.mean([psnr(p, r) for p, r in zip(pred, ref, strict=True)])),
+        "ssim": float(np.mean([ssim(p, r) for p, r in zip(pred, ref, strict=True)])),
         "l1_moving": err_sum / n_mov if n_mov else float("nan"),
         "moving_pixels": n_mov,
         "frames": len(ref),
@@ -216,7 +216,8 @@ def fmt(x: Any) -> str:
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -224,7 +224,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 
     hs = [(k, v) for k, v in result["horizons"].items() if v]
     fig, axes = plt.subplots(1, max(1, len(hs)), figsize=(5 * max(1, len(hs)), 4), squeeze=False)
-    for ax, (key, res) in zip(axes[0], hs):
+    for ax, (key, res) in zip(axes[0], hs, strict=False):
         for name, r in res.items():
             steps = np.arange(1, len(r["mae_per_step"]) + 1)
             ax.plot(steps, r["mae_per_step"], marker="o", ms=3, label=name)

@@ -41,11 +41,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
     p.add_argument("--stop-after-calls", type=int, help="exit after this many calls ended")
     p.add_argument("--stats-dir", help="write each call's stats JSON here")
+    p.add_argument("--frames-log", help="write every shown frame (seq, kind, keypoints, times) to this .npz "
+                                        "at the end of each call (for offline error analysis)")
     p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for rendering")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     a = p.parse_args(argv)
-    session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms)
+    session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms,
+                            frames_log=a.frames_log)
     cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session)
     return cfg, a
 

@@ -1,4 +1,4 @@
-"""The receiver's HTTP server: signaling (POST /offer), stats, and the calls it hosts."""
+"""The receiver's HTTP server: signaling (POST /offer), stats, the browser viewer, and the calls it hosts."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from models.fomm.model import MotionModel
 from receiver.render import Renderer
 from receiver.session import CallSession, SessionConfig
+from receiver.viewer import ViewerHub, handle_index
 from shared.signaling import MAX_SDP_BYTES, OFFER_PATH, check_token, parse_description
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,13 @@ class ReceiverServer:
         self.finished: list[dict[str, Any]] = []
         self.calls_started = 0
         self.done = asyncio.Event()
+        self.viewer = ViewerHub()
         self.app = web.Application(client_max_size=MAX_SDP_BYTES)
         self.app.router.add_post(OFFER_PATH, self.handle_offer)
         self.app.router.add_get("/stats", self.handle_stats)
         self.app.router.add_get("/health", self.handle_health)
+        self.app.router.add_get("/", handle_index)
+        self.app.router.add_get("/video.mjpg", self.handle_video)
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -59,6 +63,7 @@ class ReceiverServer:
     async def stop(self) -> None:
         for s in list(self.sessions.values()):
             await s.close("receiver shutting down")
+        await self.viewer.close()  # open MJPEG streams end their responses instead of being cut
         if self.runner is not None:
             await self.runner.cleanup()
         self.executor.shutdown(wait=True)
@@ -66,8 +71,20 @@ class ReceiverServer:
     async def handle_health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "calls": len(self.sessions)})
 
+    def _authorized(self, request: web.Request) -> bool:
+        """Bearer header, or ``?token=`` for GETs a browser makes (an <img> cannot send headers)."""
+        if check_token(request.headers.get("Authorization"), self.config.token):
+            return True
+        query = request.query.get("token")
+        return request.method == "GET" and query is not None and check_token(f"Bearer {query}", self.config.token)
+
+    async def handle_video(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return await self.viewer.stream(request)
+
     async def handle_stats(self, request: web.Request) -> web.Response:
-        if not check_token(request.headers.get("Authorization"), self.config.token):
+        if not self._authorized(request):
             return web.json_response({"error": "unauthorized"}, status=401)
         return web.json_response({"active": [s.summary() for s in self.sessions.values()],
                                   "finished": self.finished})
@@ -92,6 +109,7 @@ class ReceiverServer:
         session = CallSession(call_id, index, pc, Renderer(self.model), self.executor, self.config.session,
                               on_closed=self._on_closed)
         self.sessions[call_id] = session
+        session.on_frame = lambda image, s=session: self.viewer.publish(s.call_id, s.index, image, s.hello.fps)
         pc.on("datachannel", session.attach)
 
         @pc.on("connectionstatechange")
@@ -112,6 +130,7 @@ class ReceiverServer:
 
     def _on_closed(self, session: CallSession) -> None:
         self.sessions.pop(session.call_id, None)
+        self.viewer.end(session.call_id)
         summary = session.summary()
         self.finished.append(summary)
         if self.config.stats_dir:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -36,9 +37,19 @@ class SessionConfig:
     playout: str = "clock"  # clock: steady fps from a jitter buffer with concealment; immediate: render on arrival
     forecaster: str = "linear"  # conceals missing keypoints in clock mode
     heartbeat_timeout_s: float = 1.5  # aiortc only reports "failed" after ~30 s, so we watch liveness ourselves
+    # Before the first message the DTLS/SCTP handshake may still be retransmitting (1-3 s timers
+    # per lost packet on a lossy path), so the peer gets as long as the sender's connect timeout.
+    setup_timeout_s: float = 15.0
     max_messages_per_s: float = 400.0  # beyond this a peer's messages are dropped (rate_limited)
     max_message_bytes: int = P.MAX_MESSAGE_BYTES
     lookahead_ms: float = 0.0  # render-ahead for latency hiding (clock mode)
+    # Benchmark aid, off by default: write every frame shown (seq, kind, vector, capture and
+    # render time, ...) to this .npz when the call ends, so keypoint error against the sender's
+    # ``--truth-out`` can be computed offline. Later calls get ``_2``, ``_3``... like file sinks.
+    frames_log: str | None = None
+
+
+FRAME_LOG_KINDS = ("real", "concealed", "interpolated")  # ``kind`` codes in the frames log
 
 
 class CallSession:
@@ -69,6 +80,8 @@ class CallSession:
         self.playout = None
         self._last_rendered_seq = -1
         self._last_image: np.ndarray | None = None
+        self._frames_log: list[tuple] | None = [] if config.frames_log else None
+        self.on_frame: Callable[[np.ndarray], None] | None = None  # every shown frame, e.g. to the viewer
 
     # ------------------------------------------------------------------ wiring
     def attach(self, channel: RTCDataChannel) -> None:
@@ -180,16 +193,42 @@ class CallSession:
         """Ask the sender for a fresh source image (e.g. the scene changed)."""
         self.send(P.SourceRequest(reason))
 
-    async def _render(self, seq: int, capture_us: int, vec: np.ndarray) -> None:
+    async def _render(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any = None) -> None:
         t0 = time.perf_counter()
         image = await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.render, vec)
         self.stats.render_ms.append((time.perf_counter() - t0) * 1000)
         if self.sink is not None:
             self.sink.write(image, seq)
+        if self.on_frame is not None:
+            self.on_frame(image)
         self._last_image = image
         self.stats.frames_rendered += 1
         self.stats.render_times.append(time.monotonic())
         self.stats.latency_ms.append(time.time() * 1000 - capture_us / 1000)
+        self._log_frame(seq, capture_us, vec, frame, repeated=False)
+
+    def _log_frame(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any, repeated: bool) -> None:
+        """Append one shown frame to the frames log (``frame``: the PlayoutFrame, None when immediate)."""
+        if self._frames_log is None:
+            return
+        kind = FRAME_LOG_KINDS.index(frame.kind) if frame is not None else 0
+        self._frames_log.append((
+            seq, kind, np.asarray(vec, np.float32).reshape(-1), int(capture_us), time.time_ns() // 1000,
+            repeated, frame.lookahead if frame is not None else 0, frame.blend if frame is not None else 0.0,
+            frame.target_delay_ms if frame is not None else 0.0))
+
+    def _write_frames_log(self) -> None:
+        path = Path(self.config.frames_log)
+        if self.index > 0:
+            path = path.with_name(f"{path.stem}_{self.index + 1}{path.suffix}")
+        rows = self._frames_log or []
+        cols = list(zip(*rows, strict=True)) if rows else [[] for _ in range(9)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, seq=np.asarray(cols[0], np.int64), kind=np.asarray(cols[1], np.int8),
+                 vector=np.asarray(cols[2], np.float32).reshape(-1, 60), capture_us=np.asarray(cols[3], np.int64),
+                 rendered_us=np.asarray(cols[4], np.int64), repeated=np.asarray(cols[5], bool),
+                 lookahead=np.asarray(cols[6], np.int32), blend=np.asarray(cols[7], np.float32),
+                 target_delay_ms=np.asarray(cols[8], np.float32), kinds=np.asarray(FRAME_LOG_KINDS))
 
     async def _render_loop(self) -> None:
         while not self.closed.is_set():
@@ -227,13 +266,16 @@ class CallSession:
                 # the playout holds a frame to let the buffer refill: show it again, don't re-render
                 if self.sink is not None:
                     self.sink.write(self._last_image, frame.seq)
+                if self.on_frame is not None:
+                    self.on_frame(self._last_image)
                 self.stats.frames_repeated += 1
+                self._log_frame(frame.seq, frame.capture_us, frame.vector, frame, repeated=True)
                 continue
             if frame.kind == "concealed":
                 self.stats.frames_concealed += 1
             elif frame.kind == "interpolated":
                 self.stats.frames_interpolated += 1
-            await self._render(frame.seq, frame.capture_us, frame.vector)
+            await self._render(frame.seq, frame.capture_us, frame.vector, frame)
 
     async def _drain_and_close(self, reason: str, max_wait_s: float = 2.0) -> None:
         """After a Bye, show the frames already received before hanging up."""
@@ -247,10 +289,10 @@ class CallSession:
 
     async def _watchdog(self) -> None:
         while not self.closed.is_set():
-            await asyncio.sleep(0.25)
-            if time.monotonic() - self.last_seen > self.config.heartbeat_timeout_s:
-                log.warning("call %s: no message for %.1fs, peer is gone", self.call_id,
-                            self.config.heartbeat_timeout_s)
+            await asyncio.sleep(0.1)  # a dead peer is noticed within heartbeat_timeout_s + 0.1 s
+            limit = self.config.heartbeat_timeout_s if self.stats.messages_received else self.config.setup_timeout_s
+            if time.monotonic() - self.last_seen > limit:
+                log.warning("call %s: no message for %.1fs, peer is gone", self.call_id, limit)
                 await self.close("peer timeout")
                 return
 
@@ -276,6 +318,11 @@ class CallSession:
             self.stats.playout = self.playout.stats()
         if self.sink is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.sink.close)
+        if self._frames_log is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._write_frames_log)
+            except Exception:  # a benchmark log must not break the hang-up
+                log.exception("call %s: could not write the frames log", self.call_id)
         await self.pc.close()
         log.info("call %s ended (%s): %d frames received, %d rendered, %d rejected", self.call_id, reason,
                  self.stats.frames_received, self.stats.frames_rendered, self.rejects.total)

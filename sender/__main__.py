@@ -27,12 +27,18 @@ from models.checkpoint import CheckpointError
 from models.fomm.io import DEFAULT_WEIGHTS, load_motion_model
 from sender.capture import CaptureConfig, CaptureError, FrameSource
 from sender.extract import KeypointExtractor
+from sender.inputs import format_cameras, list_cameras, read_source_image
 from sender.peer import SenderPeer
 from shared import protocol as P
 from shared.ice import addresses_for_host, restrict_host_addresses
 from shared.signaling import SignalingError
 
 log = logging.getLogger("sender")
+
+# Per-message transport overhead (IPv4 + UDP + DTLS + SCTP headers), as measured by receiver.stats.
+WIRE_OVERHEAD_BYTES_PER_MESSAGE = 95
+# --target-kbps may batch frames, but never so many that batching alone delays a frame by more.
+TARGET_MAX_BATCH_DELAY_MS = 100.0
 
 
 @dataclass
@@ -49,10 +55,13 @@ class SenderConfig:
     codec: str = "q8"  # q8 (80 B/frame) or f16 (120 B/frame)
     kp_every: int = 1  # send every k-th frame's keypoints; the receiver fills the rest
     batch: int = 1  # keypoint frames per message (fewer messages, more latency)
+    target_kbps: float | None = None  # pick kp_every and batch to fit this keypoint wire rate
     ice_address: list[str] | None = None  # restrict ICE host candidates (default: from the URL)
     stats_json: str | None = None
     truth_out: str | None = None  # save every frame's true keypoints (npz) for evaluation
     source_quality: int = 90
+    source_image: str | None = None  # send this file as the source image instead of the first frame
+    list_cameras: bool = False
     threads: int = 1
 
 
@@ -72,18 +81,56 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p.add_argument("--codec", choices=["q8", "f16"], default="q8")
     p.add_argument("--kp-every", type=int, default=1, help="send keypoints of every k-th frame")
     p.add_argument("--batch", type=int, default=1, help="keypoint frames per message")
+    p.add_argument("--target-kbps", type=float,
+                   help="keypoint wire budget: overrides --kp-every/--batch with the smallest decimation "
+                        "(then batch) whose estimated rate (message bytes + 95 B/message) fits")
     p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
     p.add_argument("--stats-json", help="write sender stats here at the end")
     p.add_argument("--truth-out", help="write every frame's keypoints to this .npz")
     p.add_argument("--source-quality", type=int, default=90, help="JPEG quality of the source image")
+    p.add_argument("--source-image", help="send this picture (sent byte for byte) as the face to animate")
+    p.add_argument("--list-cameras", action="store_true", help="print the cameras that open, then exit")
     p.add_argument("--threads", type=int, default=1, help="torch threads for keypoint extraction")
     a = p.parse_args(argv)
     cfg = SenderConfig(**{k: v for k, v in vars(a).items()})
-    if cfg.camera is None and cfg.video is None:
+    if cfg.camera is None and cfg.video is None and not cfg.list_cameras:
         p.error("give --camera N or --video PATH")
     if not 1 <= cfg.kp_every <= 64 or not 1 <= cfg.batch <= P.MAX_FRAMES_PER_BATCH:
         p.error("--kp-every must be in 1..64 and --batch in 1..64")
+    if cfg.target_kbps is not None and cfg.target_kbps <= 0:
+        p.error("--target-kbps must be > 0")
     return cfg
+
+
+def estimate_kp_wire_kbps(kp_every: int, batch: int, fps: float, codec: P.Codec = P.Codec.Q8) -> float:
+    """Keypoint wire rate: encoded message bytes + transport overhead per message, at ``fps``."""
+    # Large seq/timestamp values so variable-length integer fields are sized as in a long call.
+    msg = P.KeypointBatch.build(10_000_000, 2**62, [np.zeros(P.KP_DIM, np.float32)]
+                                * batch, codec, step=kp_every, interval_us=int(1e6 * kp_every / fps))
+    messages_per_s = fps / (kp_every * batch)
+    return (len(P.encode(msg)) + WIRE_OVERHEAD_BYTES_PER_MESSAGE) * messages_per_s * 8 / 1000
+
+
+def choose_rate(target_kbps: float, fps: float, codec: P.Codec = P.Codec.Q8,
+                max_batch_delay_ms: float = TARGET_MAX_BATCH_DELAY_MS) -> tuple[int, int, float, bool]:
+    """Smallest decimation k, then smallest batch, whose estimated keypoint wire rate fits the target.
+
+    Returns ``(kp_every, batch, estimated_kbps, fits)``; when nothing fits, the cheapest candidate
+    with ``fits=False``. Batches are limited so batching delays a frame by at most
+    ``max_batch_delay_ms``: decimation costs accuracy, batching costs latency.
+    """
+    cheapest: tuple[int, int, float] | None = None
+    for k in range(1, 65):
+        for b in range(1, P.MAX_FRAMES_PER_BATCH + 1):
+            if b > 1 and (b - 1) * k / fps * 1000 > max_batch_delay_ms:
+                break
+            kbps = estimate_kp_wire_kbps(k, b, fps, codec)
+            if kbps <= target_kbps:
+                return k, b, kbps, True
+            if cheapest is None or kbps < cheapest[2]:
+                cheapest = (k, b, kbps)
+    assert cheapest is not None
+    return (*cheapest, False)
 
 
 async def run(cfg: SenderConfig) -> dict:
@@ -92,10 +139,17 @@ async def run(cfg: SenderConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     model, meta = load_motion_model(cfg.weights)
     extractor = KeypointExtractor(model)
+    chosen = read_source_image(cfg.source_image) if cfg.source_image else None
     source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, model.config.size, cfg.loop,
                                        cfg.max_frames, cfg.mirror))
     restrict_host_addresses(cfg.ice_address or addresses_for_host(urlparse(cfg.receiver).hostname or ""))
     codec = P.Codec.Q8 if cfg.codec == "q8" else P.Codec.F16
+    if cfg.target_kbps is not None:
+        k, b, est, fits = choose_rate(cfg.target_kbps, source.fps, codec)
+        (log.info if fits else log.warning)(
+            "target %.1f kbps at %.1f fps: kp_every=%d batch=%d (estimated %.1f kbps%s)", cfg.target_kbps,
+            source.fps, k, b, est, "" if fits else ", does NOT fit: cheapest setting")
+        cfg.kp_every, cfg.batch = k, b
     latest: dict[str, np.ndarray] = {}
     source_requests: list[str] = []
 
@@ -121,6 +175,8 @@ async def run(cfg: SenderConfig) -> dict:
             if frame.seq == 0 or source_requests:
                 reason = source_requests.pop() if source_requests else "start"
                 ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, cfg.source_quality])
+                if chosen is not None:  # --source-image: that file instead of the frame
+                    jpeg = np.frombuffer(chosen, np.uint8)
                 await peer.send_source(jpeg.tobytes(), image_id)
                 stats["source_image_bytes"] += len(jpeg)
                 stats["source_sha256"] = hashlib.sha256(jpeg.tobytes()).hexdigest()
@@ -170,6 +226,9 @@ async def run(cfg: SenderConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = parse_args(argv)
+    if cfg.list_cameras:
+        print(format_cameras(list_cameras()))
+        return 0
     try:
         import uvloop
         loop = uvloop.new_event_loop()

@@ -127,6 +127,7 @@ def test_ratios_equal_their_definitions(run: tuple[dict, Path, Path]) -> None:
     for c in res["configs"]:
         assert c["h264_kbps_at_equal_ssim"] == pytest.approx(_rate_at(res["h264_curve"], c["ssim"])[0])
         assert c["ratio_equal_ssim"] == pytest.approx(c["h264_kbps_at_equal_ssim"] / c["kbps_wire"])
+        assert c["ratio_equal_ssim_rtp"] == pytest.approx(c["h264_rtp_kbps_at_equal_ssim"] / c["kbps_wire"])
     # the headline is the sender's default stream
     assert (kp["codec"], kp["k"], kp["batch"]) == ("Q8", 1, 1)
 

@@ -124,7 +124,7 @@ def test_quality_end_to_end(setup: tuple[Path, Path, Path], capsys: pytest.Captu
     # the static row is the source frame scored against exactly the frames the model was scored on
     clips = load_frames(load_clips(data, ["face"]), SIZE)
     assert [c["frames"] for c in res["per_clip"]] == [len(f) - 1 for f in clips]
-    for row, frames in zip(res["per_clip"], clips):
+    for row, frames in zip(res["per_clip"], clips, strict=True):
         f = frames.astype(np.float32) / 255
         ssims = [structural_similarity(f[0], g, channel_axis=-1, data_range=1) for g in f[1:]]
         assert row["static_source"]["ssim"] == pytest.approx(np.mean(ssims), abs=1e-6)

@@ -80,7 +80,7 @@ def test_bench_end_to_end(setup, tmp_path, capsys) -> None:
     for key, per in res["horizons"].items():
         assert set(per) == {"last", "linear", "gru", "vrnn", "grunf"}
         m = int(key.split("-")[1])
-        for name, r in per.items():
+        for r in per.values():
             assert len(r["mae_per_step"]) == m
             assert r["kp_mae"] == pytest.approx(np.mean(r["mae_per_step"]), rel=1e-5)
             assert r["kp_mae"] <= r["kp_mae_per_sample"] + 1e-7  # Jensen: mean of samples never worse

@@ -3,7 +3,7 @@
 Usage:
   python -m models.fomm.train --data ../shared/data --kinds face --size 64 --out runs/face64 --minutes 100
   python -m models.fomm.train ... --resume                  # continue from OUT/last.pt
-  python -m models.fomm.train --size 128 --init runs/face64/best.pt ...   # start 128 from a 64 model
+  python -m models.fomm.train --size 128 --init runs/face64/best.pt --freeze kp_detector ...  # 128 from 64
   python -m models.fomm.train --data ../shared/data --steps 2 --tiny --out /tmp/x   # smoke run
 
 Self-supervised reconstruction, as in FOMM: two frames of one clip, the source is
@@ -66,6 +66,7 @@ class TrainConfig:
     resume: bool = False
     init: str | None = None
     tiny: bool = False
+    freeze: list[str] = field(default_factory=list)  # e.g. kp_detector: keep keypoints identical across sizes
     w_rec: float = 10.0
     w_ssim: float = 1.0
     w_equi_value: float = 10.0
@@ -161,7 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         same = {k: v for k, v in blob["state_dict"].items() if k in own and v.shape == own[k].shape}
         model.load_state_dict({**own, **{k: v.float() for k, v in same.items()}})
         log.info("initialised %d/%d tensors from %s", len(same), len(own), cfg.init)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    for name in cfg.freeze:
+        # A frozen detector gives the same keypoints at every output size, so senders,
+        # forecasters and the wire format are shared by all shipped models.
+        module = getattr(model, name)
+        module.requires_grad_(False)
+        log.info("frozen: %s", name)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.5, 0.999))
 
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -184,11 +191,16 @@ def main(argv: list[str] | None = None) -> None:
         ts = time.time()
         s, d = sampler.sample(cfg.batch)
         src, drv = torch.from_numpy(s), torch.from_numpy(d)
+        for name in cfg.freeze:
+            getattr(model, name).eval()  # frozen BatchNorm statistics too
         res = model(src, drv)
         rec = pyramid_l1(res["prediction"], drv)
         ssim_term = 1.0 - ssim(res["prediction"], drv)
-        eq_v, eq_j = equivariance_losses(model.kp_detector, drv, res["kp_driving"])
-        sep = separation_loss(res["kp_driving"]["value"])
+        if "kp_detector" in cfg.freeze:  # keypoint losses have nothing left to train
+            eq_v = eq_j = sep = rec.new_zeros(())
+        else:
+            eq_v, eq_j = equivariance_losses(model.kp_detector, drv, res["kp_driving"])
+            sep = separation_loss(res["kp_driving"]["value"])
         loss = (cfg.w_rec * rec + cfg.w_ssim * ssim_term + cfg.w_equi_value * eq_v
                 + cfg.w_equi_jac * eq_j + cfg.w_separation * sep)
         opt.zero_grad(set_to_none=True)

@@ -5,10 +5,10 @@ vectors, ``samples`` times. Rollouts are free: after the history ends, a model o
 ever sees its own predictions (never ground truth), exactly as on a live call.
 
 Normalisation works live because it uses only the past plus fixed constants:
-networks predict the *change* from the previous frame (so "stand still" is the
+networks see and predict the *change* from the previous frame (so "stand still" is the
 zero output), divided by per-dimension constants (the standard deviation of one-frame
-changes on the training split); they also see the absolute position standardised with
-training-split constants. No statistic of the future (or of the clip being forecast)
+changes on the training split); optionally (``absolute``) also the position
+standardised with training-split constants. No statistic of the future (or of the clip being forecast)
 is ever used. The constants live in the model as buffers, so they travel in its
 checkpoint.
 """
@@ -64,8 +64,9 @@ def check_history(history: torch.Tensor) -> None:
 class Normalizer(nn.Module):
     """Fixed constants from the training split (buffers, saved with the model)."""
 
-    def __init__(self, dim: int = KP_DIM) -> None:
+    def __init__(self, dim: int = KP_DIM, absolute: bool = False) -> None:
         super().__init__()
+        self.absolute = absolute
         self.register_buffer("mu", torch.zeros(dim))
         self.register_buffer("sigma", torch.ones(dim))
         self.register_buffer("dscale", torch.ones(dim))
@@ -76,13 +77,15 @@ class Normalizer(nn.Module):
 
     @property
     def feat_dim(self) -> int:
-        return 2 * self.mu.shape[0]
+        return (2 if self.absolute else 1) * self.mu.shape[0]
 
     def features(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        """One step's network input: normalised change since the previous frame and the
-        standardised absolute position (the second lets a model learn e.g. that a head
-        turned far tends to turn back)."""
-        return torch.cat([(x - x_prev) / self.dscale, (x - self.mu) / self.sigma], dim=-1)
+        """One step's network input: normalised change since the previous frame, and with
+        ``absolute`` the standardised position too. Off by default: with few source
+        videos the position identifies the clip, and models memorised it (train loss
+        fell while validation on unseen videos got worse, on real and on synthetic data)."""
+        d = (x - x_prev) / self.dscale
+        return torch.cat([d, (x - self.mu) / self.sigma], dim=-1) if self.absolute else d
 
     def seq_features(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, T, 60) -> (B, T, 120); the first frame's change is taken as zero

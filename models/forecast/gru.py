@@ -22,13 +22,14 @@ class GRUConfig:
     hidden: int = 128
     layers: int = 1
     dropout: float = 0.1  # on the GRU input; only active in training
+    absolute: bool = False  # also feed the standardised absolute position (see base.Normalizer)
 
 
 class GRUNet(nn.Module):
     def __init__(self, cfg: GRUConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.norm = Normalizer(KP_DIM)
+        self.norm = Normalizer(KP_DIM, cfg.absolute)
         self.inp = nn.Sequential(nn.Linear(self.norm.feat_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout))
         self.gru = nn.GRU(cfg.hidden, cfg.hidden, num_layers=cfg.layers, batch_first=True)
         self.head = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, KP_DIM))

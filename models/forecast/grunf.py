@@ -36,6 +36,7 @@ class GRUNFConfig:
     hidden: int = 128  # GRU state = flow condition
     layers: int = 1
     dropout: float = 0.1
+    absolute: bool = False  # also feed the standardised absolute position (see base.Normalizer)
     flow_blocks: int = 6  # affine coupling layers
     flow_hidden: int = 128  # width of each coupling's scale/shift net
     scale_limit: float = 2.0  # |log scale| per coupling is bounded (tanh) for stability
@@ -128,7 +129,7 @@ class GRUNFNet(nn.Module):
     def __init__(self, cfg: GRUNFConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.norm = Normalizer(KP_DIM)
+        self.norm = Normalizer(KP_DIM, cfg.absolute)
         self.inp = nn.Sequential(nn.Linear(self.norm.feat_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout))
         self.gru = nn.GRU(cfg.hidden, cfg.hidden, num_layers=cfg.layers, batch_first=True)
         self.flow = ConditionalFlow(KP_DIM, cfg.hidden, cfg.flow_blocks, cfg.flow_hidden, cfg.scale_limit)

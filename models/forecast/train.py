@@ -197,7 +197,8 @@ def train(cfg: TrainConfig, train_series: list[np.ndarray], val_series: list[np.
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
         if step % cfg.val_every == 0:
             row = validate()
-            log.info("step %d val_mae %.5f (last %.5f, linear %.5f)", step, row["val_mae"], base["last"], base["linear"])
+            log.info("step %d val_mae %.5f (last %.5f, linear %.5f)", step, row["val_mae"], base["last"],
+                     base["linear"])
     bar.close()
     if not rows or rows[-1]["step"] != step:
         validate()

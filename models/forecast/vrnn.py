@@ -36,6 +36,7 @@ class VRNNConfig:
     kl_anneal_steps: int = 1000  # KL weight ramps 0 -> kl_weight over these training steps
     rollout_weight: float = 1.0
     dropout: float = 0.1
+    absolute: bool = False  # also feed the standardised absolute position (see base.Normalizer)
 
 
 def _mlp(i: int, h: int, o: int) -> nn.Sequential:
@@ -46,7 +47,7 @@ class VRNNNet(nn.Module):
     def __init__(self, cfg: VRNNConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.norm = Normalizer(KP_DIM)
+        self.norm = Normalizer(KP_DIM, cfg.absolute)
         m, hd, z = cfg.mlp, cfg.hidden, cfg.z_dim
         self.phi_x = nn.Sequential(nn.Linear(self.norm.feat_dim, m), nn.GELU(), nn.Dropout(cfg.dropout),
                                    nn.Linear(m, m), nn.GELU())

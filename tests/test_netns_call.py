@@ -1,0 +1,146 @@
+"""Real calls across network namespaces: a clean veth link, then a lossy, jittery one.
+
+The receiver listens on its own veth address in host ``a``; the sender runs in host ``b``
+and restricts ICE to its own address, so every packet crosses the (impaired) link.
+Skipped only when namespaces cannot be built (not root, or ip/nft missing).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.netns import NetnsUnavailable, impaired_link, require_root, two_hosts
+from bench.playout import kp_error
+from tests.procs import run_sender, start_receiver, stop
+
+try:
+    require_root()
+    _SKIP = ""
+except NetnsUnavailable as e:
+    _SKIP = str(e)
+
+pytestmark = pytest.mark.skipif(bool(_SKIP), reason=f"needs root with ip and nft: {_SKIP}")
+
+PORT = 8080  # fresh namespaces: nothing else listens there
+FPS = 30
+
+
+def _sender_args(addr_a: str, addr_b: str, weights: Path, clip: Path, frames: int, tmp: Path) -> list[str]:
+    return ["--receiver", f"http://{addr_a}:{PORT}", "--ice-address", addr_b, "--video", str(clip), "--loop",
+            "--weights", str(weights), "--max-frames", str(frames), "--fps", str(FPS),
+            "--stats-json", str(tmp / "sender.json")]
+
+
+def test_call_between_two_namespaces(tmp_path: Path, tiny_weights: Path, demo_clip: Path) -> None:
+    frames = 60
+    t0 = time.monotonic()
+    with two_hosts() as h:
+        recv = start_receiver(["--host", h.addr_a, "--port", str(PORT), "--weights", str(tiny_weights),
+                               "--playout", "clock", "--stats-dir", str(tmp_path), "--stop-after-calls", "1",
+                               "--frames-log", str(tmp_path / "frames.npz")],
+                              netns=h.a, log_path=tmp_path / "receiver.log")
+        try:
+            res = run_sender(_sender_args(h.addr_a, h.addr_b, tiny_weights, demo_clip, frames, tmp_path),
+                             netns=h.b, timeout_s=45)
+            assert res.returncode == 0, res.stderr[-2000:]
+        finally:
+            assert stop(recv) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
+    sent = json.loads((tmp_path / "sender.json").read_text())
+    got = json.loads((tmp_path / "call_1.json").read_text())
+    # the call really went over the veth pair, not loopback
+    assert "10.77." in (tmp_path / "receiver.log").read_text()
+    assert got["source_sha256"] and got["source_sha256"] == sent["source_sha256"]
+    assert got["source_image_bytes"] == sent["source_image_bytes"]
+    assert sent["frames_sent"] == frames
+    assert got["frames_received"] >= 0.95 * frames
+    assert got["frames_rejected"] == 0
+    # a clean link: what was received is exactly what was sent (bytes and messages)
+    assert got["keypoint_payload_bytes"] == got["frames_received"] * 80
+    assert got["keypoint_message_bytes"] <= sent["keypoint_message_bytes"]
+    assert got["keypoint_messages"] <= sent["messages_sent"]
+    _check_counts(got, tmp_path / "frames.npz")
+    assert got["playout"]["real"] >= 0.8 * frames
+    assert got["end_reason"].startswith("bye")
+    assert time.monotonic() - t0 < 60
+
+
+def _check_counts(got: dict, frames_log: Path) -> dict[str, int]:
+    """Every rendered frame is real, concealed or interpolated, in the stats and in the frames log."""
+    log = np.load(frames_log)
+    shown = ~log["repeated"]
+    kinds = {k: int((log["kind"][shown] == i).sum()) for i, k in enumerate(log["kinds"])}
+    assert shown.sum() == got["frames_rendered"]
+    assert (~shown).sum() == got["frames_repeated"]
+    assert kinds["concealed"] == got["frames_concealed"] and kinds["interpolated"] == got["frames_interpolated"]
+    assert kinds["real"] + kinds["concealed"] + kinds["interpolated"] == got["frames_rendered"]
+    # the playout also counts frames it produced before the source image was decoded (not rendered)
+    pl = got["playout"]
+    assert pl["real"] >= kinds["real"] and pl["new_frames"] >= got["frames_rendered"]
+    assert pl["new_frames"] == pl["real"] + pl["concealed"] + pl["interpolated"]
+    return kinds
+
+
+def _health(ns: str, addr: str) -> dict:
+    from bench.netns import netns_exec
+
+    code = ("import urllib.request; "
+            f"print(urllib.request.urlopen('http://{addr}:{PORT}/health', timeout=5).read().decode())")
+    return json.loads(netns_exec(ns, [sys.executable, "-c", code], timeout=20).stdout)
+
+
+def test_call_through_impaired_link(tmp_path: Path, tiny_weights: Path, demo_clip: Path) -> None:
+    frames = 150  # 5 s: ~15 lost keypoint messages at 10 % loss
+    t0 = time.monotonic()
+    with impaired_link(loss=0.1, delay_ms=40, jitter_ms=50, seed=1) as link:
+        # no --stop-after-calls: the receiver must still be serving after the lossy call
+        recv = start_receiver(["--host", link.addr_a, "--port", str(PORT), "--weights", str(tiny_weights),
+                               "--playout", "clock", "--forecaster", "linear", "--stats-dir", str(tmp_path),
+                               "--frames-log", str(tmp_path / "frames.npz")],
+                              netns=link.a, log_path=tmp_path / "receiver.log")
+        try:
+            res = run_sender(_sender_args(link.addr_a, link.addr_b, tiny_weights, demo_clip, frames, tmp_path)
+                             + ["--truth-out", str(tmp_path / "truth.npz")], netns=link.b, timeout_s=45)
+            assert res.returncode == 0, res.stderr[-2000:]
+            deadline = time.monotonic() + 10
+            while not (tmp_path / "call_1.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert recv.poll() is None, "the receiver died during a lossy call"
+            assert _health(link.a, link.addr_a)["ok"] is True
+        finally:
+            recv.terminate()
+            assert stop(recv) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
+    sent = json.loads((tmp_path / "sender.json").read_text())
+    got = json.loads((tmp_path / "call_1.json").read_text())
+    assert sent["frames_sent"] == frames
+    # A normal end. The sender tears its transport down ~0.1 s after queueing the Bye, so on a
+    # lossy link the Bye may never be retransmitted: then the DTLS close ends the call, or, when
+    # that is lost too, the receiver's liveness timeout. Any of the three, never an error.
+    assert got["end_reason"] in ("bye: done", "connection closed", "peer timeout"), got["end_reason"]
+    assert got["source_sha256"] == sent["source_sha256"]
+    # the link really lost keypoints, and the playout filled the holes: concealment proper
+    # (forecast) when the next frame had not arrived yet, interpolation when it had
+    assert got["frames_received"] < frames
+    assert got["frames_concealed"] + got["frames_interpolated"] > 0
+    # call duration x fps = frames. The link is under test, not this shared 2-core CPU: when
+    # rendering itself cannot keep up with the clock, the playout skips frames whatever the network
+    # does, so the bar scales with the renderer's measured capacity (1 when it keeps up).
+    capacity = min(1.0, 1000.0 / (got["render_ms_p50"] * FPS))
+    assert got["frames_rendered"] >= 0.85 * frames * capacity, (got["frames_rendered"], capacity, got["playout"])
+    _check_counts(got, tmp_path / "frames.npz")
+    # the frames log lines up with the sender's truth: unblended real frames are the truth (8-bit codec)
+    truth = np.load(tmp_path / "truth.npz")
+    log = np.load(tmp_path / "frames.npz")
+    assert list(truth["seq"]) == list(range(frames))
+    shown = ~log["repeated"]
+    assert shown.sum() == got["frames_rendered"]
+    real = shown & (log["kind"] == 0) & (log["blend"] == 0)
+    assert real.sum() > 0.5 * frames
+    err = kp_error(log["vector"][real], truth["vectors"][log["seq"][real]])
+    assert err.max() < 1e-3
+    assert time.monotonic() - t0 < 60

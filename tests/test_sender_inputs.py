@@ -1,0 +1,64 @@
+"""Sender conveniences: --list-cameras and --source-image (arrives byte-identical in a real call)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tests.live import free_port
+from tests.procs import ROOT, env, run_sender, start_receiver, stop
+
+
+def test_list_cameras_says_clearly_when_there_are_none() -> None:
+    res = subprocess.run([sys.executable, "-m", "sender", "--list-cameras"], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if glob.glob("/dev/video*"):
+        assert "camera " in res.stdout or "no cameras found" in res.stdout
+    else:
+        assert res.stdout.strip() == "no cameras found (probed indices 0-9); use --video PATH to stream a file"
+
+
+def test_source_image_arrives_byte_identical(tmp_path: Path, tiny_weights: Path, demo_clip: Path) -> None:
+    # a PNG (not what the sender would make from a frame) of another size than the model's
+    img = np.zeros((90, 120, 3), np.uint8)
+    img[:, :60] = (0, 200, 255)
+    img[30:60] = 255
+    picture = tmp_path / "face.png"
+    cv2.imwrite(str(picture), img)
+    port = free_port()
+    recv = start_receiver(["--port", str(port), "--weights", str(tiny_weights), "--stats-dir", str(tmp_path),
+                           "--stop-after-calls", "1"], log_path=tmp_path / "receiver.log")
+    try:
+        res = run_sender(["--receiver", f"http://127.0.0.1:{port}", "--video", str(demo_clip), "--weights",
+                          str(tiny_weights), "--max-frames", "20", "--source-image", str(picture),
+                          "--stats-json", str(tmp_path / "sender.json")])
+        assert res.returncode == 0, res.stderr[-2000:]
+    finally:
+        assert stop(recv) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
+    got = json.loads((tmp_path / "call_1.json").read_text())
+    sent = json.loads((tmp_path / "sender.json").read_text())
+    want = hashlib.sha256(picture.read_bytes()).hexdigest()
+    assert got["source_sha256"] == sent["source_sha256"] == want
+    assert got["source_image_bytes"] == picture.stat().st_size and got["source_images"] == 1
+    assert got["frames_rendered"] > 0
+
+
+def test_source_image_that_is_not_a_picture_is_a_clear_error(tmp_path: Path, tiny_weights: Path,
+                                                             demo_clip: Path) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a picture")
+    res = run_sender(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(tiny_weights),
+                      "--source-image", str(bad)])
+    assert res.returncode == 2
+    assert "not a picture OpenCV can decode" in res.stderr
+    res = run_sender(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(tiny_weights),
+                      "--source-image", str(tmp_path / "missing.jpg")])
+    assert res.returncode == 2 and "source image not found" in res.stderr

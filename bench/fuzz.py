@@ -69,13 +69,15 @@ def make_session(executor: ThreadPoolExecutor, index: int = 0, **config: Any):
 
 
 class Inputs:
-    """A seeded stream of (generator name, message bytes or str)."""
+    """A seeded stream of (generator name, message bytes or str): the same seed, the same inputs (what
+    the session makes of them also depends on timing: source decoding and closing run concurrently)."""
 
     def __init__(self, seed: int) -> None:
         self.r = random.Random(seed)
         self.np = np.random.default_rng(seed)
         self.seq = 0
         self.image_id = 0
+        self.ts_us = 1_700_000_000_000_000  # a fixed fake clock: the same seed gives the same inputs
         img = (self.np.random((MODEL_SIZE, MODEL_SIZE, 3)) * 255).astype(np.uint8)
         self.jpeg = cv2.imencode(".jpg", img)[1].tobytes()
         self.pending: list[bytes] = []
@@ -96,19 +98,24 @@ class Inputs:
             vecs = [self._vector() for _ in range(n)]
             self.seq += r.choice([1, 1, 1, 2, 0, -3])  # mostly forward, some duplicates and reorders
             self.seq = max(self.seq, 0)
-            return P.KeypointBatch.build(self.seq, time.time_ns() // 1000, vecs, r.choice(list(P.Codec)),
+            self.ts_us += 33_333
+            return P.KeypointBatch.build(self.seq, self.ts_us, vecs, r.choice(list(P.Codec)),
                                          step=r.choice([1, 1, 2]), interval_us=33_333)
         if k < 0.60:
-            return P.Heartbeat(time.time_ns() // 1000)
+            return P.Heartbeat(self.ts_us)
         if k < 0.72:
-            return P.Hello("tiny64", r.choice([MODEL_SIZE] * 9 + [128]), r.choice([25.0, 30.0, 15.0]),
-                           int(r.choice(list(P.Codec))), r.choice([1, 1, 2]))
+            size = r.choice([MODEL_SIZE] * 9 + [128])
+            if size != MODEL_SIZE:
+                self.preamble()  # this Hello may end the call: the next one starts normally
+            return P.Hello("tiny64", size, r.choice([25.0, 30.0, 15.0]), int(r.choice(list(P.Codec))),
+                           r.choice([1, 1, 2]))
         if k < 0.90:
             self.image_id += r.choice([1, 1, 0])
             chunks = P.split_source(self.jpeg, self.image_id, chunk_bytes=r.choice([256, 1024, 16384]))
             return r.choice(chunks)
         if k < 0.97:
             return P.SourceRequest(r.choice(["", "scene change", "x" * 300]))
+        self.preamble()  # this Bye may end the call: the next one starts normally
         return P.Bye(r.choice(["done", "", "ü" * 10]))
 
     def _vector(self) -> np.ndarray:
@@ -288,7 +295,6 @@ async def fuzz(messages: int, seed: int, yield_every: int = 100,
             received += session.stats.frames_received
             session = new_session(sessions)
             session.start()
-            inputs.preamble()
             sessions += 1
     await asyncio.sleep(0.2)
     rendered += session.stats.frames_rendered

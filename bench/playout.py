@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLIP = ROOT / "assets" / "demo_face.mp4"
 OVERHEAD_BYTES_PER_MESSAGE = 95  # as receiver.stats and sender.__main__
 STALL_S = 0.1
+SHORT_RUN = 5  # concealed frames at the start of a concealment run that count as a "short gap"
 PORT = 8080  # each condition has fresh namespaces, so a fixed port never collides
 N_COORD = 20
 
@@ -122,18 +123,28 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
 
     # Repeat-last on the same concealed seqs: the truth of the last seq shown as real before it.
     # Only meaningful without render-ahead (then every shown frame is a playout-point frame).
-    rl_err, fc_err = [], []
+    # ``run_pos`` is the frame's position in its run of consecutive concealed frames: forecasting
+    # is meant for short gaps, so the first SHORT_RUN frames of each run are also reported apart.
+    rl_err, fc_err, run_pos = [], [], []
     if cond.lookahead_ms <= 0:
         last_real: int | None = None
+        pos = 0
         for i in range(len(seq)):
+            pos = pos + 1 if kind[i] == "concealed" else 0
             if kind[i] == "real":
                 last_real = int(seq[i])
             elif kind[i] == "concealed" and last_real is not None and has[i] and last_real in tmap:
                 rl_err.append(float(kp_error(tv[tmap[last_real]][None], tvec[i][None])[0]))
                 fc_err.append(float(err[i]))
+                run_pos.append(pos)
+    short = np.asarray(run_pos) <= SHORT_RUN
     out["concealed_paired_n"] = len(fc_err)
     out["concealed_kp_error_paired"] = _mean(fc_err)
     out["repeat_last_kp_error"] = _mean(rl_err)
+    out["concealed_short_n"] = int(short.sum())
+    out["concealed_kp_error_short"] = _mean(np.asarray(fc_err)[short]) if short.any() else None
+    out["repeat_last_kp_error_short"] = _mean(np.asarray(rl_err)[short]) if short.any() else None
+    out["concealed_run_max"] = int(max(run_pos)) if run_pos else 0
 
     # Render-ahead: every shown frame is L seqs ahead; compare with showing the playout-point truth.
     la = look > 0
@@ -160,6 +171,10 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
         capture_fps = float((real_seq[-1] - real_seq[0]) / (real_cap[-1] - real_cap[0]))
     pl = call.get("playout") or {}
     frames_sent = int(sender.get("frames_sent", 0))
+    last_seq = int(truth["seq"].max()) if len(truth["seq"]) else -1
+    # after the sender's last frame the receiver conceals until the Bye (or the transport close)
+    # arrives: counted, but apart, since no truth exists for those seqs
+    out["concealed_after_end"] = int(((kind == "concealed") & (seq > last_seq)).sum())
     media_s = sender.get("frames_captured", 0) / fps if fps > 0 else 0.0
     wire_bytes = int(sender.get("keypoint_message_bytes", 0)) + OVERHEAD_BYTES_PER_MESSAGE * int(
         sender.get("messages_sent", 0))
@@ -296,6 +311,8 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
         truth = {k: f[k] for k in f.files}
     res = analyse(frames, truth, call, sender, cond, float(sender.get("fps") or a.fps))
     res["wall_s"] = time.monotonic() - t0
+    # e.g. the clip stopped decoding: the numbers describe a shorter call than asked for
+    res["complete"] = res["frames_captured"] == a.frames
     return res
 
 
@@ -340,12 +357,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-TABLE_COLS = [("condition", "name"), ("fps", "rendered_fps"), ("rend", "rendered"), ("real", "real"),
-              ("conc", "concealed"), ("intp", "interpolated"), ("rep", "repeated"), ("late", "late"),
-              ("drop", "dropped"), ("lost", "frames_lost"), ("stalls", "stalls"), ("tgt_ms", "target_delay_ms_p50"),
-              ("lat50", "latency_ms_p50"), ("lat95", "latency_ms_p95"), ("err_conc", "concealed_kp_error_paired"),
-              ("err_rep", "repeat_last_kp_error"), ("err_intp", "interpolated_kp_error"),
-              ("err_la", "lookahead_kp_error"), ("err_stale", "lookahead_stale_kp_error"), ("kbps", "kp_wire_kbps")]
+TABLE_COLS = [
+    ("condition", "name"), ("fps", "rendered_fps"), ("rend", "rendered"), ("real", "real"), ("conc", "concealed"),
+    ("intp", "interpolated"), ("rep", "repeated"), ("late", "late"), ("drop", "dropped"), ("lost", "frames_lost"),
+    ("c_end", "concealed_after_end"), ("stalls", "stalls"), ("tgt_ms", "target_delay_ms_p50"),
+    ("lat50", "latency_ms_p50"), ("lat95", "latency_ms_p95"), ("cap_fps", "capture_fps_actual"),
+    ("rnd_ms", "render_ms_p50"), ("err_conc", "concealed_kp_error_paired"), ("err_rep", "repeat_last_kp_error"),
+    ("err_c5", "concealed_kp_error_short"), ("err_r5", "repeat_last_kp_error_short"),
+    ("err_intp", "interpolated_kp_error"), ("err_la", "lookahead_kp_error"), ("err_stale", "lookahead_stale_kp_error"),
+    ("kbps", "kp_wire_kbps")]
 
 
 def plot(runs: list[dict[str, Any]], path: str) -> None:
@@ -401,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("condition %s", cond)
         try:
             res = run_call(cond, a, Path(a.workdir) / f"c{i}")
+            if not res["complete"]:
+                log.error("condition %s: the sender captured %d of %d frames", cond.name, res["frames_captured"],
+                          a.frames)
+                failed += 1
         except Exception as e:  # one broken condition should not lose the others
             log.error("condition %s failed: %s", cond.name, e)
             res = {"error": str(e)}

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--host", default="127.0.0.1", help="listen address (also restricts ICE to it)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="motion model checkpoint")
-    p.add_argument("--sink", default="null", help="null | window | file:PATH")
+    p.add_argument("--sink", default="null", help="null | window | vcam[:DEVICE] (needs pyvirtualcam) | file:PATH")
     p.add_argument("--token", default=os.environ.get("KPCAST_TOKEN"), help="shared secret (or $KPCAST_TOKEN)")
     p.add_argument("--playout", choices=["clock", "immediate"], default="clock",
                    help="clock: steady fps with concealment; immediate: render each frame on arrival")

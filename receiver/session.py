@@ -271,11 +271,12 @@ class CallSession:
                 self.stats.frames_repeated += 1
                 self._log_frame(frame.seq, frame.capture_us, frame.vector, frame, repeated=True)
                 continue
+            await self._render(frame.seq, frame.capture_us, frame.vector, frame)
+            # counted once rendered, like frames_rendered: a render cut off by the hang-up counts in neither
             if frame.kind == "concealed":
                 self.stats.frames_concealed += 1
             elif frame.kind == "interpolated":
                 self.stats.frames_interpolated += 1
-            await self._render(frame.seq, frame.capture_us, frame.vector, frame)
 
     async def _drain_and_close(self, reason: str, max_wait_s: float = 2.0) -> None:
         """After a Bye, show the frames already received before hanging up."""

@@ -1,7 +1,8 @@
-"""Where rendered frames go: an mp4 file, a window, or nowhere (for benchmarks)."""
+"""Where rendered frames go: an mp4 file, a window, a virtual camera, or nowhere (for benchmarks)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -85,22 +86,63 @@ class WindowSink(Sink):
         self.cv2.destroyWindow(self.title)
 
 
+VCAM_SIZE = 512  # video apps expect webcam-like sizes; the model renders 64-256 px
+
+
+class VirtualCamSink(Sink):
+    """A virtual webcam (pyvirtualcam: v4l2loopback on Linux, OBS's camera on Windows/macOS), so any
+    video-call app can show the rendered call. pyvirtualcam is optional, imported only for this sink."""
+
+    def __init__(self, fps: float, device: str | None = None, size: int = VCAM_SIZE) -> None:
+        try:
+            import pyvirtualcam
+        except ImportError as e:
+            raise SinkError(_VCAM_MISSING) from e
+        try:
+            self.cam = pyvirtualcam.Camera(width=size, height=size, fps=fps, device=device)
+        except Exception as e:  # pyvirtualcam raises RuntimeError when there is no virtual camera device
+            raise SinkError(f"cannot open a virtual camera: {e} (on Linux: modprobe v4l2loopback)") from e
+        import cv2
+        self.cv2 = cv2
+        self.size = size
+        log.info("virtual camera %s (%dx%d)", getattr(self.cam, "device", "?"), size, size)
+
+    def write(self, image: np.ndarray, seq: int) -> None:
+        if image.shape[:2] != (self.size, self.size):
+            image = self.cv2.resize(image, (self.size, self.size), interpolation=self.cv2.INTER_LINEAR)
+        self.cam.send(np.ascontiguousarray(image))
+
+    def close(self) -> None:
+        self.cam.close()
+
+
+_VCAM_MISSING = ("--sink vcam needs the optional package pyvirtualcam (pip install pyvirtualcam) and, on Linux, "
+                 "the v4l2loopback kernel module")
+
+
 def make_sink(spec: str, fps: float, size: int, call_index: int = 0) -> Sink:
-    """``null``, ``window`` or ``file:PATH`` (later calls get ``_2``, ``_3``... before the suffix)."""
+    """``null``, ``window``, ``vcam[:DEVICE]`` or ``file:PATH`` (later calls get ``_2``, ``_3``... before
+    the suffix)."""
     if spec == "null":
         return NullSink()
     if spec == "window":
         return WindowSink()
+    if spec == "vcam" or spec.startswith("vcam:"):
+        return VirtualCamSink(fps, spec[5:] or None)
     if spec.startswith("file:") and len(spec) > 5:
         path = Path(spec[5:])
         if call_index > 0:
             path = path.with_name(f"{path.stem}_{call_index + 1}{path.suffix}")
         return FileSink(path, fps, size)
-    raise SinkError(f"unknown sink '{spec}': use null, window or file:PATH")
+    raise SinkError(f"unknown sink '{spec}': use null, window, vcam[:DEVICE] or file:PATH")
 
 
 def check_sink_spec(spec: str) -> None:
     """Fail at start-up, not at the first call, on a malformed spec."""
     if spec in ("null", "window") or (spec.startswith("file:") and len(spec) > 5):
         return
-    raise SinkError(f"unknown sink '{spec}': use null, window or file:PATH")
+    if spec == "vcam" or spec.startswith("vcam:"):
+        if importlib.util.find_spec("pyvirtualcam") is None:
+            raise SinkError(_VCAM_MISSING)
+        return
+    raise SinkError(f"unknown sink '{spec}': use null, window, vcam[:DEVICE] or file:PATH")

@@ -59,6 +59,9 @@ def test_analysis_pairs_concealed_frames_with_repeat_last() -> None:
     assert r["real_kp_error"] == pytest.approx(0.0, abs=1e-7)
     assert r["kp_wire_kbps"] == pytest.approx((800 + 95 * 8) * 8 / 1000 / (8 / 30.0))
     assert r["frames_lost"] == 2 and r["stalls"] == 0
+    # both concealed frames are within the first SHORT_RUN frames of their run; none after the end
+    assert r["concealed_kp_error_short"] == pytest.approx(0.0025, abs=1e-6) and r["concealed_run_max"] == 2
+    assert r["repeat_last_kp_error_short"] == pytest.approx(0.015, abs=1e-6) and r["concealed_after_end"] == 0
     assert kp_error(_vec(0.0)[None], _vec(0.03)[None])[0] == pytest.approx(0.03)
 
 

@@ -59,3 +59,10 @@ def test_fuzz_cli_writes_json(tmp_path: Path) -> None:
     assert "crashes: 0" in res.stdout and "rejected: malformed" in res.stdout
     rep = json.loads(out.read_text())
     assert rep["messages"] == 500 and rep["crashes"] == 0
+
+
+async def test_same_seed_same_inputs_and_decoder_outcomes() -> None:
+    a, b = await fuzz(400, seed=11), await fuzz(400, seed=11)
+    assert a["inputs_by_generator"] == b["inputs_by_generator"]
+    assert a["decode"] == b["decode"]
+    assert (await fuzz(400, seed=12))["decode"] != a["decode"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from models.data import ClipInfo, load_clips, load_frames, split_by_group
+from models.forecast.augment import AugmentConfig, augment_window, resample_speed
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +130,35 @@ def kp_dim(series: list) -> int:
 
 
 class WindowSampler:
-    """Random training windows; clips drawn in proportion to how many windows they hold."""
+    """Random training windows; clips drawn in proportion to how many windows they hold.
+    With ``augment`` each window is (at random) resampled in time, flipped, reversed and
+    translated (see ``augment.py``); input noise is the trainer's, as it depends on n_obs."""
 
-    def __init__(self, series: list[np.ndarray], length: int, seed: int = 0) -> None:
+    def __init__(self, series: list[np.ndarray], length: int, seed: int = 0,
+                 augment: AugmentConfig | None = None) -> None:
         self.series = [s for s in series if len(s) >= length]
         if not self.series:
             raise ValueError(f"no series with at least {length} frames")
         self.length = length
+        self.augment = augment
         counts = np.array([len(s) - length + 1 for s in self.series], dtype=np.float64)
         self.p = counts / counts.sum()
         self.rng = np.random.default_rng(seed)
 
     def sample(self, batch: int) -> np.ndarray:
         out = np.empty((batch, self.length, self.series[0].shape[-1]), np.float32)
+        aug = self.augment
         for j, ci in enumerate(self.rng.choice(len(self.series), size=batch, p=self.p)):
             s = self.series[ci]
-            st = self.rng.integers(0, len(s) - self.length + 1)
-            out[j] = s[st:st + self.length]
+            if aug is not None and self.length > 1 and self.rng.random() < aug.speed_p:
+                # never ask for more frames than the clip has (short clips get a lower top speed)
+                top = min(aug.speed_max, (len(s) - 1) / (self.length - 1))
+                speed = self.rng.uniform(min(aug.speed_min, top), top)
+                st = self.rng.uniform(0.0, len(s) - 1 - speed * (self.length - 1))
+                out[j] = resample_speed(s, st, speed, self.length)
+            else:
+                st = self.rng.integers(0, len(s) - self.length + 1)
+                out[j] = s[st:st + self.length]
+            if aug is not None:
+                out[j] = augment_window(out[j], aug, self.rng)
         return out

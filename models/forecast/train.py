@@ -11,16 +11,25 @@ Split: ``models.data.split_by_group(clips, 0.15)``, i.e. validation clips come f
 source videos never seen in training. Training windows are n_obs (drawn per batch in
 [min_obs, n_obs]) observed + n_fut future frames. Validation (12 -> 12 by default,
 every window, stride n_fut) reports the model's kp MAE (mean over ``val_samples``
-samples for stochastic models, free rollout) beside repeat-last and constant-velocity.
-The shipped weights are the **final** step's, not the best on validation, so the
-validation numbers in the model card were not used for model selection.
+samples for stochastic models, free rollout, fixed seed) beside repeat-last and
+constant-velocity. Validation runs at step 0 too: the untrained network predicts a zero
+change (zero-initialised output layer), i.e. it *is* repeat-last, so training can only
+ship something else if it beat that on validation (deterministic GRU; for the stochastic
+VRNN / GRU-NF step 0 is logged but not a candidate, as it would be a point forecaster).
+Model selection: the shipped weights (OUT) are those of the validation check with the
+**lowest validation kp MAE** (``--select best``, default); the final step's weights are
+kept in RUN_DIR/final.pt. Selection uses the validation split, so the validation
+numbers of the shipped model are optimistic; the model card says so.
+Training windows are augmented (``augment.py``: flip, time reversal, translation,
+0.75–1.5× speed, input noise); ``--no-augment`` turns that off.
 Writes: OUT (weights), OUT with .md (model card), RUN_DIR/val.jsonl, RUN_DIR/val.png,
-RUN_DIR/state.pt (resumable: weights + Adam + step + elapsed time).
+RUN_DIR/final.pt, RUN_DIR/state.pt (resumable: weights + Adam + step + elapsed time + best).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -38,6 +47,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.forecast import build_net, load_forecaster, save_forecaster
+from models.forecast.augment import AugmentConfig, add_input_noise
 from models.forecast.base import norm_stats
 from models.forecast.baselines import LastForecaster, LinearForecaster
 from models.forecast.dataset import DEFAULT_CACHE, WindowSampler, extract_series, file_hash, make_windows, split_clips
@@ -49,6 +59,12 @@ log = logging.getLogger(__name__)
 
 TINY = {"gru": GRUConfig(hidden=16), "vrnn": VRNNConfig(hidden=16, mlp=16, z_dim=4, kl_anneal_steps=10),
         "grunf": GRUNFConfig(hidden=16, flow_blocks=2, flow_hidden=16)}
+
+
+# (lr, weight decay) per model. The point forecasters overfit the ~50 training source videos
+# (train loss falls while validation on unseen videos rises), so they get strong weight decay
+# and a gentler rate; the flow is trained by likelihood and keeps the original settings.
+OPT_DEFAULTS: dict[str, tuple[float, float]] = {"gru": (1e-3, 0.05), "vrnn": (1e-3, 0.05), "grunf": (2e-3, 1e-4)}
 
 
 @dataclass
@@ -63,25 +79,33 @@ class TrainConfig:
     minutes: float = 8.0  # total training time (a resumed run continues up to this)
     steps: int = 1_000_000  # upper bound; --minutes usually ends the run first
     batch: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
+    lr: float | None = None  # None: the model's entry in OPT_DEFAULTS
+    weight_decay: float | None = None  # AdamW; None: the model's entry in OPT_DEFAULTS
     grad_clip: float = 5.0
     n_obs: int = 12
     min_obs: int = 6
     n_fut: int = 12
-    val_every: int = 200
+    val_every: int = 50  # validation is cheap (~100 windows) and drives model selection
     val_samples: int = 8
     seed: int = 0
     threads: int = 1
     tiny: bool = False
     half: bool = False  # store weights as float16
     resume: bool = False
+    select: str = "best"  # shipped weights: "best" (lowest val kp MAE) or "final" (last step)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None = no augmentation
+    model_config: dict[str, Any] | None = None  # overrides of the model's config dataclass
 
     def __post_init__(self) -> None:
+        lr, wd = OPT_DEFAULTS[self.model]
+        self.lr = lr if self.lr is None else self.lr
+        self.weight_decay = wd if self.weight_decay is None else self.weight_decay
         self.out = self.out or f"models/weights/forecast_{self.model}.pt"
         self.run_dir = self.run_dir or f"runs/forecast_{self.model}"
         if not 1 <= self.min_obs <= self.n_obs:
             raise ValueError("need 1 <= min_obs <= n_obs")
+        if self.select not in ("best", "final"):
+            raise ValueError("select must be 'best' or 'final'")
 
 
 def point_mae(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -89,9 +113,13 @@ def point_mae(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((pred.mean(1) - target).abs().mean())
 
 
-def val_metrics(forecast_batch: Any, windows: torch.Tensor, n_obs: int, samples: int, chunk: int = 256) -> float:
+def val_metrics(forecast_batch: Any, windows: torch.Tensor, n_obs: int, samples: int, chunk: int = 256,
+                seed: int = 0) -> float:
+    """Mean kp MAE of the mean-of-samples forecast. The sampling seed is fixed (and the
+    caller's RNG state restored) so checks at different steps are comparable."""
     errs = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
         for i in range(0, len(windows), chunk):
             w = windows[i:i + chunk]
             pred = forecast_batch(w[:, :n_obs], w.shape[1] - n_obs, samples)
@@ -131,21 +159,28 @@ def train(cfg: TrainConfig, train_series: list[np.ndarray], val_series: list[np.
     torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    net = build_net(cfg.model, TINY[cfg.model] if cfg.tiny else None)
+    mcfg: Any = TINY[cfg.model] if cfg.tiny else None
+    if cfg.model_config:
+        mcfg = {**(asdict(mcfg) if mcfg is not None else {}), **cfg.model_config}
+    net = build_net(cfg.model, mcfg)
     net.norm.set_stats(norm_stats(train_series))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     length = cfg.n_obs + cfg.n_fut
-    sampler = WindowSampler(train_series, length, cfg.seed)
+    sampler = WindowSampler(train_series, length, cfg.seed, cfg.augment)
+    noise_scale = net.norm.dscale.numpy().copy()
     vwin_np, _ = make_windows(val_series, cfg.n_obs, cfg.n_fut, cfg.n_fut)
     vwin = torch.from_numpy(vwin_np)
     base = baseline_maes(vwin, cfg.n_obs) if len(vwin) else {"last": float("nan"), "linear": float("nan")}
     state_path, jsonl = run_dir / "state.pt", run_dir / "val.jsonl"
     step, elapsed, rows = 0, 0.0, []
+    best: dict[str, Any] = {"val_mae": float("inf"), "step": -1, "net": None}
     if cfg.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         net.load_state_dict(st["net"])
         opt.load_state_dict(st["opt"])
         step, elapsed = int(st["step"]), float(st["elapsed"])
+        if "best" in st:
+            best = st["best"]
         sampler.rng = np.random.default_rng(cfg.seed + step)  # fresh draws, not a replay of the first run
         if jsonl.exists():
             rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
@@ -158,20 +193,30 @@ def train(cfg: TrainConfig, train_series: list[np.ndarray], val_series: list[np.
 
     def validate() -> dict[str, Any]:
         net.eval()
-        mae = val_metrics(net.rollout, vwin, cfg.n_obs, cfg.val_samples if is_stochastic(cfg.model) else 1) \
-            if len(vwin) else float("nan")
+        mae = val_metrics(net.rollout, vwin, cfg.n_obs, cfg.val_samples if is_stochastic(cfg.model) else 1,
+                          seed=cfg.seed) if len(vwin) else float("nan")
         net.train()
         row = {"step": step, "minutes": round(elapsed / 60, 3), "train_loss": round(float(np.mean(recent)), 5)
                if recent else None, "val_mae": mae, "last_mae": base["last"], "linear_mae": base["linear"]}
+        # a stochastic model's step 0 is not a candidate: its zero decoder ignores the latent, so it
+        # would ship as a deterministic repeat-last with no distribution at all (APD 0)
+        candidate = step > 0 or not is_stochastic(cfg.model)
+        score = mae if math.isfinite(mae) else math.inf  # a NaN/inf check never beats a finite one
+        if candidate and (best["net"] is None or score < best["val_mae"]):
+            best.update(val_mae=score, step=step, net=copy.deepcopy(net.state_dict()))
+        row["best_step"] = best["step"]
         rows.append(row)
         with jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
         plot_curve(rows, run_dir / "val.png", cfg.model)
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, state_path)
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                    "best": best}, state_path)
         return row
 
     net.train()
     recent: list[float] = []
+    if step == 0:
+        validate()  # the untrained model: exactly repeat-last for the GRU and VRNN
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, mininterval=2.0, desc=cfg.model)
     t_last = time.monotonic()
     while step < cfg.steps and elapsed < budget:
@@ -179,9 +224,13 @@ def train(cfg: TrainConfig, train_series: list[np.ndarray], val_series: list[np.
         for g in opt.param_groups:  # cosine decay over whichever budget ends first
             g["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
         n_obs = int(rng.integers(cfg.min_obs, cfg.n_obs + 1))
-        win = torch.from_numpy(sampler.sample(cfg.batch))[:, cfg.n_obs - n_obs:]
+        win_np = sampler.sample(cfg.batch)[:, cfg.n_obs - n_obs:]
+        if cfg.augment is not None:
+            win_np = add_input_noise(win_np, n_obs, noise_scale, cfg.augment.noise_std, rng)
+        win = torch.from_numpy(np.ascontiguousarray(win_np))
         if is_vrnn:
             net.train_step.fill_(step)
+            net.budget_frac = frac
         loss, logs = net.loss(win, n_obs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,15 +254,41 @@ def train(cfg: TrainConfig, train_series: list[np.ndarray], val_series: list[np.
     if is_vrnn:
         net.train_step.fill_(step)
     net.eval()
-    summary = {"model": cfg.model, "steps": step, "minutes": round(elapsed / 60, 2), "final": rows[-1],
-               "n_val_windows": len(vwin), "config": asdict(net.cfg), "train": asdict(cfg)}
+    final_row = rows[-1]
     full_meta = dict(meta or {})
-    full_meta.update({"steps": step, "minutes": summary["minutes"], "val_mae_12_12": rows[-1]["val_mae"],
-                      "val_last_mae_12_12": base["last"], "val_linear_mae_12_12": base["linear"]})
+    full_meta.update({"steps": step, "minutes": round(elapsed / 60, 2), "val_last_mae_12_12": base["last"],
+                      "val_linear_mae_12_12": base["linear"], "val_mae_final_step": final_row["val_mae"]})
+    save_forecaster(run_dir / "final.pt", cfg.model, net, {**full_meta, "selected_step": step}, half=cfg.half)
+    if cfg.select == "best" and best["net"] is not None:
+        net.load_state_dict(best["net"])
+        sel_step = best["step"]
+        sel_mae = next(r["val_mae"] for r in reversed(rows) if r["step"] == sel_step)
+    else:
+        sel_step, sel_mae = step, final_row["val_mae"]
+    shipped = {**final_row, "val_mae": sel_mae, "step": sel_step}
+    summary = {"model": cfg.model, "steps": step, "minutes": round(elapsed / 60, 2), "final": shipped,
+               "final_step": final_row, "selected_step": sel_step, "n_val_windows": len(vwin), "n_checks": len(rows),
+               "config": asdict(net.cfg), "train": asdict(cfg)}
+    full_meta.update({"selection": cfg.select, "selected_step": sel_step, "val_mae_12_12": sel_mae,
+                      "val_mae_optimistic": cfg.select == "best"})
     size = save_forecaster(cfg.out, cfg.model, net, full_meta, half=cfg.half)
     summary["file_bytes"] = size
     load_forecaster(cfg.model, path=cfg.out)  # fail now, not on a call, if the file does not load
     return summary
+
+
+def selection_note(cfg: TrainConfig, summary: dict[str, Any]) -> str:
+    if cfg.select != "best":
+        return "- weights of the final step (not selected on validation)."
+    note = (f"- **model selection**: shipped weights = the validation check (every {cfg.val_every} steps, "
+            f"{summary['n_checks']} checks incl. step 0) with the lowest validation kp MAE: step "
+            f"{summary['selected_step']} of {summary['steps']}. The final step's weights are `{cfg.run_dir}/final.pt`.")
+    if summary["selected_step"] == 0:
+        note += (" Step 0 is the untrained network, i.e. exactly repeat-last: no trained checkpoint beat "
+                 "repeat-last on validation.")
+    elif is_stochastic(cfg.model):
+        note += " (Step 0 is not a candidate for a stochastic model: untrained, it ignores its latent.)"
+    return note
 
 
 def is_stochastic(name: str) -> bool:
@@ -244,26 +319,42 @@ def write_card(cfg: TrainConfig, summary: dict[str, Any], meta: dict[str, Any], 
         f"({meta.get('n_val_frames')} frames) from source videos never seen in training: "
         f"{', '.join(meta.get('val_groups', []))}.",
         f"- training windows: {cfg.min_obs}–{cfg.n_obs} observed + {cfg.n_fut} future frames, batch {cfg.batch}.",
-        "- normalisation: change since the previous frame / per-dim constants from the training split, plus "
-        "position standardised with training-split constants; never statistics of the future or of the clip.",
+        "- augmentation: " + (
+            "none." if cfg.augment is None else
+            f"horizontal flip (x → −x, J → FJF, F = diag(−1, 1)) p={cfg.augment.flip_p}, time reversal "
+            f"p={cfg.augment.reverse_p}, global translation ±{cfg.augment.translate_max} p={cfg.augment.translate_p}, "
+            f"speed {cfg.augment.speed_min}–{cfg.augment.speed_max}× p={cfg.augment.speed_p} (linear interpolation), "
+            f"Gaussian input noise {cfg.augment.noise_std}× the one-frame change scale on observed frames."),
+        "- normalisation: change since the previous frame / per-dim constants from the training split"
+        + (", plus position standardised with training-split constants" if summary["config"].get("absolute") else "")
+        + "; never statistics of the future or of the clip.",
+        "- residual formulation: the network predicts the change from the previous frame, starting from the last "
+        "observed frame, with its output layer zero-initialised, so the untrained model is exactly repeat-last "
+        "(validated at step 0).",
         "",
         "## Training",
         f"- {summary['steps']} steps in {summary['minutes']} min on CPU ({cfg.threads} thread), AdamW lr {cfg.lr} "
         f"cosine, grad clip {cfg.grad_clip}, seed {cfg.seed}.",
         f"- config: `{json.dumps(summary['config'])}`",
-        f"- file: {summary['file_bytes'] / 1e6:.2f} MB ({'fp16' if cfg.half else 'fp32'}); weights of the final "
-        "step (not selected on validation).",
+        f"- file: {summary['file_bytes'] / 1e6:.2f} MB ({'fp16' if cfg.half else 'fp32'}).",
+        selection_note(cfg, summary),
         f"- curves: `{cfg.run_dir}/val.jsonl`, `{cfg.run_dir}/val.png`.",
         "",
         f"## Validation ({cfg.n_obs} → {cfg.n_fut}, {summary['n_val_windows']} windows, stride {cfg.n_fut})",
         "kp MAE in raw keypoint units over all 60 dims and all future steps; stochastic models: MAE of the mean "
-        f"of {cfg.val_samples} samples.",
+        f"of {cfg.val_samples} samples (fixed seed)."
+        + (" **The shipped model was selected on this split, so its number is optimistic** (a best-of-"
+           f"{summary['n_checks']} pick on {summary['n_val_windows']} windows); the final step's is not selected."
+           if cfg.select == "best" else ""),
         "",
         "| forecaster | kp MAE | vs repeat-last |",
         "|---|---|---|",
         f"| last | {f['last_mae']:.5f} | 1.00× |",
         f"| linear | {f['linear_mae']:.5f} | {f['linear_mae'] / f['last_mae']:.2f}× |",
-        f"| **{cfg.model}** | {f['val_mae']:.5f} | {ratio:.2f}× |",
+        f"| **{cfg.model}** (shipped, step {summary['selected_step']}"
+        + (", selected on val" if cfg.select == "best" else "") + f") | {f['val_mae']:.5f} | {ratio:.2f}× |",
+        f"| {cfg.model} (final step {summary['steps']}, `{cfg.run_dir}/final.pt`) | "
+        f"{summary['final_step']['val_mae']:.5f} | {summary['final_step']['val_mae'] / f['last_mae']:.2f}× |",
         "",
         "Full benchmark (APD, best-of-N oracle, pixel error, timing): `python -m bench.forecast --help`.",
         "",
@@ -282,13 +373,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="")
     p.add_argument("--run-dir", default="")
     p.add_argument("--cache-dir", default=d.cache_dir)
-    for name in ("minutes", "lr"):
-        p.add_argument(f"--{name}", type=float, default=getattr(d, name))
+    p.add_argument("--minutes", type=float, default=d.minutes)
+    for name in ("lr", "weight_decay"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                       help="default: per model (OPT_DEFAULTS)")
     for name in ("steps", "batch", "n_obs", "min_obs", "n_fut", "val_every", "val_samples", "seed", "threads"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--half", action="store_true")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--select", choices=["best", "final"], default=d.select,
+                   help="shipped weights: lowest validation kp MAE (default) or the final step")
+    p.add_argument("--no-augment", action="store_true", help="train on raw windows (no flip/reverse/speed/noise)")
+    p.add_argument("--model-config", default="", help='JSON overrides of the model config, e.g. \'{"hidden": 64}\'')
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -297,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                       cache_dir=a.cache_dir, minutes=a.minutes, steps=a.steps, batch=a.batch, lr=a.lr,
                       n_obs=a.n_obs, min_obs=a.min_obs, n_fut=a.n_fut, val_every=a.val_every,
                       val_samples=a.val_samples, seed=a.seed, threads=a.threads, tiny=a.tiny, half=a.half,
-                      resume=a.resume)
+                      resume=a.resume, weight_decay=a.weight_decay, select=a.select,
+                      augment=None if a.no_augment else AugmentConfig(),
+                      model_config=json.loads(a.model_config) if a.model_config else None)
     torch.set_num_threads(cfg.threads)
     t0 = time.monotonic()
     train_clips, val_clips = split_clips(cfg.data, kinds)

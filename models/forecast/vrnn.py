@@ -29,13 +29,15 @@ from models.forecast.base import KP_DIM, Normalizer, position_l1
 
 @dataclass
 class VRNNConfig:
-    hidden: int = 160  # GRU state
-    mlp: int = 128  # width of feature / prior / posterior / decoder nets
-    z_dim: int = 16
+    # sizes cut from 160/128/16 to limit overfitting to the ~50 training source videos
+    hidden: int = 96  # GRU state
+    mlp: int = 64  # width of feature / prior / posterior / decoder nets
+    z_dim: int = 8
     kl_weight: float = 1.0  # final weight of the KL term (true ELBO at 1)
-    kl_anneal_steps: int = 1000  # KL weight ramps 0 -> kl_weight over these training steps
+    kl_anneal_steps: int = 1000  # KL weight ramps 0 -> kl_weight over these training steps...
+    kl_anneal_frac: float = 0.3  # ...or over this fraction of the trainer's budget, whichever is shorter
     rollout_weight: float = 1.0
-    dropout: float = 0.1
+    dropout: float = 0.3
     absolute: bool = False  # also feed the standardised absolute position (see base.Normalizer)
 
 
@@ -60,6 +62,11 @@ class VRNNNet(nn.Module):
         nn.init.zeros_(self.dec[-1].bias)
         # the KL anneal is driven by the trainer through this buffer (saved, so resumes keep it)
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        # fraction of the training budget used so far (set by the trainer, not saved): a
+        # time-limited run on a slow machine may do fewer than kl_anneal_steps steps and
+        # would otherwise end (and ship) with beta < 1, a prior that never had to match
+        # the posterior, so free rollouts (prior samples) would not be what was trained
+        self.budget_frac = 0.0
 
     @staticmethod
     def _gauss(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +112,10 @@ class VRNNNet(nn.Module):
         return pred.reshape(b, samples, steps, -1)
 
     def kl_beta(self) -> float:
-        s = int(self.train_step)
-        return self.cfg.kl_weight * min(1.0, s / max(1, self.cfg.kl_anneal_steps))
+        ramp = int(self.train_step) / max(1, self.cfg.kl_anneal_steps)
+        if self.cfg.kl_anneal_frac > 0:
+            ramp = max(ramp, self.budget_frac / self.cfg.kl_anneal_frac)
+        return self.cfg.kl_weight * min(1.0, ramp)
 
     def loss(self, window: torch.Tensor, n_obs: int) -> tuple[torch.Tensor, dict[str, float]]:
         feats = self.norm.seq_features(window)

@@ -95,11 +95,16 @@ class JitterBuffer:
             return DUPLICATE
         self._remember(seq)
         self._observe(capture_us * 1e-6, arrival_s)
+        frame = KeypointFrame(seq, int(capture_us), np.asarray(vector, dtype=np.float32).reshape(-1), arrival_s)
         if self.floor is not None and seq <= self.floor:
             self.counts["late"] += 1
+            # A late frame is too late to show, but it still tells where the sender is: without
+            # this the playout clock, anchored on the newest frame, can run ahead of a sender
+            # slower than its announced fps and conceal forever.
+            if self.newest is None or seq > self.newest.seq:
+                self.newest = frame
             return LATE
         self.counts["received"] += 1
-        frame = KeypointFrame(seq, int(capture_us), np.asarray(vector, dtype=np.float32).reshape(-1), arrival_s)
         self._frames[seq] = frame
         bisect.insort(self._seqs, seq)
         if self.newest is None or seq > self.newest.seq:

@@ -259,8 +259,12 @@ class CallSession:
             next_tick += period
             if time.monotonic() - next_tick > period:  # renderer fell behind: don't burst to catch up
                 next_tick = time.monotonic() + period
+            if not self.renderer.ready:
+                # Keypoints that arrive while the source image is still decoding stay buffered;
+                # ticking now would consume them without anything to render them with.
+                continue
             frame = self.playout.tick(time.monotonic())
-            if frame is None or not self.renderer.ready:
+            if frame is None:
                 continue
             if frame.repeated and self._last_image is not None:
                 # the playout holds a frame to let the buffer refill: show it again, don't re-render
@@ -277,6 +281,8 @@ class CallSession:
                 self.stats.frames_concealed += 1
             elif frame.kind == "interpolated":
                 self.stats.frames_interpolated += 1
+            else:
+                self.stats.frames_real += 1
 
     async def _drain_and_close(self, reason: str, max_wait_s: float = 2.0) -> None:
         """After a Bye, show the frames already received before hanging up."""

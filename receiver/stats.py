@@ -30,6 +30,7 @@ class CallStats:
     keypoint_payload_bytes: int = 0
     frames_received: int = 0  # keypoint frames accepted
     frames_rendered: int = 0
+    frames_real: int = 0  # clock playout: rendered from received keypoints
     frames_concealed: int = 0
     frames_interpolated: int = 0
     frames_repeated: int = 0  # a held frame shown again while the jitter buffer refills
@@ -65,6 +66,7 @@ class CallStats:
             "keypoint_message_bytes": self.keypoint_message_bytes,
             "frames_received": self.frames_received,
             "frames_rendered": self.frames_rendered,
+            "frames_real": self.frames_real,
             "frames_concealed": self.frames_concealed,
             "frames_interpolated": self.frames_interpolated,
             "frames_repeated": self.frames_repeated,

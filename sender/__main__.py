@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     except asyncio.CancelledError:
         print("sender: stopped", file=sys.stderr)
         return 130
-    except (CaptureError, CheckpointError, SignalingError, TimeoutError) as e:
+    except TimeoutError:
+        print("sender: error: timed out connecting to the receiver (ICE/DTLS did not complete)", file=sys.stderr)
+        return 2
+    except (CaptureError, CheckpointError, SignalingError) as e:
         print(f"sender: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -99,11 +100,10 @@ class SenderPeer:
         if self.control.readyState == "open":
             try:
                 self.send_control(P.Bye(reason))
-                for _ in range(100):  # let the Bye leave before tearing the transport down
-                    if self.control.bufferedAmount == 0:
-                        break
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.1)
+                # Let the Bye reach the receiver (SCTP may have to retransmit it on a lossy link):
+                # the receiver hangs up when it gets it, so wait for that, at most a second.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.closed.wait(), 1.0)
             except Exception as e:  # a dead transport must not stop the shutdown
                 log.debug("bye not sent: %s", e)
         await self.pc.close()

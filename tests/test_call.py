@@ -45,9 +45,13 @@ def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_cli
         assert got["frames_rendered"] >= 0.95 * FRAMES
         assert got["frames_rendered"] + got["frames_dropped"] <= got["frames_received"]
     else:  # on a clock, every rendered frame is real, concealed or interpolated
-        # a steady clock skips a frame when rendering falls behind (a busy CPU), so this bound is looser
-        assert got["playout"]["real"] >= 0.8 * FRAMES
-        assert got["frames_rendered"] == got["playout"]["real"] + got["frames_concealed"] + got["frames_interpolated"]
+        assert got["frames_rendered"] == got["frames_real"] + got["frames_concealed"] + got["frames_interpolated"]
+        assert got["playout"]["real"] + got["playout"]["dropped"] <= FRAMES
+        # A steady clock skips frames it has no time to render (the renderer is slower than the call on
+        # a busy CPU): every frame the renderer had time for must have been shown.
+        fps = got["hello"]["fps"]
+        budget = min(1.0, got["render_fps"] / fps)
+        assert got["frames_real"] >= 0.95 * FRAMES * budget - 2
     assert got["keypoint_payload_bytes"] == sent["keypoint_payload_bytes"] == FRAMES * 80
     assert got["keypoint_message_bytes"] == sent["keypoint_message_bytes"]
     assert got["frames_rejected"] == 0

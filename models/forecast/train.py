@@ -352,9 +352,9 @@ def write_card(cfg: TrainConfig, summary: dict[str, Any], meta: dict[str, Any], 
         f"| last | {f['last_mae']:.5f} | 1.00× |",
         f"| linear | {f['linear_mae']:.5f} | {f['linear_mae'] / f['last_mae']:.2f}× |",
         f"| **{cfg.model}** (shipped, step {summary['selected_step']}"
-        + (", selected on val" if cfg.select == "best" else "") + f") | {f['val_mae']:.5f} | {ratio:.2f}× |",
+        + (", selected on val" if cfg.select == "best" else "") + f") | {f['val_mae']:.5f} | {ratio:.3f}× |",
         f"| {cfg.model} (final step {summary['steps']}, `{cfg.run_dir}/final.pt`) | "
-        f"{summary['final_step']['val_mae']:.5f} | {summary['final_step']['val_mae'] / f['last_mae']:.2f}× |",
+        f"{summary['final_step']['val_mae']:.5f} | {summary['final_step']['val_mae'] / f['last_mae']:.3f}× |",
         "",
         "Full benchmark (APD, best-of-N oracle, pixel error, timing): `python -m bench.forecast --help`.",
         "",

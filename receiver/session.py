@@ -81,6 +81,8 @@ class CallSession:
         self._last_rendered_seq = -1
         self._last_image: np.ndarray | None = None
         self._frames_log: list[tuple] | None = [] if config.frames_log else None
+        self._arrival_us: dict[int, int] = {}  # seq -> wall-clock arrival, only while logging frames
+        self._tick_ms = 0.0  # time the last playout decision took (buffer + forecast)
         self.on_frame: Callable[[np.ndarray], None] | None = None  # every shown frame, e.g. to the viewer
 
     # ------------------------------------------------------------------ wiring
@@ -164,6 +166,8 @@ class CallSession:
                 self.rejects.reject(e)
                 continue
             self.stats.frames_received += 1
+            if self._frames_log is not None:
+                self._arrival_us[seq] = time.time_ns() // 1000
             if self.playout is not None:
                 if not self.playout.push(seq, capture_us, vec, now):
                     self.rejects.reject(P.ProtocolError("late", f"seq {seq} arrived after its playout time"))
@@ -196,7 +200,8 @@ class CallSession:
     async def _render(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any = None) -> None:
         t0 = time.perf_counter()
         image = await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.render, vec)
-        self.stats.render_ms.append((time.perf_counter() - t0) * 1000)
+        t1 = time.perf_counter()
+        self.stats.render_ms.append((t1 - t0) * 1000)
         if self.sink is not None:
             self.sink.write(image, seq)
         if self.on_frame is not None:
@@ -205,30 +210,44 @@ class CallSession:
         self.stats.frames_rendered += 1
         self.stats.render_times.append(time.monotonic())
         self.stats.latency_ms.append(time.time() * 1000 - capture_us / 1000)
-        self._log_frame(seq, capture_us, vec, frame, repeated=False)
+        self._log_frame(seq, capture_us, vec, frame, repeated=False, render_start_us=int(
+            time.time_ns() // 1000 - (time.perf_counter() - t0) * 1e6), render_ms=(t1 - t0) * 1000,
+            sink_ms=(time.perf_counter() - t1) * 1000)
 
-    def _log_frame(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any, repeated: bool) -> None:
-        """Append one shown frame to the frames log (``frame``: the PlayoutFrame, None when immediate)."""
+    def _log_frame(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any, repeated: bool,
+                   render_start_us: int = 0, render_ms: float = 0.0, sink_ms: float = 0.0) -> None:
+        """Append one shown frame to the frames log (``frame``: the PlayoutFrame, None when immediate).
+
+        Besides what was shown, it keeps the times of each receiver stage for ``bench.latency``:
+        arrival (wall clock, 0 for frames that never arrived), playout decision, render, sink.
+        """
         if self._frames_log is None:
             return
         kind = FRAME_LOG_KINDS.index(frame.kind) if frame is not None else 0
+        arrival = self._arrival_us.get(seq, 0) if not repeated else 0
+        if len(self._arrival_us) > 4096:  # bounded: forget arrivals far behind what is shown
+            self._arrival_us = {s: t for s, t in self._arrival_us.items() if s > seq - 1024}
         self._frames_log.append((
             seq, kind, np.asarray(vec, np.float32).reshape(-1), int(capture_us), time.time_ns() // 1000,
             repeated, frame.lookahead if frame is not None else 0, frame.blend if frame is not None else 0.0,
-            frame.target_delay_ms if frame is not None else 0.0))
+            frame.target_delay_ms if frame is not None else 0.0, arrival, render_start_us,
+            self._tick_ms if frame is not None else 0.0, render_ms, sink_ms))
 
     def _write_frames_log(self) -> None:
         path = Path(self.config.frames_log)
         if self.index > 0:
             path = path.with_name(f"{path.stem}_{self.index + 1}{path.suffix}")
         rows = self._frames_log or []
-        cols = list(zip(*rows, strict=True)) if rows else [[] for _ in range(9)]
+        cols = list(zip(*rows, strict=True)) if rows else [[] for _ in range(14)]
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, seq=np.asarray(cols[0], np.int64), kind=np.asarray(cols[1], np.int8),
                  vector=np.asarray(cols[2], np.float32).reshape(-1, 60), capture_us=np.asarray(cols[3], np.int64),
                  rendered_us=np.asarray(cols[4], np.int64), repeated=np.asarray(cols[5], bool),
                  lookahead=np.asarray(cols[6], np.int32), blend=np.asarray(cols[7], np.float32),
-                 target_delay_ms=np.asarray(cols[8], np.float32), kinds=np.asarray(FRAME_LOG_KINDS))
+                 target_delay_ms=np.asarray(cols[8], np.float32), arrival_us=np.asarray(cols[9], np.int64),
+                 render_start_us=np.asarray(cols[10], np.int64), tick_ms=np.asarray(cols[11], np.float32),
+                 render_ms=np.asarray(cols[12], np.float32), sink_ms=np.asarray(cols[13], np.float32),
+                 kinds=np.asarray(FRAME_LOG_KINDS))
 
     async def _render_loop(self) -> None:
         while not self.closed.is_set():
@@ -263,7 +282,9 @@ class CallSession:
                 # Keypoints that arrive while the source image is still decoding stay buffered;
                 # ticking now would consume them without anything to render them with.
                 continue
+            t_tick = time.perf_counter()
             frame = self.playout.tick(time.monotonic())
+            self._tick_ms = (time.perf_counter() - t_tick) * 1000
             if frame is None:
                 continue
             if frame.repeated and self._last_image is not None:

@@ -161,6 +161,7 @@ async def run(cfg: SenderConfig) -> dict:
     stats = {"frames_captured": 0, "frames_sent": 0, "messages_sent": 0, "keypoint_payload_bytes": 0,
              "source_image_bytes": 0, "source_images_sent": 0, "extract_ms": []}
     truth_seq, truth_vec = [], []
+    timing: dict[int, list[float]] = {}
     t_start = time.monotonic()
     try:
         await peer.connect(cfg.receiver, cfg.token)
@@ -190,12 +191,20 @@ async def run(cfg: SenderConfig) -> dict:
             if cfg.truth_out:
                 truth_seq.append(frame.seq)
                 truth_vec.append(vec)
+                # per-frame stage times for bench.latency: read, extract, encode, capture and send instants
+                timing[frame.seq] = [frame.read_ms, stats["extract_ms"][-1], 0.0, frame.capture_us, 0]
             if frame.seq % cfg.kp_every == 0:
                 pending.append((frame.seq, frame.capture_us, vec))
             if len(pending) >= cfg.batch:
+                t_enc = time.perf_counter()
                 batch = P.KeypointBatch.build(pending[0][0], pending[0][1], [v for _, _, v in pending], codec,
                                               step=cfg.kp_every, interval_us=int(1e6 * cfg.kp_every / source.fps))
-                if peer.send_keypoints(batch):
+                sent = peer.send_keypoints(batch)
+                if cfg.truth_out:
+                    enc_ms, sent_us = (time.perf_counter() - t_enc) * 1000, time.time_ns() // 1000
+                    for seq, _, _ in pending:
+                        timing[seq][2], timing[seq][4] = enc_ms, sent_us if sent else 0
+                if sent:
                     stats["frames_sent"] += len(pending)
                     stats["messages_sent"] += 1
                     stats["keypoint_payload_bytes"] += len(batch.payload)
@@ -219,7 +228,10 @@ async def run(cfg: SenderConfig) -> dict:
     stats["fps"] = source.fps
     if cfg.truth_out:
         Path(cfg.truth_out).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cfg.truth_out, seq=np.array(truth_seq), vectors=np.array(truth_vec))
+        t = np.array([timing[s] for s in truth_seq], dtype=np.float64).reshape(-1, 5)
+        np.savez(cfg.truth_out, seq=np.array(truth_seq), vectors=np.array(truth_vec), read_ms=t[:, 0],
+                 extract_ms=t[:, 1], encode_ms=t[:, 2], capture_us=t[:, 3].astype(np.int64),
+                 sent_us=t[:, 4].astype(np.int64))
     return stats
 
 

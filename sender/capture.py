@@ -37,6 +37,7 @@ class CapturedFrame:
     seq: int
     capture_us: int  # wall-clock time of capture, microseconds
     image: np.ndarray  # (size, size, 3) uint8 RGB
+    read_ms: float = 0.0  # time to read, crop and resize the frame
 
 
 class FrameSource:
@@ -96,10 +97,11 @@ class FrameSource:
                 delay = start + seq * period - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            t0 = time.perf_counter()
             image = await asyncio.to_thread(self.read) if self.config.camera is not None else self.read()
             if image is None:
                 return
-            yield CapturedFrame(seq, time.time_ns() // 1000, image)
+            yield CapturedFrame(seq, time.time_ns() // 1000, image, (time.perf_counter() - t0) * 1000)
             seq += 1
 
     def close(self) -> None:

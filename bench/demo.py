@@ -30,6 +30,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from models.data import center_square, read_clip
 from models.fomm.io import DEFAULT_WEIGHTS
+from receiver.session import DEFAULT_FORECASTER
 
 ROOT = Path(__file__).resolve().parents[1]
 IP_UDP_HEADER = 28
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--out", default="out/demo")
     p.add_argument("--playout", default="clock", choices=["clock", "immediate"])
-    p.add_argument("--forecaster", default="linear")
+    p.add_argument("--forecaster", default=DEFAULT_FORECASTER)
     p.add_argument("--max-frames", type=int, default=None)
     a = p.parse_args(argv)
     out = Path(a.out)

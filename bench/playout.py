@@ -52,6 +52,7 @@ import numpy as np
 
 from bench.common import format_table, new_figure, write_json
 from bench.netns import NetnsUnavailable, impaired_link, netns_popen, require_root
+from receiver.session import DEFAULT_FORECASTER
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Condition:
     loss: float = 0.1
     delay_ms: float = 40.0
     jitter_ms: float = 50.0
-    forecaster: str = "linear"
+    forecaster: str = DEFAULT_FORECASTER
     kp_every: int = 1
     lookahead_ms: float = 0.0
 
@@ -335,7 +336,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", type=float, default=0.1, help="packet loss probability, both directions")
     p.add_argument("--jitter-ms", type=float, default=50.0, help="uniform extra one-way delay width")
     p.add_argument("--delay-ms", type=float, default=40.0, help="fixed one-way delay")
-    p.add_argument("--forecaster", default="linear", help="receiver concealment forecaster")
+    p.add_argument("--forecaster", default=DEFAULT_FORECASTER, help="receiver concealment forecaster")
     p.add_argument("--kp-every", type=int, default=1, help="sender decimation k")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="receiver render-ahead")
     p.add_argument("--frames", type=int, default=300, help="frames to stream (the clip is looped)")

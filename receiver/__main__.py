@@ -19,7 +19,7 @@ from models.checkpoint import CheckpointError
 from models.fomm.io import DEFAULT_WEIGHTS, load_motion_model
 from receiver.render import pick_device
 from receiver.server import ReceiverServer, ServerConfig
-from receiver.session import SessionConfig
+from receiver.session import DEFAULT_FORECASTER, SessionConfig
 from receiver.sinks import SinkError, check_sink_spec
 from shared.ice import addresses_for_host, restrict_host_addresses
 
@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--token", default=os.environ.get("KPCAST_TOKEN"), help="shared secret (or $KPCAST_TOKEN)")
     p.add_argument("--playout", choices=["clock", "immediate"], default="clock",
                    help="clock: steady fps with concealment; immediate: render each frame on arrival")
-    p.add_argument("--forecaster", default="linear", help="concealment: vrnn, grunf, gru, linear, last")
+    p.add_argument("--forecaster", default=DEFAULT_FORECASTER,
+                   help=f"concealment: vrnn, grunf, gru, linear, last (default: {DEFAULT_FORECASTER}, the most "
+                        "accurate on held-out clips)")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="render ahead by this much (latency hiding)")
     p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
     p.add_argument("--stop-after-calls", type=int, help="exit after this many calls ended")

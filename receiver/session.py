@@ -29,13 +29,15 @@ from shared import protocol as P
 log = logging.getLogger(__name__)
 
 MAX_SOURCE_PIXELS = 4096 * 4096
+# The concealment forecaster with the lowest keypoint error on held-out clips (bench.forecast).
+DEFAULT_FORECASTER = "last"
 
 
 @dataclass
 class SessionConfig:
     sink: str = "null"  # null | window | file:PATH
     playout: str = "clock"  # clock: steady fps from a jitter buffer with concealment; immediate: render on arrival
-    forecaster: str = "linear"  # conceals missing keypoints in clock mode
+    forecaster: str = DEFAULT_FORECASTER  # conceals missing keypoints in clock mode
     heartbeat_timeout_s: float = 1.5  # aiortc only reports "failed" after ~30 s, so we watch liveness ourselves
     # Before the first message the DTLS/SCTP handshake may still be retransmitting (1-3 s timers
     # per lost packet on a lossy path), so the peer gets as long as the sender's connect timeout.

@@ -63,6 +63,7 @@ class SenderConfig:
     source_image: str | None = None  # send this file as the source image instead of the first frame
     list_cameras: bool = False
     threads: int = 1
+    replay_keypoints: str | None = None  # send keypoints from a --truth-out file instead of detecting them
 
 
 def parse_args(argv: list[str] | None = None) -> SenderConfig:
@@ -91,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p.add_argument("--source-image", help="send this picture (sent byte for byte) as the face to animate")
     p.add_argument("--list-cameras", action="store_true", help="print the cameras that open, then exit")
     p.add_argument("--threads", type=int, default=1, help="torch threads for keypoint extraction")
+    p.add_argument("--replay-keypoints", help="send the keypoints saved by --truth-out (looped) instead of running "
+                                              "the detector: loads a receiver without loading this machine")
     a = p.parse_args(argv)
     cfg = SenderConfig(**{k: v for k, v in vars(a).items()})
     if cfg.camera is None and cfg.video is None and not cfg.list_cameras:
@@ -139,6 +142,14 @@ async def run(cfg: SenderConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     model, meta = load_motion_model(cfg.weights)
     extractor = KeypointExtractor(model)
+    replay = None
+    if cfg.replay_keypoints:
+        try:
+            replay = np.load(cfg.replay_keypoints)["vectors"].astype(np.float32)
+        except (OSError, KeyError, ValueError) as e:
+            raise CaptureError(f"cannot read keypoints from {cfg.replay_keypoints}: {e}") from e
+        if replay.ndim != 2 or replay.shape[1] != P.KP_DIM or len(replay) == 0:
+            raise CaptureError(f"{cfg.replay_keypoints} does not hold (N, {P.KP_DIM}) keypoint vectors")
     chosen = read_source_image(cfg.source_image) if cfg.source_image else None
     source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, model.config.size, cfg.loop,
                                        cfg.max_frames, cfg.mirror))
@@ -186,7 +197,10 @@ async def run(cfg: SenderConfig) -> dict:
                 image_id += 1
                 source_requests.clear()
             t0 = time.perf_counter()
-            vec = await asyncio.to_thread(extractor, frame.image)
+            if replay is not None:
+                vec = replay[frame.seq % len(replay)]
+            else:
+                vec = await asyncio.to_thread(extractor, frame.image)
             stats["extract_ms"].append((time.perf_counter() - t0) * 1000)
             if cfg.truth_out:
                 truth_seq.append(frame.seq)

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test lint bench train clean
+.PHONY: venv demo test lint bench bench-val train clean
 
 venv: .venv/.installed
 
@@ -19,10 +19,21 @@ test: venv
 lint: venv
 	$(PY) -m ruff check .
 
+# the benchmarks on the bundled clip (fast); bench-val: on the validation split of ../shared/data
 bench: venv
-	$(PY) -m bench.quality --data ../shared/data --split val --json out/bench/quality.json --png out/bench/quality.png
-	$(PY) -m bench.bandwidth --data ../shared/data --split val --json out/bench/bandwidth.json --png out/bench/bandwidth.png
+	$(PY) -m bench.quality --data assets --split all --json out/bench/quality.json --png out/bench/quality.png
+	$(PY) -m bench.bandwidth --data assets --split all --json out/bench/bandwidth.json --png out/bench/bandwidth.png
 	$(PY) -m bench.latency --json out/bench/latency.json --png out/bench/latency.png
+	$(PY) -m bench.concurrency --calls 4 --json out/bench/concurrency.json --png out/bench/concurrency.png
+	$(PY) -m bench.fuzz --messages 100000 --json out/bench/fuzz.json
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -m bench.playout --sweep --json out/bench/playout.json --png out/bench/playout.png; \
+	else echo "bench.playout skipped: it creates network namespaces and needs root"; fi
+
+bench-val: venv
+	$(PY) -m bench.quality --data ../shared/data --split val --json out/bench/quality64.json --png out/bench/quality64.png
+	$(PY) -m bench.quality --data ../shared/data --split val --weights models/weights/fomm_face128.pt --json out/bench/quality128.json --png out/bench/quality128.png
+	$(PY) -m bench.bandwidth --data ../shared/data --split val --json out/bench/bandwidth64.json --png out/bench/bandwidth64.png
+	$(PY) -m bench.forecast --data ../shared/data --json out/bench/forecast.json --png out/bench/forecast.png
 
 train: venv
 	$(PY) -m models.fomm.train --data ../shared/data --kinds face --size 64 --out runs/face64 --minutes 60 --resume

@@ -85,7 +85,10 @@ def center_square(frame: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_clips(root: str | Path, kinds: list[str] | None = None) -> list[ClipInfo]:
-    """List the clips of a folder, through its manifest.csv when it has one."""
+    """List the clips of a folder, through its manifest.csv when it has one.
+
+    ``kinds`` filters by the manifest's ``kind`` column; it is ignored for a folder without one.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
@@ -104,7 +107,7 @@ def load_clips(root: str | Path, kinds: list[str] | None = None) -> list[ClipInf
                 clips.append(ClipInfo(p, "unknown", "video", str(p.relative_to(root).with_suffix(""))))
             elif ext in IMAGE_EXTS:
                 clips.append(ClipInfo(p, "unknown", "png_stack", str(p.relative_to(root).with_suffix(""))))
-    if kinds:
+    if kinds and manifest.exists():  # a plain folder has no kinds: take every clip in it
         clips = [c for c in clips if c.kind in kinds]
     return clips
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench import common
-from bench.demo import free_port
+from bench.calls import free_port, start_receiver, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,32 +43,24 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         # keypoints of the clip, recorded once by a real sender into a throwaway receiver
         port = free_port()
-        rec = subprocess.Popen(py + ["receiver", "--port", str(port), "--weights", str(weights), "--playout",
-                                     "immediate", "--stop-after-calls", "1"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-        while "receiver ready" not in rec.stdout.readline():
-            if rec.poll() is not None:
-                raise RuntimeError("receiver failed to start")
+        rec = start_receiver(["--port", str(port), "--weights", str(weights), "--playout", "immediate",
+                              "--stop-after-calls", "1"])
         subprocess.run(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", a.clip, "--weights",
                              str(weights), "--truth-out", str(work / "kp.npz")], cwd=ROOT, check=True,
                        capture_output=True)
-        rec.wait(30)
+        stop(rec, 30)
 
         port = free_port()
-        with open(work / "receiver.log", "w") as log:
-            rec = subprocess.Popen(py + ["receiver", "--port", str(port), "--weights", str(weights), "--max-calls",
-                                         str(a.calls), "--stop-after-calls", str(a.calls), "--stats-dir", str(work)],
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
-            while "receiver ready" not in rec.stdout.readline():
-                if rec.poll() is not None:
-                    raise RuntimeError("receiver failed to start")
-            senders = [subprocess.Popen(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", a.clip,
-                                              "--loop", "--max-frames", str(a.frames), "--fps", str(a.fps),
-                                              "--weights", str(weights), "--replay-keypoints", str(work / "kp.npz")],
-                                        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                       for _ in range(a.calls)]
-            codes = [s.wait(timeout=120 + 2 * a.frames / a.fps) for s in senders]
-            rec.wait(timeout=60)
+        rec = start_receiver(["--port", str(port), "--weights", str(weights), "--max-calls", str(a.calls),
+                              "--stop-after-calls", str(a.calls), "--stats-dir", str(work)],
+                             log_path=work / "receiver.log")
+        senders = [subprocess.Popen(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", a.clip,
+                                          "--loop", "--max-frames", str(a.frames), "--fps", str(a.fps),
+                                          "--weights", str(weights), "--replay-keypoints", str(work / "kp.npz")],
+                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for _ in range(a.calls)]
+        codes = [s.wait(timeout=120 + 2 * a.frames / a.fps) for s in senders]
+        stop(rec, 60)
         calls = [json.loads(f.read_text()) for f in sorted(work.glob("call_*.json"))]
     rows: list[dict[str, Any]] = [{
         "call": c["call_id"], "rendered_fps": c["rendered_fps"], "stalls": c["stalls"], "max_gap_ms": c["max_gap_ms"],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -28,18 +27,13 @@ import cv2
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from bench.calls import free_port, start_receiver, stop
 from models.data import center_square, read_clip
 from models.fomm.io import DEFAULT_WEIGHTS
 from receiver.session import DEFAULT_FORECASTER
 
 ROOT = Path(__file__).resolve().parents[1]
 IP_UDP_HEADER = 28
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> None:
@@ -79,15 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     py = [sys.executable, "-m"]
     t0 = time.monotonic()
-    recv = subprocess.Popen(py + ["receiver", "--port", str(port), "--weights", a.weights, "--playout", a.playout,
-                                  "--forecaster", a.forecaster, "--sink", f"file:{out / 'received.mp4'}",
-                                  "--stats-dir", str(out), "--stop-after-calls", "1"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=open(out / "receiver.log", "w"), text=True)  # noqa: SIM115
     try:
-        while "receiver ready" not in (line := recv.stdout.readline()):
-            if not line and recv.poll() is not None:
-                print((out / "receiver.log").read_text()[-3000:], file=sys.stderr)
-                return 1
+        recv = start_receiver(["--port", str(port), "--weights", a.weights, "--playout", a.playout,
+                               "--forecaster", a.forecaster, "--sink", f"file:{out / 'received.mp4'}",
+                               "--stats-dir", str(out), "--stop-after-calls", "1"], log_path=out / "receiver.log")
+    except (RuntimeError, TimeoutError) as e:
+        print(f"{e}\n" + (out / "receiver.log").read_text()[-3000:], file=sys.stderr)
+        return 1
+    try:
         send = subprocess.run(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", a.clip,
                                     "--weights", a.weights, "--stats-json", str(out / "sender.json")]
                               + (["--max-frames", str(a.max_frames)] if a.max_frames else []),
@@ -95,11 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if send.returncode != 0:
             print((out / "sender.log").read_text()[-3000:], file=sys.stderr)
             return 1
-        recv.wait(timeout=60)
     finally:
-        if recv.poll() is None:
-            recv.terminate()
-            recv.wait(10)
+        stop(recv, 60)
     sender = json.loads((out / "sender.json").read_text())
     call = json.loads((out / "call_1.json").read_text())
 

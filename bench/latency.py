@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from bench import common
-from bench.demo import free_port
+from bench.calls import free_port, start_receiver, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["capture", "extract", "encode", "network", "buffer", "playout", "render", "sink", "glass_to_glass"]
@@ -78,29 +78,22 @@ def stage_times(truth: dict[str, np.ndarray], shown: dict[str, np.ndarray]) -> d
 def run_call(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     port = free_port()
     py = [sys.executable, "-m"]
-    recv_cmd = py + ["receiver", "--port", str(port), "--weights", str(args.weights), "--playout", mode,
+    recv_cmd = ["--port", str(port), "--weights", str(args.weights), "--playout", mode,
                      "--forecaster", args.forecaster, "--sink", args.sink, "--stats-dir", str(work),
                      "--stop-after-calls", "1", "--frames-log", str(work / "frames.npz")]
     if args.device:
         recv_cmd += ["--device", args.device]
-    with open(work / "receiver.log", "w") as rlog:
-        recv = subprocess.Popen(recv_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=rlog, text=True)
-        try:
-            while "receiver ready" not in (line := recv.stdout.readline()):
-                if not line and recv.poll() is not None:
-                    raise RuntimeError("receiver failed to start: " + (work / "receiver.log").read_text()[-2000:])
-            res = subprocess.run(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", str(args.clip),
-                                       "--loop", "--max-frames", str(args.frames), "--fps", str(args.fps),
-                                       "--weights", str(args.weights), "--stats-json", str(work / "sender.json"),
-                                       "--truth-out", str(work / "truth.npz")],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
-            if res.returncode != 0:
-                raise RuntimeError("sender failed: " + res.stderr[-2000:])
-            recv.wait(timeout=60)
-        finally:
-            if recv.poll() is None:
-                recv.terminate()
-                recv.wait(10)
+    recv = start_receiver(recv_cmd, log_path=work / "receiver.log")
+    try:
+        res = subprocess.run(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", str(args.clip),
+                                   "--loop", "--max-frames", str(args.frames), "--fps", str(args.fps),
+                                   "--weights", str(args.weights), "--stats-json", str(work / "sender.json"),
+                                   "--truth-out", str(work / "truth.npz")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError("sender failed: " + res.stderr[-2000:])
+    finally:
+        stop(recv, 60)
     sender = json.loads((work / "sender.json").read_text())
     call = json.loads((work / "call_1.json").read_text())
     truth = dict(np.load(work / "truth.npz"))

@@ -39,7 +39,6 @@ import argparse
 import json
 import logging
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.calls import stop, wait_ready
 from bench.common import format_table, new_figure, write_json
 from bench.netns import NetnsUnavailable, impaired_link, netns_popen, require_root
 from receiver.session import DEFAULT_FORECASTER
@@ -229,33 +229,6 @@ def _env(threads: int) -> dict[str, str]:
     return e
 
 
-def _wait_ready(proc: subprocess.Popen, timeout_s: float) -> None:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
-            break
-        line = proc.stdout.readline()
-        if "receiver ready" in line:
-            return
-        if not line and proc.poll() is not None:
-            raise RuntimeError(f"receiver exited with {proc.returncode} before it was ready")
-    raise TimeoutError("receiver did not become ready")
-
-
-def _stop(proc: subprocess.Popen, timeout_s: float) -> int:
-    try:
-        return proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            return proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(5)
-
-
 def _tail(path: Path, n: int = 2000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
@@ -276,7 +249,7 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
         recv = netns_popen(link.a, recv_args, cwd=ROOT, env=_env(a.render_threads), stdout=subprocess.PIPE,
                            stderr=rlog, text=True)
         try:
-            _wait_ready(recv, 60)
+            wait_ready(recv, 60)
             send_args = [sys.executable, "-m", "sender", "--receiver", f"http://{link.addr_a}:{PORT}",
                          "--ice-address", link.addr_b, "--video", str(a.clip), "--loop",
                          "--max-frames", str(a.frames), "--fps", str(a.fps), "--weights", str(a.weights),
@@ -288,16 +261,16 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
                 try:
                     rc = send.wait(a.frames / a.fps * 3 + 60)
                 except subprocess.TimeoutExpired:
-                    _stop(send, 0)
+                    stop(send, 0)
                     raise RuntimeError(f"sender did not finish: {_tail(work / 'sender.log')}") from None
             if rc != 0:
                 raise RuntimeError(f"sender failed ({rc}): {_tail(work / 'sender.log')}")
-            rrc = _stop(recv, 30)  # --stop-after-calls 1: it exits by itself after the call's drain
+            rrc = stop(recv, 30)  # --stop-after-calls 1: it exits by itself after the call's drain
             if rrc != 0:
                 raise RuntimeError(f"receiver exited with {rrc}: {_tail(work / 'receiver.log')}")
         finally:
             if recv.poll() is None:
-                _stop(recv, 0)
+                stop(recv, 0)
             if recv.stdout:
                 recv.stdout.close()
             rlog.close()

@@ -15,18 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.netns import NetnsUnavailable, require_root
 from bench.playout import Condition, analyse, kp_error
 from sender.__main__ import choose_rate, estimate_kp_wire_kbps
 from shared import protocol as P
+from tests.utils import needs_netns
 
 ROOT = Path(__file__).resolve().parents[1]
-
-try:
-    require_root()
-    _SKIP = ""
-except NetnsUnavailable as e:
-    _SKIP = str(e)
 
 
 def _vec(x: float) -> np.ndarray:
@@ -80,7 +74,7 @@ def test_target_kbps_picks_smallest_decimation_that_fits() -> None:
     assert choose_rate(0.01, 30.0)[3] is False
 
 
-@pytest.mark.skipif(bool(_SKIP), reason=f"needs root with ip and nft: {_SKIP}")
+@needs_netns
 def test_short_run_is_consistent(tmp_path: Path, tiny_weights: Path) -> None:
     out, png = tmp_path / "playout.json", tmp_path / "playout.png"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}

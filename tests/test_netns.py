@@ -11,20 +11,13 @@ import sys
 import pytest
 
 from bench.netns import (
-    NetnsUnavailable,
     impaired_link,
     list_netns,
-    require_root,
     two_hosts,
 )
+from tests.utils import needs_netns
 
-try:
-    require_root()
-    _SKIP = ""
-except NetnsUnavailable as e:
-    _SKIP = str(e)
-
-pytestmark = pytest.mark.skipif(bool(_SKIP), reason=f"needs root with ip and nft: {_SKIP}")
+pytestmark = needs_netns
 
 ECHO_SERVER = """
 import socket

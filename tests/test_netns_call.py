@@ -13,19 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from bench.netns import NetnsUnavailable, impaired_link, require_root, two_hosts
+from bench.netns import impaired_link, two_hosts
 from bench.playout import kp_error
 from tests.procs import run_sender, start_receiver, stop
+from tests.utils import needs_netns
 
-try:
-    require_root()
-    _SKIP = ""
-except NetnsUnavailable as e:
-    _SKIP = str(e)
-
-pytestmark = pytest.mark.skipif(bool(_SKIP), reason=f"needs root with ip and nft: {_SKIP}")
+pytestmark = needs_netns
 
 PORT = 8080  # fresh namespaces: nothing else listens there
 FPS = 30

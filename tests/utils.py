@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 
 FPS = 30.0
 
@@ -164,3 +165,18 @@ def simulate(playout, motion: np.ndarray, link: FakeLink, fps: float = FPS, kp_e
         ticks.append(t)
         k += 1
     return SimResult(frames, ticks, pushed, rejected)
+
+
+def _netns_unavailable() -> str:
+    from bench.netns import NetnsUnavailable, require_root
+
+    try:
+        require_root()
+    except NetnsUnavailable as e:
+        return str(e)
+    return ""
+
+
+_NETNS_MISSING = _netns_unavailable()
+# Tests that build network namespaces: skipped (with the reason) only where root, ip or nft are missing.
+needs_netns = pytest.mark.skipif(bool(_NETNS_MISSING), reason=f"needs root with ip and nft: {_NETNS_MISSING}")

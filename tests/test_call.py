@@ -102,3 +102,18 @@ def test_corrupt_weights_are_a_clear_error(tmp_path: Path, demo_clip: Path) -> N
     res = run_sender(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(bad)])
     assert res.returncode == 2
     assert "corrupt" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--forecaster", "nope"], "unknown forecaster"),
+    (["--weights", "/nonexistent.pt"], "checkpoint not found"),
+    (["--sink", "screen"], "unknown sink"),
+])
+def test_receiver_bad_options_are_clear_errors(free_port: int, args: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT, env
+    res = subprocess.run([sys.executable, "-m", "receiver", "--port", str(free_port), *args], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-500:]

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test lint bench bench-val train clean
+.PHONY: venv demo test lint bench bench-val train train-256 clean
 
 venv: .venv/.installed
 
@@ -21,7 +21,7 @@ lint: venv
 
 # the benchmarks on the bundled clip (fast); bench-val: on the validation split of ../shared/data
 bench: venv
-	$(PY) -m bench.quality --data assets --split all --json out/bench/quality.json --png out/bench/quality.png
+	$(PY) -m bench.quality --data assets --split all --size 64 128 256 --json out/bench/quality.json --png out/bench/quality.png
 	$(PY) -m bench.bandwidth --data assets --split all --json out/bench/bandwidth.json --png out/bench/bandwidth.png
 	$(PY) -m bench.latency --json out/bench/latency.json --png out/bench/latency.png
 	$(PY) -m bench.concurrency --calls 4 --json out/bench/concurrency.json --png out/bench/concurrency.png
@@ -30,13 +30,18 @@ bench: venv
 	else echo "bench.playout skipped: it creates network namespaces and needs root"; fi
 
 bench-val: venv
-	$(PY) -m bench.quality --data ../shared/data --split val --json out/bench/quality64.json --png out/bench/quality64.png
-	$(PY) -m bench.quality --data ../shared/data --split val --weights models/weights/fomm_face128.pt --json out/bench/quality128.json --png out/bench/quality128.png
+	$(PY) -m bench.quality --data ../shared/data --split val --size 64 128 256 --json out/bench/quality_sizes.json --png out/bench/quality256.png
 	$(PY) -m bench.bandwidth --data ../shared/data --split val --json out/bench/bandwidth64.json --png out/bench/bandwidth64.png
+	$(PY) -m bench.bandwidth --data ../shared/data --split val --weights models/weights/fomm_face256.pt --json out/bench/bandwidth256.json --png out/bench/bandwidth256.png
 	$(PY) -m bench.forecast --data ../shared/data --json out/bench/forecast.json --png out/bench/forecast.png
 
 train: venv
 	$(PY) -m models.fomm.train --data ../shared/data --kinds face --size 64 --out runs/face64 --minutes 60 --resume
+
+# the 256x256 model: the 64 model's detector (frozen), dense motion and generator, plus the full-resolution refiner
+train-256: venv
+	$(PY) -m models.fomm.train --data ../shared/data --kinds face --size 256 --init models/weights/fomm_face64.pt \
+	    --freeze kp_detector --out runs/face256 --minutes 70 --batch 6 --lr 1e-4 --val-every 200 --resume
 
 clean:
 	rm -rf out .pytest_cache

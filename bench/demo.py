@@ -1,7 +1,11 @@
 """The demo: a loopback call on the bundled clip with the bundled weights.
 
 Usage:
-  python -m bench.demo [--clip assets/demo_face.mp4] [--weights models/weights/fomm_face64.pt] [--out out/demo]
+  python -m bench.demo [--clip assets/demo_face.mp4] [--size auto|64|128|256] [--out out/demo]
+
+The receiver renders at ``--size`` (default auto: the largest shipped model that runs in
+real time on this machine, see ``python -m receiver --help``); the sender captures and
+sends its source image at 256x256 and detects keypoints at 64x64 whatever that size is.
 
 Starts a receiver and a sender as two processes on 127.0.0.1, streams the clip, and writes
 ``received.mp4`` (what the receiver rendered), ``side_by_side.mp4`` (input | rendered) and
@@ -29,7 +33,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from bench.calls import free_port, start_receiver, stop
 from models.data import center_square, read_clip
-from models.fomm.io import DEFAULT_WEIGHTS
+from models.fomm.io import SHIPPED_SIZES
 from receiver.session import DEFAULT_FORECASTER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +63,9 @@ def _enlarge(img: np.ndarray, target: int = 256) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clip", default=str(ROOT / "assets" / "demo_face.mp4"))
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    p.add_argument("--size", default="auto", choices=["auto", *map(str, SHIPPED_SIZES)],
+                   help="receiver output size (default auto)")
+    p.add_argument("--weights", default=None, help="one checkpoint for both ends instead of the shipped models")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--playout", default="clock", choices=["clock", "immediate"])
     p.add_argument("--forecaster", default=DEFAULT_FORECASTER)
@@ -74,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     py = [sys.executable, "-m"]
     t0 = time.monotonic()
     try:
-        recv = start_receiver(["--port", str(port), "--weights", a.weights, "--playout", a.playout,
+        model_args = ["--weights", a.weights] if a.weights else ["--size", a.size]
+        recv = start_receiver(["--port", str(port), *model_args, "--playout", a.playout,
                                "--forecaster", a.forecaster, "--sink", f"file:{out / 'received.mp4'}",
                                "--stats-dir", str(out), "--stop-after-calls", "1"], log_path=out / "receiver.log")
     except (RuntimeError, TimeoutError) as e:
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         send = subprocess.run(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", a.clip,
-                                    "--weights", a.weights, "--stats-json", str(out / "sender.json")]
+                                    "--stats-json", str(out / "sender.json")]
+                              + (["--weights", a.weights] if a.weights else [])
                               + (["--max-frames", str(a.max_frames)] if a.max_frames else []),
                               cwd=ROOT, stderr=open(out / "sender.log", "w"), timeout=300)  # noqa: SIM115
         if send.returncode != 0:
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     duration = max(1e-6, sender["duration_s"])
     wire = sender.get("udp_bytes_sent", 0) + IP_UDP_HEADER * sender.get("udp_packets_sent", 0)
     report = {
-        "clip": a.clip, "weights": a.weights, "size": size, "fps": sender["fps"], "playout": a.playout,
+        "clip": a.clip, "weights": a.weights or f"shipped, --size {a.size}", "size": size, "fps": sender["fps"],
+        "playout": a.playout,
         "frames_sent": sender["frames_sent"], "frames_received": call["frames_received"],
         "frames_rendered": call["frames_rendered"], "frames_concealed": call["frames_concealed"],
         "keypoint_payload_bytes": sender["keypoint_payload_bytes"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -51,16 +52,30 @@ class FakePeerConnection:
         pass
 
 
-def make_session(executor: ThreadPoolExecutor, index: int = 0, **config: Any):
-    """A real CallSession (tiny random model, null sink) fed by hand instead of by aiortc."""
+def tiny_model():
+    """The tiny random model every fuzzed session renders with (seeded: the same every time)."""
     import torch
 
     from models.fomm import FommConfig, MotionModel
+
+    torch.manual_seed(0)
+    return MotionModel(FommConfig.tiny(MODEL_SIZE)).eval()
+
+
+@functools.cache
+def tiny_detector_id() -> str:
+    """What a sender using the tiny model puts in its Hello."""
+    from models.fomm.io import detector_id
+
+    return detector_id(tiny_model())
+
+
+def make_session(executor: ThreadPoolExecutor, index: int = 0, **config: Any):
+    """A real CallSession (tiny random model, null sink) fed by hand instead of by aiortc."""
     from receiver.render import Renderer
     from receiver.session import CallSession, SessionConfig
 
-    torch.manual_seed(0)
-    model = MotionModel(FommConfig.tiny(MODEL_SIZE)).eval()
+    model = tiny_model()
     cfg = SessionConfig(**{"sink": "null", "playout": "immediate", **config})
     return CallSession(f"fuzz{index}", index, FakePeerConnection(), Renderer(model), executor, cfg)
 
@@ -86,7 +101,7 @@ class Inputs:
         """A call's normal start (Hello, then a whole source image) before the fuzzing resumes, so
         the keypoints that follow reach the renderer too."""
         self.image_id += 1
-        self.pending = [P.encode(P.Hello("tiny64", MODEL_SIZE, 30.0)),
+        self.pending = [P.encode(P.Hello(tiny_detector_id(), MODEL_SIZE, 30.0)),
                         *(P.encode(c) for c in P.split_source(self.jpeg, self.image_id, chunk_bytes=1024))]
 
     # valid messages -------------------------------------------------------
@@ -104,11 +119,11 @@ class Inputs:
         if k < 0.60:
             return P.Heartbeat(self.ts_us)
         if k < 0.72:
-            size = r.choice([MODEL_SIZE] * 9 + [128])
-            if size != MODEL_SIZE:
-                self.preamble()  # this Hello may end the call: the next one starts normally
-            return P.Hello("tiny64", size, r.choice([25.0, 30.0, 15.0]), int(r.choice(list(P.Codec))),
-                           r.choice([1, 1, 2]))
+            detector = r.choice([tiny_detector_id()] * 9 + ["kp-000000000000"])
+            if detector != tiny_detector_id():
+                self.preamble()  # this Hello ends the call: the next one starts normally
+            return P.Hello(detector, r.choice([MODEL_SIZE, 128, 256]), r.choice([25.0, 30.0, 15.0]),
+                           int(r.choice(list(P.Codec))), r.choice([1, 1, 2]))
         if k < 0.90:
             self.image_id += r.choice([1, 1, 0])
             chunks = P.split_source(self.jpeg, self.image_id, chunk_bytes=r.choice([256, 1024, 16384]))

@@ -3,8 +3,13 @@
 Usage:
   python -m bench.quality --data ../shared/data --weights runs/face64/best.pt --split val \\
       --json out/quality.json --png out/quality.png
+  python -m bench.quality --data ../shared/data --split val --size 64 128 256 --json out/quality_sizes.json
   python -m bench.quality --data ../shared/data --json q.json --transfer-source face.jpg \\
       --transfer-driving ../shared/data/pcavs_vox2/Input_00010_c00.mp4 --mp4 out/transfer.mp4
+
+``--size`` picks the shipped model of each size (``models/weights/fomm_faceN.pt``) and,
+with several sizes, prints them side by side; each size is scored on the clips decoded
+at that size, so each static row is that size's own floor.
 
 Reconstruction (every clip): the source is the clip's first frame; every later frame is
 rendered from its own detected keypoints. Metrics are per frame, averaged per clip, then
@@ -13,7 +18,9 @@ L1 restricted to pixels that differ between source and driving frame by more tha
 (channel mean) — whole-frame metrics reward a model that moves the head but leaves the
 face as in the source; this one does not. The static-source baseline shows the source
 frame for every frame, scored on exactly the same frames. Render fps is dense motion +
-generator at batch 1 with the source encoding cached, on ``--threads`` threads.
+generator (+ full-resolution refiner) at batch 1 with the source encoding cached, on
+``--threads`` threads, eager and traced (what the receiver runs on CPU) side by side;
+``stages_ms`` splits one eager render into its stages (medians).
 
 Transfer (``--transfer-*``): FOMM's relative animation of a source image by another clip
 (``kp = kp_s + scale*(kp_d - kp_d0)``, ``J = J_d J_d0^-1 J_s``, adaptive scale
@@ -34,7 +41,8 @@ import torch
 
 from bench import common
 from models.data import IMAGE_EXTS, center_square, read_clip
-from models.fomm.model import MotionModel
+from models.fomm.io import weights_for_size
+from models.fomm.model import MotionModel, cache_tensors, vector_to_kp
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +72,57 @@ def evaluate_clip(model: MotionModel, frames: np.ndarray) -> dict[str, Any]:
 
 
 def render_fps(model: MotionModel, source: np.ndarray, vectors: np.ndarray, warmup: int = 5,
-               frames: int = 40) -> float:
-    """Frames per second of ``render`` at batch 1 with the source cache built once."""
+               frames: int = 40, rounds: int = 4) -> tuple[float, float]:
+    """Frames per second of ``render`` at batch 1 with the source cache built once: eager PyTorch
+    and the traced, frozen graph the receiver uses on CPU (``receiver.render.traced_render``).
+    The two alternate in ``rounds`` blocks so machine noise hits both alike."""
+    from receiver.render import traced_render
+
+    cache = common.prepare(model, source)
+    args = cache_tensors(cache)
+    traced = traced_render(model, cache)
+    if traced is None:
+        raise SystemExit("this torch cannot trace the renderer")
+    v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    fns = {"eager": lambda x: model.render_tensors(x, *args), "traced": lambda x: traced(x, *args)}
+    spent = {k: 0.0 for k in fns}
+    per_round = max(1, frames // rounds)
+    with torch.no_grad():
+        for f in fns.values():
+            for i in range(warmup):
+                f(v[i % len(v)][None])
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                for i in range(per_round):
+                    f(v[i % len(v)][None])
+                spent[k] += time.perf_counter() - t0
+    n = per_round * rounds
+    return n / spent["eager"], n / spent["traced"]
+
+
+@torch.no_grad()
+def stage_ms(model: MotionModel, source: np.ndarray, vectors: np.ndarray, frames: int = 40) -> dict[str, float]:
+    """Median milliseconds of each render stage at batch 1 (the stages of ``MotionModel.render``)."""
     cache = common.prepare(model, source)
     v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    with torch.no_grad():
-        for i in range(warmup):
-            model.render(cache, v[i % len(v)][None])
+    times: dict[str, list[float]] = {"dense_motion": [], "generator": [], "refiner": []}
+    for i in range(frames + 3):
         t0 = time.perf_counter()
-        for i in range(frames):
-            model.render(cache, v[i % len(v)][None])
-        dt = time.perf_counter() - t0
-    return frames / dt
+        kp_d = vector_to_kp(v[i % len(v)][None], model.config.num_kp)
+        motion = model.dense_motion(cache.image, kp_d, cache.kp)
+        t1 = time.perf_counter()
+        low = model.generator.decode(cache.features, motion["deformation"], motion["occlusion"])["prediction"]
+        t2 = time.perf_counter()
+        if model.refiner is not None:
+            model.refiner(cache.image, motion["deformation"], motion["occlusion"], low, cache.static)
+        t3 = time.perf_counter()
+        if i >= 3:  # warm-up
+            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                times[k].append(dt * 1000)
+    out = {k: float(np.median(x)) for k, x in times.items()}
+    out["total"] = sum(out.values())
+    return out
 
 
 def run_reconstruction(model: MotionModel, clips: list[tuple[Any, np.ndarray]], fps_frames: int = 40) -> dict[str, Any]:
@@ -88,7 +135,9 @@ def run_reconstruction(model: MotionModel, clips: list[tuple[Any, np.ndarray]], 
         log.info("%s: model L1 %.4f  static L1 %.4f", per_clip[-1]["clip"], r["model"]["l1"],
                  r["static_source"]["l1"])
     first = clips[0][1]
-    fps = render_fps(model, first[0], common.detect_keypoints(model, first), frames=fps_frames)
+    first_kp = common.detect_keypoints(model, first)
+    fps, fps_traced = render_fps(model, first[0], first_kp, frames=fps_frames)
+    stages = stage_ms(model, first[0], first_kp, frames=fps_frames)
     return {
         "clips": len(per_clip),
         "frames": sum(c["frames"] for c in per_clip),
@@ -97,6 +146,8 @@ def run_reconstruction(model: MotionModel, clips: list[tuple[Any, np.ndarray]], 
         "kp_spread": float(np.mean([c["kp_spread"] for c in per_clip])),
         "wins_vs_static": sum(c["win"] for c in per_clip),
         "render_fps": fps,
+        "render_fps_traced": fps_traced,
+        "stages_ms": stages,
         "per_clip": per_clip,
     }
 
@@ -188,10 +239,27 @@ def table(res: dict[str, Any]) -> str:
         r = res[key]
         rows.append([name, r["l1"], r["psnr"], r["ssim"], r["l1_moving"]])
     head = common.format_table(["", "L1", "PSNR dB", "SSIM", "L1 moving"], rows)
+    st = res["stages_ms"]
     return (f"{head}\nclips {res['clips']} ({res['frames']} frames) at {res['size']}px, "
             f"model wins {res['wins_vs_static']}/{res['clips']} clips on L1, "
-            f"keypoint spread {res['kp_spread']:.3f}, render {res['render_fps']:.1f} fps "
-            f"(batch 1, {res['threads']} threads)")
+            f"keypoint spread {res['kp_spread']:.3f}, render {res['render_fps']:.1f} fps eager, "
+            f"{res['render_fps_traced']:.1f} traced (batch 1, {res['threads']} threads; "
+            f"eager dense motion {st['dense_motion']:.1f} ms, "
+            f"generator {st['generator']:.1f} ms, refiner {st['refiner']:.1f} ms)")
+
+
+def sizes_table(by_size: dict[int, dict[str, Any]]) -> str:
+    """Every size side by side: model and static rows, L1 ratio, fps and the stage split."""
+    rows = []
+    for size, r in sorted(by_size.items()):
+        m, s = r["model"], r["static_source"]
+        st = r["stages_ms"]
+        rows.append([f"{size} model", m["l1"], m["psnr"], m["ssim"], m["l1_moving"], m["l1"] / s["l1"],
+                     f"{r['wins_vs_static']}/{r['clips']}", r["render_fps"], r["render_fps_traced"],
+                     f"{st['dense_motion']:.1f}/{st['generator']:.1f}/{st['refiner']:.1f}"])
+        rows.append([f"{size} static", s["l1"], s["psnr"], s["ssim"], s["l1_moving"], 1.0, "", "", "", ""])
+    return common.format_table(["size", "L1", "PSNR dB", "SSIM", "L1 moving", "L1/static", "wins", "fps eager",
+                                "fps traced", "eager ms dm/gen/ref"], rows)
 
 
 def plot(res: dict[str, Any], path: str | Path) -> None:
@@ -212,7 +280,10 @@ def plot(res: dict[str, Any], path: str | Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
-    p.add_argument("--weights", default=None, help="motion model (default: shipped, else runs/face64/best.pt)")
+    p.add_argument("--weights", nargs="+", default=None,
+                   help="motion model(s) (default: shipped, else runs/face64/best.pt)")
+    p.add_argument("--size", type=int, nargs="+", default=None,
+                   help="shipped model(s) of these output sizes instead of --weights (e.g. 64 128 256)")
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
     p.add_argument("--split", choices=["val", "all"], default="val")
@@ -229,10 +300,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bool(a.transfer_source) != bool(a.transfer_driving):
         p.error("--transfer-source and --transfer-driving go together")
     common.set_threads(a.threads)
-    model, meta, wpath = common.load_model(a.weights)
-    size = model.config.size
-
+    if a.size and a.weights:
+        p.error("--size and --weights are alternatives")
+    try:
+        weights = [weights_for_size(s) for s in a.size] if a.size else (a.weights or [None])
+    except ValueError as e:
+        p.error(str(e))
     clips = common.select_clips(a.data, a.kinds, a.split)[: a.max_clips]
+    by_size: dict[int, dict[str, Any]] = {}
+    for w in weights:
+        res = evaluate_weights(w, clips, a)
+        by_size[res["size"]] = res
+        print(table(res))
+    if len(by_size) > 1:
+        res = {"split": a.split, "kinds": a.kinds, "threads": a.threads, "sizes": sorted(by_size),
+               "by_size": {str(k): v for k, v in sorted(by_size.items())}}
+        print("\n" + sizes_table(by_size))
+    if a.json:
+        common.write_json(a.json, res)
+    if a.png:
+        plot(res if len(by_size) == 1 else by_size[max(by_size)], a.png)
+    if "transfer" in res:
+        t = res["transfer"]
+        print(f"transfer: {t['frames']} frames, movement scale {t['movement_scale']:.3f}"
+              + (f", video {t['mp4']}" if t["mp4"] else ""))
+    return res
+
+
+def evaluate_weights(weights: str | Path | None, clips: list[Any], a: argparse.Namespace) -> dict[str, Any]:
+    """Reconstruction (and optional transfer) of one model on ``clips`` decoded at its size."""
+    model, meta, wpath = common.load_model(weights)
+    size = model.config.size
     loaded = common.load_selected(clips, size, a.max_frames)
     res: dict[str, Any] = {"size": size, "weights": str(wpath), "weights_step": meta.get("step"),
                            "split": a.split, "kinds": a.kinds, "threads": a.threads,
@@ -240,17 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res.update(run_reconstruction(model, loaded, a.fps_frames))
     if a.transfer_source:
         res["transfer"] = run_transfer(model, a.transfer_source, a.transfer_driving, a.mp4, a.max_frames)
-    if a.json:
-        common.write_json(a.json, res)
-    if a.png:
-        plot(res, a.png)
-    print(table(res))
-    if "transfer" in res:
-        t = res["transfer"]
-        print(f"transfer: {t['frames']} frames, movement scale {t['movement_scale']:.3f}"
-              + (f", video {t['mp4']}" if t["mp4"] else ""))
     return res
-
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 Usage:
   python -m receiver                                   # 127.0.0.1:8080, bundled weights, no output
+  python -m receiver --size 128                        # a fixed output size (default: auto)
   python -m receiver --sink file:out/call.mp4 --stats-dir out/stats
   python -m receiver --host 0.0.0.0 --port 8080 --token SECRET --sink window
 """
@@ -16,8 +17,8 @@ import signal
 import sys
 
 from models.checkpoint import CheckpointError
-from models.fomm.io import DEFAULT_WEIGHTS, load_motion_model
-from receiver.render import pick_device
+from models.fomm.io import SHIPPED_SIZES, load_motion_model
+from receiver.render import choose_model, measure_render_fps, pick_device
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import DEFAULT_FORECASTER, SessionConfig
 from receiver.sinks import SinkError, check_sink_spec
@@ -31,7 +32,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="listen address (also restricts ICE to it)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="motion model checkpoint")
+    p.add_argument("--size", default="auto", choices=["auto", *map(str, SHIPPED_SIZES)],
+                   help="output size: the shipped model of that size; auto (default) = the largest that renders "
+                        "at >= 36 fps on this machine (always the largest on a GPU)")
+    p.add_argument("--weights", default=None, help="a motion model checkpoint (overrides --size)")
     p.add_argument("--sink", default="null", help="null | window | vcam[:DEVICE] (needs pyvirtualcam) | file:PATH")
     p.add_argument("--token", default=os.environ.get("KPCAST_TOKEN"), help="shared secret (or $KPCAST_TOKEN)")
     p.add_argument("--playout", choices=["clock", "immediate"], default="clock",
@@ -47,11 +51,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                                         "at the end of each call (for offline error analysis)")
     p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for rendering")
+    p.add_argument("--eager-render", action="store_true", help="render with eager PyTorch, not the traced graph")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     a = p.parse_args(argv)
     session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms,
                             frames_log=a.frames_log)
-    cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session)
+    cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session,
+                       fast_render=not a.eager_render)
     return cfg, a
 
 
@@ -60,11 +66,17 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     device = a.device or pick_device()
-    model, meta = load_motion_model(a.weights, device)
+    if a.weights:
+        model, meta = load_motion_model(a.weights, device)
+        weights = a.weights
+    else:
+        model, meta, weights = choose_model(a.size, device, fast=cfg.fast_render)
+    fps = measure_render_fps(model, frames=10, fast=cfg.fast_render)  # also traces the graph before any call
     if cfg.session.playout == "clock":
         from models.forecast import load_forecaster
         load_forecaster(cfg.session.forecaster)  # fail now, not at the first call
-    log.info("model %s (%dx%d) on %s", a.weights, model.config.size, model.config.size, device)
+    log.info("model %s (%dx%d) on %s, %.0f fps at batch 1", weights, model.config.size, model.config.size, device,
+             fps)
     restrict_host_addresses(a.ice_address or addresses_for_host(cfg.host))
     server = ReceiverServer(model, cfg)
     await server.start()

@@ -32,6 +32,7 @@ class ServerConfig:
     stop_after_calls: int | None = None  # exit after this many calls have ended (demo, tests)
     stats_dir: str | None = None  # each ended call's stats are written here as call_<n>.json
     session: SessionConfig = field(default_factory=SessionConfig)
+    fast_render: bool = True  # CPU: render through a traced, frozen graph (receiver.render.traced_render)
 
 
 class ReceiverServer:
@@ -106,7 +107,8 @@ class ReceiverServer:
         call_id = uuid.uuid4().hex[:8]
         index = self.calls_started
         self.calls_started += 1
-        session = CallSession(call_id, index, pc, Renderer(self.model), self.executor, self.config.session,
+        renderer = Renderer(self.model, self.config.fast_render)
+        session = CallSession(call_id, index, pc, renderer, self.executor, self.config.session,
                               on_closed=self._on_closed)
         self.sessions[call_id] = session
         session.on_frame = lambda image, s=session: self.viewer.publish(s.call_id, s.index, image, s.hello.fps)

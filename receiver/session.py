@@ -137,10 +137,12 @@ class CallSession:
         # Heartbeat: last_seen is already updated; SourceRequest is for senders.
 
     def _on_hello(self, hello: P.Hello) -> None:
-        if hello.size != self.renderer.size:
-            self.send(P.Bye(f"model size {hello.size} != receiver's {self.renderer.size}"))
-            asyncio.ensure_future(self.close("size mismatch"))
-            raise P.ProtocolError("field", f"sender model size {hello.size} != {self.renderer.size}")
+        # Keypoints mean something only to a renderer trained with the same detector; the
+        # output size does not matter (the source image is resized to the receiver's model).
+        if hello.model != self.renderer.detector_id:
+            self.send(P.Bye(f"keypoint detector {hello.model!r} != receiver's {self.renderer.detector_id!r}"))
+            asyncio.ensure_future(self.close("detector mismatch"))
+            raise P.ProtocolError("field", f"sender detector {hello.model!r} != {self.renderer.detector_id!r}")
         first = self.hello is None
         self.hello = hello
         self.stats.hello = {"model": hello.model, "size": hello.size, "fps": hello.fps,

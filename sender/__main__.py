@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from models.checkpoint import CheckpointError
-from models.fomm.io import DEFAULT_WEIGHTS, load_motion_model
+from models.fomm.io import DEFAULT_WEIGHTS, detector_id, load_motion_model
 from sender.capture import CaptureConfig, CaptureError, FrameSource
 from sender.extract import KeypointExtractor
 from sender.inputs import format_cameras, list_cameras, read_source_image
@@ -52,6 +52,9 @@ class SenderConfig:
     mirror: bool = False
     token: str | None = None
     weights: str = str(DEFAULT_WEIGHTS)
+    # Captured frames and the source image are this size; keypoints are detected at the
+    # detector's 64x64 whatever it is, so it only sets the sharpest output a receiver can show.
+    size: int = 256
     codec: str = "q8"  # q8 (80 B/frame) or f16 (120 B/frame)
     kp_every: int = 1  # send every k-th frame's keypoints; the receiver fills the rest
     batch: int = 1  # keypoint frames per message (fewer messages, more latency)
@@ -79,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p.add_argument("--mirror", action="store_true", help="flip the picture horizontally")
     p.add_argument("--token", default=os.environ.get("KPCAST_TOKEN"), help="shared secret (or $KPCAST_TOKEN)")
     p.add_argument("--weights", default=SenderConfig.weights, help="motion model checkpoint")
+    p.add_argument("--size", type=int, default=SenderConfig.size,
+                   help="side of the captured square and of the source image sent (receivers render at their own "
+                        "size; default 256)")
     p.add_argument("--codec", choices=["q8", "f16"], default="q8")
     p.add_argument("--kp-every", type=int, default=1, help="send keypoints of every k-th frame")
     p.add_argument("--batch", type=int, default=1, help="keypoint frames per message")
@@ -100,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
         p.error("give --camera N or --video PATH")
     if not 1 <= cfg.kp_every <= 64 or not 1 <= cfg.batch <= P.MAX_FRAMES_PER_BATCH:
         p.error("--kp-every must be in 1..64 and --batch in 1..64")
+    if not 32 <= cfg.size <= 1024:
+        p.error("--size must be in 32..1024")
     if cfg.target_kbps is not None and cfg.target_kbps <= 0:
         p.error("--target-kbps must be > 0")
     return cfg
@@ -151,7 +159,7 @@ async def run(cfg: SenderConfig) -> dict:
         if replay.ndim != 2 or replay.shape[1] != P.KP_DIM or len(replay) == 0:
             raise CaptureError(f"{cfg.replay_keypoints} does not hold (N, {P.KP_DIM}) keypoint vectors")
     chosen = read_source_image(cfg.source_image) if cfg.source_image else None
-    source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, model.config.size, cfg.loop,
+    source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, cfg.size, cfg.loop,
                                        cfg.max_frames, cfg.mirror))
     restrict_host_addresses(cfg.ice_address or addresses_for_host(urlparse(cfg.receiver).hostname or ""))
     codec = P.Codec.Q8 if cfg.codec == "q8" else P.Codec.F16
@@ -176,7 +184,7 @@ async def run(cfg: SenderConfig) -> dict:
     t_start = time.monotonic()
     try:
         await peer.connect(cfg.receiver, cfg.token)
-        peer.send_control(P.Hello(model=str(meta.get("model_id", Path(cfg.weights).stem)), size=model.config.size,
+        peer.send_control(P.Hello(model=detector_id(model), size=cfg.size,
                                   fps=source.fps, codec=int(codec), kp_every=cfg.kp_every))
         pending: list[tuple[int, int, np.ndarray]] = []
         image_id = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
@@ -12,11 +13,17 @@ class KeypointExtractor:
     def __init__(self, model: MotionModel, device: str = "cpu") -> None:
         self.model = model.to(device).eval()
         self.device = device
-        self.size = model.config.size
+        self.size = model.config.motion_size  # the detector's input size
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 RGB at the model size -> (60,) float32."""
-        if image.shape != (self.size, self.size, 3):
-            raise ValueError(f"expected a {self.size}x{self.size} RGB frame, got {image.shape}")
+        """(S, S, 3) uint8 RGB square of any size -> (60,) float32.
+
+        The frame is shrunk to the detector's size here (area filter, as the training
+        frames were), so a 256x256 capture costs the detector no more than a 64x64 one.
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
+            raise ValueError(f"expected a square RGB frame, got {image.shape}")
+        if image.shape[0] != self.size:
+            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
         x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         return self.model.keypoints(x)[0].cpu().numpy().astype(np.float32)

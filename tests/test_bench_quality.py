@@ -117,7 +117,7 @@ def test_quality_end_to_end(setup: tuple[Path, Path, Path], capsys: pytest.Captu
         assert set(res[k]) >= {"l1", "psnr", "ssim", "l1_moving"}
         for m in ("l1", "psnr", "ssim"):  # per-clip mean first, then mean over clips
             assert res[k][m] == pytest.approx(np.mean([c[k][m] for c in res["per_clip"]]))
-    assert res["render_fps"] > 0
+    assert res["render_fps"] > 0 and res["render_fps_traced"] > 0
     assert res["wins_vs_static"] == sum(c["model"]["l1"] < c["static_source"]["l1"] for c in res["per_clip"])
     assert out_png.stat().st_size > 0
 
@@ -140,3 +140,28 @@ def test_quality_end_to_end(setup: tuple[Path, Path, Path], capsys: pytest.Captu
         frames = [fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)]
     assert len(frames) == T and frames[0].shape == (SIZE, 2 * SIZE, 3)
     assert res["transfer"]["frames"] == T
+
+
+def test_sizes_side_by_side(setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    tmp, data, w64 = setup
+    torch.manual_seed(0)
+    w256 = tmp / "m256.pt"
+    save_motion_model(w256, MotionModel(FommConfig.tiny(256)))
+    out = tmp / "sizes.json"
+    quality.main(["--data", str(data), "--weights", str(w64), str(w256), "--json", str(out), "--split", "all",
+                  "--fps-frames", "3"])
+    printed = capsys.readouterr().out
+    assert "256 static" in printed and "64 model" in printed and "ms dm/gen/ref" in printed
+    res = json.loads(out.read_text())
+    assert res["sizes"] == [64, 256]
+    r64, r256 = res["by_size"]["64"], res["by_size"]["256"]
+    assert r256["size"] == 256 and r256["stages_ms"]["refiner"] > 0.05 > r64["stages_ms"]["refiner"]
+    for r in (r64, r256):
+        st = r["stages_ms"]
+        assert st["total"] == pytest.approx(st["dense_motion"] + st["generator"] + st["refiner"])
+    # each size is scored against its own static floor, on frames decoded at that size
+    assert r256["static_source"]["l1"] != r64["static_source"]["l1"]
+    with pytest.raises(SystemExit):
+        quality.main(["--data", str(data), "--size", "96"])

@@ -108,6 +108,7 @@ def test_corrupt_weights_are_a_clear_error(tmp_path: Path, demo_clip: Path) -> N
     (["--forecaster", "nope"], "unknown forecaster"),
     (["--weights", "/nonexistent.pt"], "checkpoint not found"),
     (["--sink", "screen"], "unknown sink"),
+    (["--size", "96"], "invalid choice"),
 ])
 def test_receiver_bad_options_are_clear_errors(free_port: int, args: list[str], message: str) -> None:
     import subprocess

@@ -11,7 +11,7 @@ from models.fomm.blocks import inverse_2x2, make_coordinate_grid
 from models.fomm.losses import RandomTransform, pyramid_l1, separation_loss, ssim
 
 
-@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("size", [64, 128, 256])
 def test_shapes_and_vector(size: int) -> None:
     torch.manual_seed(0)
     m = MotionModel(FommConfig.tiny(size)).eval()
@@ -92,3 +92,85 @@ def test_a_few_training_steps_reduce_the_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.8 * losses[0]
+
+
+def _active_256() -> MotionModel:
+    """A tiny 256x256 model whose refiner is not at its zero initialisation (so it could break things)."""
+    torch.manual_seed(0)
+    m = MotionModel(FommConfig.tiny(256)).eval()
+    assert m.refiner is not None and m.config.generator_size == 64
+    with torch.no_grad():
+        for p in m.refiner.net[-1].parameters():
+            p.normal_(0, 0.1)
+    return m
+
+
+def _textured(size: int = 256) -> torch.Tensor:
+    small = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    return torch.nn.functional.interpolate(small, size=(size, size), mode="bicubic").clamp(0, 1)
+
+
+def test_full_resolution_static_case_is_the_source_exactly() -> None:
+    """Driving keypoints == source keypoints: flow identity, no generator change, gate closed."""
+    m = _active_256()
+    x = _textured()
+    cache = m.prepare_source(x)
+    assert cache.static.shape == (1, 3, 64, 64) and cache.features[1].shape[-1] == 64
+    out = m.render(cache, m.keypoints(x))
+    assert (out - x).abs().max().item() < 1e-4
+    # full-resolution detail survives: a 64x64 renderer upscaled could not do this
+    up = torch.nn.functional.interpolate(torch.nn.functional.interpolate(x, size=(64, 64), mode="area"),
+                                         size=(256, 256), mode="bilinear")
+    assert (up - x).abs().max().item() > 100 * (out - x).abs().max().item()
+
+
+def test_full_resolution_motion_moves_pixels_and_opens_the_gate() -> None:
+    m = _active_256()
+    x = _textured()
+    cache = m.prepare_source(x)
+    kp = vector_to_kp(m.keypoints(x))
+    kp["value"] = kp["value"] + torch.tensor([0.1, 0.0])  # every keypoint 12.8 px to the right
+    kp_d = kp_to_vector(kp)
+    out = m.render(cache, kp_d)
+    assert (out - x).abs().mean().item() > 0.01
+    motion = m.dense_motion(x, kp, cache.kp)
+    low = m.generator.decode(cache.features, motion["deformation"], motion["occlusion"])["prediction"]
+    res = m.refiner(x, motion["deformation"], motion["occlusion"], low, cache.static)
+    assert res["gate"].max().item() > 0.5 and res["gate"].min().item() >= 0
+    # the gated residual is the only difference between the base image and the prediction
+    assert not torch.allclose(res["prediction"], res["base"])
+
+
+def test_untrained_refiner_adds_nothing() -> None:
+    torch.manual_seed(0)
+    m = MotionModel(FommConfig.tiny(256)).eval()
+    x = _textured()
+    out = m(x, torch.roll(x, 5, dims=-1))
+    assert torch.equal(out["prediction"], out["base"]) and out["low"].shape[-1] == 64
+
+
+def test_training_steps_at_256_reach_the_refiner_and_the_generator() -> None:
+    torch.manual_seed(0)
+    m = MotionModel(FommConfig.tiny(256))
+    src = _textured().expand(2, -1, -1, -1).contiguous()
+    drv = torch.roll(src, shifts=6, dims=-1)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = pyramid_l1(m(src, drv)["prediction"], drv)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            for name in ("refiner", "generator", "dense_motion"):
+                grads = [p.grad for p in getattr(m, name).parameters() if p.grad is not None]
+                assert grads and any(g.abs().sum() > 0 for g in grads), name
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.9 * losses[0]
+
+
+def test_gen_size_must_fit() -> None:
+    with pytest.raises(ValueError):
+        FommConfig(size=256, gen_size=96)
+    with pytest.raises(ValueError):
+        FommConfig(size=128, motion_size=64, gen_size=32)

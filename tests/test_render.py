@@ -25,3 +25,55 @@ def test_renderer_matches_the_model_and_needs_a_source() -> None:
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     ref = (m.render(m.prepare_source(x), torch.from_numpy(v)[None])[0].permute(1, 2, 0) * 255).round().byte().numpy()
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_shipped_models_share_one_keypoint_detector() -> None:
+    """A sender with any shipped model can drive a receiver of any size."""
+    from models.fomm.io import SHIPPED_SIZES, detector_id, load_motion_model, weights_for_size
+
+    ids = {detector_id(load_motion_model(weights_for_size(s))[0]) for s in SHIPPED_SIZES
+           if weights_for_size(s).exists()}
+    assert len(ids) == 1
+
+
+def test_choose_model_by_size_and_auto() -> None:
+    from models.fomm.io import SHIPPED_SIZES, weights_for_size
+    from receiver.render import choose_model
+
+    shipped = [s for s in SHIPPED_SIZES if weights_for_size(s).exists()]
+    model, _, path = choose_model("64", "cpu")
+    assert model.config.size == 64 and path == weights_for_size(64)
+    # nothing is fast enough: the smallest; anything is fast enough: the largest
+    assert choose_model("auto", "cpu", min_fps=1e9)[0].config.size == min(shipped)
+    assert choose_model("auto", "cpu", min_fps=0.0)[0].config.size == max(shipped)
+    with pytest.raises(ValueError):
+        choose_model("96", "cpu")
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_fast_renderer_matches_eager(size: int) -> None:
+    """The traced, frozen graph renders what eager PyTorch renders (BatchNorm folding changes rounding only)."""
+    torch.manual_seed(0)
+    m = MotionModel(FommConfig.tiny(size)).eval()
+    if m.refiner is not None:
+        with torch.no_grad():
+            for p in m.refiner.net[-1].parameters():
+                p.normal_(0, 0.1)
+    src = (np.random.default_rng(1).random((size, size, 3)) * 255).astype(np.uint8)
+    eager, fast = Renderer(m), Renderer(m, fast=True)
+    eager.set_source(src)
+    fast.set_source(src)
+    assert fast._graph is not None and eager._graph is None
+    assert "_kpcast_traced" not in dict(m.named_modules())  # the trace is not part of the model's weights
+    x = torch.from_numpy(src).permute(2, 0, 1)[None].float() / 255
+    base = m.keypoints(x)[0].numpy()
+    for shift in (0.0, 0.05, -0.1):
+        v = base.copy()
+        v[:20] += shift
+        a, b = eager.render(v), fast.render(v)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    # a second call with another source reuses the trace and still renders its own source
+    other = Renderer(m, fast=True)
+    other.set_source(255 - src)
+    assert other._graph is fast._graph
+    assert np.abs(other.render(base).astype(int) - fast.render(base).astype(int)).mean() > 10

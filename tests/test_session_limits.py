@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from bench.fuzz import make_session
+from bench.fuzz import make_session, tiny_detector_id
 from shared import protocol as P
 
 
@@ -38,14 +38,14 @@ async def _send_source(session, blob: bytes, image_id: int = 0) -> None:
 
 async def test_wrong_protocol_version_is_a_counted_rejection(executor: ThreadPoolExecutor) -> None:
     s = make_session(executor)
-    hello = msgpack.unpackb(P.encode(P.Hello("tiny64", 64, 30.0)))
+    hello = msgpack.unpackb(P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
     for version in (0, 2, 255):
         s.on_message("control", msgpack.packb([version, *hello[1:]]))
     s.on_message("control", msgpack.packb([2, int(P.MsgType.HEARTBEAT), 5]))
     assert s.rejects.counts == {"version": 4}
     assert s.hello is None and s.stats.messages_received == 4
     assert s.summary()["rejected_by_reason"] == {"version": 4}
-    s.on_message("control", P.encode(P.Hello("tiny64", 64, 30.0)))  # the right version still works
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))  # the right version still works
     assert s.hello is not None and s.rejects.total == 4
     await s.close("done")
 
@@ -68,7 +68,7 @@ async def test_oversized_and_text_messages_are_rejected(executor: ThreadPoolExec
 
 async def test_source_image_limits(executor: ThreadPoolExecutor) -> None:
     s = make_session(executor)
-    s.on_message("control", P.encode(P.Hello("tiny64", 64, 30.0)))
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
     # announced larger than 2 MiB: refused at the first chunk, nothing buffered
     digest = b"\x00" * P.DIGEST_BYTES
     s.on_message("control", P.encode(P.SourceChunk(0, 0, 200, P.MAX_SOURCE_BYTES + 1, digest, b"x" * 100)))
@@ -89,9 +89,20 @@ async def test_source_image_limits(executor: ThreadPoolExecutor) -> None:
     await s.close("done")
 
 
-async def test_hello_with_the_wrong_model_size_ends_the_call(executor: ThreadPoolExecutor) -> None:
+async def test_hello_from_another_keypoint_detector_ends_the_call(executor: ThreadPoolExecutor) -> None:
     s = make_session(executor)
-    s.on_message("control", P.encode(P.Hello("big", 256, 30.0)))
+    s.on_message("control", P.encode(P.Hello("kp-0123456789ab", 64, 30.0)))
     assert s.rejects.counts == {"field": 1}
     await asyncio.wait_for(s.closed.wait(), 5)
-    assert s.stats.end_reason == "size mismatch"
+    assert s.stats.end_reason == "detector mismatch"
+
+
+async def test_a_sender_of_another_size_is_rendered_at_the_receivers_size(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor)  # a 64x64 renderer
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 256, 30.0)))
+    assert s.hello is not None and s.rejects.total == 0
+    await _send_source(s, _jpeg(256, 256))
+    assert s.renderer.ready and s.renderer.source.shape == (64, 64, 3)
+    # the 256x256 source (dark top half) is shrunk, not cropped: the top half of the 64x64 is still dark
+    assert s.renderer.source[:28].mean() < 40 and s.renderer.source[36:].mean() > 100
+    await s.close("done")

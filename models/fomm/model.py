@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.fomm.blocks import resize
 from models.fomm.config import FommConfig
 from models.fomm.dense_motion import DenseMotionNetwork
 from models.fomm.generator import Generator
 from models.fomm.keypoint_detector import KeypointDetector
+from models.fomm.refiner import Refiner
 
 Keypoints = dict[str, torch.Tensor]
 
@@ -44,6 +46,7 @@ class SourceCache:
     image: torch.Tensor  # (1, 3, H, W)
     kp: Keypoints
     features: list[torch.Tensor]
+    static: torch.Tensor | None = None  # low-res rendering of the source with its own keypoints (Refiner)
 
 
 class MotionModel(nn.Module):
@@ -60,16 +63,30 @@ class MotionModel(nn.Module):
         self.generator = Generator(
             c.num_channels, c.gen_block_expansion, c.gen_max_features, c.gen_num_down_blocks,
             c.gen_num_bottleneck_blocks)
+        self.refiner = (Refiner(c.num_channels, c.refine_channels, c.refine_layers, c.size)
+                        if c.generator_size < c.size else None)
 
     def forward(self, source: torch.Tensor, driving: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training path: reconstruct ``driving`` from ``source`` and the keypoints of both."""
         kp_s = self.kp_detector(source)
         kp_d = self.kp_detector(driving)
+        feats = self.generator.encode(resize(source, self.config.generator_size))
         motion = self.dense_motion(source, kp_d, kp_s)
-        out = self.generator.decode(self.generator.encode(source), motion["deformation"], motion["occlusion"])
+        out = self.generator.decode(feats, motion["deformation"], motion["occlusion"])
+        if self.refiner is not None:
+            with torch.no_grad():  # a per-call constant at inference, so no gradient here either
+                static = self._static(source, kp_s, feats)
+            low = out["prediction"]
+            out = self.refiner(source, motion["deformation"], motion["occlusion"], low, static)
+            out["low"] = low
         out.update(motion)
         out["kp_source"], out["kp_driving"] = kp_s, kp_d
         return out
+
+    def _static(self, source: torch.Tensor, kp_s: Keypoints, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The generator's rendering of the source driven by its own keypoints."""
+        motion = self.dense_motion(source, kp_s, kp_s)
+        return self.generator.decode(feats, motion["deformation"], motion["occlusion"])["prediction"]
 
     @torch.no_grad()
     def keypoints(self, frames: torch.Tensor) -> torch.Tensor:
@@ -79,15 +96,33 @@ class MotionModel(nn.Module):
     @torch.no_grad()
     def prepare_source(self, source: torch.Tensor) -> SourceCache:
         """Encode the source image once per call (its keypoints and generator features)."""
-        return SourceCache(source, self.kp_detector(source), self.generator.encode(source))
+        kp = self.kp_detector(source)
+        feats = self.generator.encode(resize(source, self.config.generator_size))
+        static = self._static(source, kp, feats) if self.refiner is not None else None
+        return SourceCache(source, kp, feats, static)
 
     @torch.no_grad()
     def render(self, cache: SourceCache, kp_vectors: torch.Tensor) -> torch.Tensor:
         """Render one frame per keypoint vector (B, 6K) -> (B, 3, H, W) in [0, 1]."""
-        kp_d = vector_to_kp(kp_vectors, self.config.num_kp)
+        return self.render_tensors(kp_vectors, *cache_tensors(cache))
+
+    def render_tensors(self, kp_vectors: torch.Tensor, image: torch.Tensor, kp_s_vector: torch.Tensor,
+                       static: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
+        """``render`` as a function of tensors only, so it can be traced (see ``receiver.render``)."""
         b = kp_vectors.shape[0]
-        kp_s = {k: v.expand(b, *v.shape[1:]) for k, v in cache.kp.items()}
-        src = cache.image.expand(b, -1, -1, -1)
-        feats = [f.expand(b, -1, -1, -1) for f in cache.features]
+        kp_d = vector_to_kp(kp_vectors, self.config.num_kp)
+        kp_s = vector_to_kp(kp_s_vector.expand(b, -1), self.config.num_kp)
+        src = image.expand(b, -1, -1, -1)
+        feats = [f.expand(b, -1, -1, -1) for f in features]
         motion = self.dense_motion(src, kp_d, kp_s)
-        return self.generator.decode(feats, motion["deformation"], motion["occlusion"])["prediction"]
+        low = self.generator.decode(feats, motion["deformation"], motion["occlusion"])["prediction"]
+        if self.refiner is None:
+            return low
+        out = self.refiner(src, motion["deformation"], motion["occlusion"], low, static.expand(b, -1, -1, -1))
+        return out["prediction"].clamp(0.0, 1.0)  # warp + change can overshoot [0, 1] slightly
+
+
+def cache_tensors(cache: SourceCache) -> tuple[torch.Tensor, ...]:
+    """The arguments of ``render_tensors`` after the keypoints: image, source keypoints, static, features."""
+    static = cache.static if cache.static is not None else cache.image.new_zeros(1)
+    return (cache.image, kp_to_vector(cache.kp), static, *cache.features)

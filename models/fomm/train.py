@@ -4,6 +4,7 @@ Usage:
   python -m models.fomm.train --data ../shared/data --kinds face --size 64 --out runs/face64 --minutes 100
   python -m models.fomm.train ... --resume                  # continue from OUT/last.pt
   python -m models.fomm.train --size 128 --init runs/face64/best.pt --freeze kp_detector ...  # 128 from 64
+  python -m models.fomm.train --size 256 --init models/weights/fomm_face64.pt --freeze kp_detector ...  # Refiner
   python -m models.fomm.train --data ../shared/data --steps 2 --tiny --out /tmp/x   # smoke run
 
 Self-supervised reconstruction, as in FOMM: two frames of one clip, the source is
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from models.checkpoint import load_state, read_checkpoint
 from models.data import PairSampler, load_clips, load_frames, split_by_group
+from models.fomm.blocks import resize
 from models.fomm.config import FommConfig
 from models.fomm.io import KIND, save_motion_model
 from models.fomm.losses import equivariance_losses, keypoint_spread, pyramid_l1, separation_loss, ssim
@@ -44,6 +46,9 @@ def preset(size: int, tiny: bool = False) -> FommConfig:
     """The shipped architecture for each output size (motion always at 64x64)."""
     if tiny:
         return FommConfig.tiny(size)
+    if size == 256:  # motion and generator at 64 (the 64 model's), pixels at 256 (Refiner)
+        return FommConfig(size=256, motion_size=64, kp_max_features=128, dm_block_expansion=16,
+                          dm_max_features=128, gen_block_expansion=32, gen_max_features=128, gen_size=64)
     return FommConfig(size=size, motion_size=64, kp_max_features=128, dm_block_expansion=16,
                       dm_max_features=128, gen_block_expansion=32 if size == 64 else 16,
                       gen_max_features=128)
@@ -94,10 +99,9 @@ def validate(model: MotionModel, src: torch.Tensor, drv: torch.Tensor, owner: li
     preds, spreads = [], []
     for i in range(0, len(src), 32):
         out = model(src[i:i + 32], drv[i:i + 32])
-        preds.append(out["prediction"])
+        preds.append(out["prediction"].clamp(0, 1))
         spreads.append(keypoint_spread(out["kp_driving"]["value"]))
     pred = torch.cat(preds)
-    model.train()
     l1_model = (pred - drv).abs().mean(dim=(1, 2, 3))
     l1_static = (src - drv).abs().mean(dim=(1, 2, 3))
     own = torch.tensor(owner)
@@ -112,6 +116,9 @@ def validate(model: MotionModel, src: torch.Tensor, drv: torch.Tensor, owner: li
         pick = torch.linspace(0, len(src) - 1, 8).long()
         kp = model.kp_detector(drv[pick])["value"]
         save_grid(grid_path, src[pick], drv[pick], pred[pick], kp)
+    # Back to training mode only now: a detector call in training mode would update a
+    # frozen detector's BatchNorm statistics (the shipped 128 model's detector drifted so).
+    model.train()
     return metrics
 
 
@@ -195,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             getattr(model, name).eval()  # frozen BatchNorm statistics too
         res = model(src, drv)
         rec = pyramid_l1(res["prediction"], drv)
+        if "low" in res:  # keep the low-resolution generator a good renderer on its own
+            rec = rec + 0.5 * pyramid_l1(res["low"], resize(drv, res["low"].shape[-1]), scales=(1, 0.5))
         ssim_term = 1.0 - ssim(res["prediction"], drv)
         if "kp_detector" in cfg.freeze:  # keypoint losses have nothing left to train
             eq_v = eq_j = sep = rec.new_zeros(())

@@ -32,7 +32,7 @@ bench: venv
 bench-val: venv
 	$(PY) -m bench.quality --data ../shared/data --split val --size 64 128 256 --json out/bench/quality_sizes.json --png out/bench/quality256.png
 	$(PY) -m bench.bandwidth --data ../shared/data --split val --json out/bench/bandwidth64.json --png out/bench/bandwidth64.png
-	$(PY) -m bench.bandwidth --data ../shared/data --split val --weights models/weights/fomm_face256.pt --json out/bench/bandwidth256.json --png out/bench/bandwidth256.png
+	$(PY) -m bench.bandwidth --data ../shared/data --split val --size 256 --json out/bench/bandwidth256.json --png out/bench/bandwidth256.png
 	$(PY) -m bench.forecast --data ../shared/data --json out/bench/forecast.json --png out/bench/forecast.png
 
 train: venv

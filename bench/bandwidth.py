@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 
 from bench import common
+from models.fomm.io import weights_for_size
 from models.fomm.model import MotionModel
 from shared import protocol
 from shared.protocol import Codec, Hello, KeypointBatch
@@ -103,7 +104,7 @@ def jpeg_source(frame: np.ndarray, quality: int = JPEG_QUALITY) -> tuple[bytes, 
 
 def one_off_messages(jpeg: bytes, size: int, codec: Codec, k: int) -> list[bytes]:
     """Hello + the source image's SourceChunk messages, sent once per call."""
-    hello = Hello(model="fomm", size=size, fps=FPS, codec=int(codec), kp_every=k)
+    hello = Hello(model="kp-" + "0" * 12, size=size, fps=FPS, codec=int(codec), kp_every=k)  # a detector id's length
     return [protocol.encode(hello)] + [protocol.encode(c) for c in protocol.split_source(jpeg, image_id=1)]
 
 
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", required=True)
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
-    p.add_argument("--size", type=int, default=None, help="must equal the model's output size if given")
+    p.add_argument("--size", type=int, default=None,
+                   help="the shipped model of this output size (64, 128, 256); with --weights it must match them")
     p.add_argument("--weights", default=None)
     p.add_argument("--split", choices=["val", "all"], default="val")
     p.add_argument("--kinds", nargs="+", default=["face"])
@@ -381,7 +383,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     common.set_threads(a.threads)
-    model, meta, wpath = common.load_model(a.weights)
+    weights = a.weights
+    if weights is None and a.size is not None:
+        try:
+            weights = weights_for_size(a.size)
+        except ValueError as e:
+            p.error(str(e))
+    model, meta, wpath = common.load_model(weights)
     size = model.config.size
     if a.size is not None and a.size != size:
         p.error(f"--size {a.size} but the model renders {size}px; pass weights of that size")

@@ -17,7 +17,14 @@ releases them (:meth:`JitterBuffer.release_through`). It also owns the timing mo
   jumps up at once when the quantile rises, and comes down at most
   ``shrink_ms_per_s`` when the network calms down, which the playout turns into an
   inaudible (invisible) ~1.5 % speed-up. Late frames still feed the delay statistics,
-  so lateness raises the target.
+  so lateness raises the target. The window is also bounded in time (``window_s``), so a
+  decimated stream (fewer frames per second) forgets as fast as a full one.
+- **Start-up drain.** The first keypoints of a call can queue behind the source image on
+  the shared SCTP association (a lost chunk stalls it for a retransmission timeout) and
+  arrive in one burst. That is not network jitter, but it used to lift the target by
+  hundreds of ms and, at 15 ms/s, keep it there for the rest of a short call. For the
+  first ``startup_s`` the excess over the quantile therefore halves every
+  ``startup_half_life_s`` (the playout skips frames to catch up) instead.
 - **Jitter** for stats is the RFC 3550 interarrival jitter (``J += (|D| - J) / 16``).
 
 Memory is bounded: at most ``capacity`` frames (oldest evicted and counted), a fixed
@@ -48,11 +55,14 @@ class JitterConfig:
     min_delay_ms: float = 0.0
     max_delay_ms: float = 1000.0
     quantile: float = 0.95
-    window: int = 90  # relative delays the quantile is taken over (3 s at 30 fps)
+    window: int = 90  # relative delays the quantile is taken over (3 s at 30 fps) ...
+    window_s: float = 3.0  # ... and no older than this (sender capture time)
     min_samples: int = 10  # below this, never go under initial_delay_ms
     margin_ms: float = 10.0  # covers the playout clock's +-quarter-frame steering slack
     extra_delay_ms: float = 0.0  # added on top (the playout adds (kp_every - 1) frames here)
     shrink_ms_per_s: float = 15.0
+    startup_s: float = 6.0  # after the first frame: a start-up burst drains fast (see module doc)
+    startup_half_life_s: float = 0.5
     offset_bucket_s: float = 1.0
     offset_buckets: int = 10
     max_drift: float = 0.005  # |sender clock rate - 1| larger than this is not believed
@@ -79,6 +89,7 @@ class JitterBuffer:
         self.drift = 0.0
         self._target_s = self.cfg.initial_delay_ms / 1000.0
         self._last_update_s: float | None = None
+        self._first_arrival_s: float | None = None
         self._prev_transit: float | None = None
         self.jitter_s = 0.0
         self.newest: KeypointFrame | None = None
@@ -165,6 +176,8 @@ class JitterBuffer:
             self.jitter_s += (abs(transit - self._prev_transit) - self.jitter_s) / 16.0
         self._prev_transit = transit
         self._transits.append((capture_s, transit))
+        while self._transits[0][0] < capture_s - self.cfg.window_s:
+            self._transits.popleft()
         self._update_offset(capture_s, transit)
         self._update_target(arrival_s)
 
@@ -213,10 +226,15 @@ class JitterBuffer:
             raw = max(raw, cfg.initial_delay_ms / 1000.0)
         dt = 0.0 if self._last_update_s is None else max(0.0, now_s - self._last_update_s)
         self._last_update_s = now_s if self._last_update_s is None else max(self._last_update_s, now_s)
+        if self._first_arrival_s is None:
+            self._first_arrival_s = now_s
         if raw >= self._target_s:
             self._target_s = raw  # fast attack
         else:
-            self._target_s = max(raw, self._target_s - cfg.shrink_ms_per_s / 1000.0 * dt)
+            drain = cfg.shrink_ms_per_s / 1000.0 * dt
+            if now_s - self._first_arrival_s < cfg.startup_s:
+                drain = max(drain, (self._target_s - raw) * (1.0 - 0.5 ** (dt / cfg.startup_half_life_s)))
+            self._target_s = max(raw, self._target_s - drain)
         self._target_s = float(np.clip(self._target_s, cfg.min_delay_ms / 1000.0, cfg.max_delay_ms / 1000.0))
 
     @property

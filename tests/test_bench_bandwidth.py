@@ -89,7 +89,7 @@ def test_rates_follow_their_definitions(run: tuple[dict, Path, Path]) -> None:
         one_off = []
         for f in frames:
             jpeg, _ = bandwidth.jpeg_source(f[0])
-            msgs = [protocol.encode(Hello("fomm", SIZE, FPS, int(Codec[c["codec"]]), c["k"]))]
+            msgs = [protocol.encode(Hello("kp-" + "0" * 12, SIZE, FPS, int(Codec[c["codec"]]), c["k"]))]
             msgs += [protocol.encode(ch) for ch in protocol.split_source(jpeg, 1)]
             one_off.append(sum(len(m) + 95 for m in msgs))
         assert c["kbps_source_amortised"] == pytest.approx(np.mean(one_off) * 8 / CALL_S / 1000)

@@ -110,3 +110,28 @@ def test_bounded_memory():
     assert len(buf) == 64 and buf.counts["evicted"] == 5000 - 64
     assert len(buf._seen) <= 128 and len(buf._transits) <= 50 and len(buf._buckets) <= cfg.offset_buckets + 1
     assert buf.first().seq == 5000 - 64
+
+
+@pytest.mark.parametrize("kp_every", [1, 2])
+def test_startup_burst_drains_in_seconds_not_for_the_whole_call(kp_every: int):
+    """The first frames queue behind the source image and arrive together 0.5 s late: the target
+    must come back to what the jitter needs within a few seconds, whatever the decimation."""
+    rng = np.random.default_rng(0)
+    extra = (kp_every - 1) * 1000 / 30
+    buf = JitterBuffer(JitterConfig(extra_delay_ms=extra))
+    arrivals = []
+    for i in range(0, 600, kp_every):
+        cap = i / 30
+        arr = cap + 0.040 + rng.uniform(0, 0.050)
+        if i < 30:
+            arr = max(arr, 0.5 + i * 0.0005)  # the burst
+        arrivals.append((arr, i, cap))
+    targets = []
+    for arr, i, cap in sorted(arrivals):
+        buf.push(i, int(cap * 1e6), V, arr)
+        targets.append((arr, buf.target_delay_s * 1000))
+    assert max(t for _, t in targets) > 300  # the burst did lift the target (fast attack)
+    settled = 50 + 10 + extra  # 95 % of U(0, 50 ms) + margin + decimation
+    after_5s = [t for a, t in targets if a > 5.5]
+    assert max(after_5s) < settled + 25, "the start-up burst still inflates the delay"
+    assert min(after_5s) > settled - 25, "drained below what the jitter needs"

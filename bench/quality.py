@@ -19,7 +19,7 @@ L1 restricted to pixels that differ between source and driving frame by more tha
 face as in the source; this one does not. The static-source baseline shows the source
 frame for every frame, scored on exactly the same frames. Render fps is dense motion +
 generator (+ full-resolution refiner) at batch 1 with the source encoding cached, on
-``--threads`` threads, eager and traced (what the receiver runs on CPU) side by side;
+``--threads`` threads, eager PyTorch and ONNX Runtime (what the receiver runs on CPU) side by side;
 ``stages_ms`` splits one eager render into its stages (medians).
 
 Transfer (``--transfer-*``): FOMM's relative animation of a source image by another clip
@@ -74,17 +74,17 @@ def evaluate_clip(model: MotionModel, frames: np.ndarray) -> dict[str, Any]:
 def render_fps(model: MotionModel, source: np.ndarray, vectors: np.ndarray, warmup: int = 5,
                frames: int = 40, rounds: int = 4) -> tuple[float, float]:
     """Frames per second of ``render`` at batch 1 with the source cache built once: eager PyTorch
-    and the traced, frozen graph the receiver uses on CPU (``receiver.render.traced_render``).
+    and ONNX Runtime, which the receiver uses on CPU (``receiver.render.onnx_render``).
     The two alternate in ``rounds`` blocks so machine noise hits both alike."""
-    from receiver.render import traced_render
+    from receiver.render import onnx_render
 
     cache = common.prepare(model, source)
     args = cache_tensors(cache)
-    traced = traced_render(model, cache)
-    if traced is None:
-        raise SystemExit("this torch cannot trace the renderer")
+    fast = onnx_render(model, cache)
+    if fast is None:
+        raise SystemExit("cannot build the ONNX Runtime renderer")
     v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    fns = {"eager": lambda x: model.render_tensors(x, *args), "traced": lambda x: traced(x, *args)}
+    fns = {"eager": lambda x: model.render_tensors(x, *args), "onnx": lambda x: fast(x, *args)}
     spent = {k: 0.0 for k in fns}
     per_round = max(1, frames // rounds)
     with torch.no_grad():
@@ -98,7 +98,7 @@ def render_fps(model: MotionModel, source: np.ndarray, vectors: np.ndarray, warm
                     f(v[i % len(v)][None])
                 spent[k] += time.perf_counter() - t0
     n = per_round * rounds
-    return n / spent["eager"], n / spent["traced"]
+    return n / spent["eager"], n / spent["onnx"]
 
 
 @torch.no_grad()
@@ -136,7 +136,7 @@ def run_reconstruction(model: MotionModel, clips: list[tuple[Any, np.ndarray]], 
                  r["static_source"]["l1"])
     first = clips[0][1]
     first_kp = common.detect_keypoints(model, first)
-    fps, fps_traced = render_fps(model, first[0], first_kp, frames=fps_frames)
+    fps, fps_onnx = render_fps(model, first[0], first_kp, frames=fps_frames)
     stages = stage_ms(model, first[0], first_kp, frames=fps_frames)
     return {
         "clips": len(per_clip),
@@ -146,7 +146,7 @@ def run_reconstruction(model: MotionModel, clips: list[tuple[Any, np.ndarray]], 
         "kp_spread": float(np.mean([c["kp_spread"] for c in per_clip])),
         "wins_vs_static": sum(c["win"] for c in per_clip),
         "render_fps": fps,
-        "render_fps_traced": fps_traced,
+        "render_fps_onnx": fps_onnx,
         "stages_ms": stages,
         "per_clip": per_clip,
     }
@@ -243,7 +243,7 @@ def table(res: dict[str, Any]) -> str:
     return (f"{head}\nclips {res['clips']} ({res['frames']} frames) at {res['size']}px, "
             f"model wins {res['wins_vs_static']}/{res['clips']} clips on L1, "
             f"keypoint spread {res['kp_spread']:.3f}, render {res['render_fps']:.1f} fps eager, "
-            f"{res['render_fps_traced']:.1f} traced (batch 1, {res['threads']} threads; "
+            f"{res['render_fps_onnx']:.1f} ONNX Runtime (batch 1, {res['threads']} threads; "
             f"eager dense motion {st['dense_motion']:.1f} ms, "
             f"generator {st['generator']:.1f} ms, refiner {st['refiner']:.1f} ms)")
 
@@ -255,11 +255,11 @@ def sizes_table(by_size: dict[int, dict[str, Any]]) -> str:
         m, s = r["model"], r["static_source"]
         st = r["stages_ms"]
         rows.append([f"{size} model", m["l1"], m["psnr"], m["ssim"], m["l1_moving"], m["l1"] / s["l1"],
-                     f"{r['wins_vs_static']}/{r['clips']}", r["render_fps"], r["render_fps_traced"],
+                     f"{r['wins_vs_static']}/{r['clips']}", r["render_fps"], r["render_fps_onnx"],
                      f"{st['dense_motion']:.1f}/{st['generator']:.1f}/{st['refiner']:.1f}"])
         rows.append([f"{size} static", s["l1"], s["psnr"], s["ssim"], s["l1_moving"], 1.0, "", "", "", ""])
     return common.format_table(["size", "L1", "PSNR dB", "SSIM", "L1 moving", "L1/static", "wins", "fps eager",
-                                "fps traced", "eager ms dm/gen/ref"], rows)
+                                "fps onnx", "eager ms dm/gen/ref"], rows)
 
 
 def plot(res: dict[str, Any], path: str | Path) -> None:

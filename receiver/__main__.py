@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                                         "at the end of each call (for offline error analysis)")
     p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for rendering")
-    p.add_argument("--eager-render", action="store_true", help="render with eager PyTorch, not the traced graph")
+    p.add_argument("--eager-render", action="store_true", help="render with eager PyTorch, not ONNX Runtime")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     a = p.parse_args(argv)
     session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import warnings
@@ -32,38 +33,61 @@ class _RenderGraph(torch.nn.Module):
         return self.model.render_tensors(*args)
 
 
-def traced_render(model: MotionModel, cache: SourceCache) -> torch.jit.ScriptModule | None:
-    """``model.render`` traced for batch 1, frozen and optimised for inference (CPU).
+class OnnxRender:
+    """``model.render`` exported to ONNX and run by ONNX Runtime (CPU), batch 1.
 
-    On 2 CPU cores this saves ~10 % per frame: BatchNorm is folded into the convolutions
-    and the Python overhead of a few hundred small ops is gone. Shapes are fixed by the
-    model's size, so one trace per model serves every call (it is kept on the model).
+    Measured on 2 CPU cores (``bench.quality``): 256x256 renders 1.4-1.5x faster than eager
+    PyTorch and ~1.35x faster than a frozen TorchScript trace; 64x64 about 1.5x. Shapes are fixed
+    by the model's size, so one session per model serves every call (it is kept on the model).
+    Spinning is off: the sender, aiortc and the event loop share the same cores.
     """
-    if "_kpcast_traced" in model.__dict__:
-        return model.__dict__["_kpcast_traced"]
-    args = (model.keypoints(cache.image), *cache_tensors(cache))
-    with torch.no_grad(), warnings.catch_warnings():
-        # Shape checks become constants in the trace: right, since a model's shapes never change.
-        # TorchScript is deprecated upstream but present in the pinned torch; torch.compile was
-        # slower than eager on 2 threads here. Without TorchScript, rendering stays eager.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            traced = torch.jit.trace(_RenderGraph(model).eval(), args, check_trace=False)
-            traced = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-            for _ in range(3):  # the profiling executor specialises on the first calls
-                traced(*args)
-        except (AttributeError, RuntimeError) as e:
-            log.warning("cannot trace the renderer (%s); rendering with eager PyTorch", e)
-            traced = None
-    object.__setattr__(model, "_kpcast_traced", traced)  # not a registered submodule: no state_dict entry
-    return traced
+
+    def __init__(self, model: MotionModel, example: tuple[torch.Tensor, ...], threads: int) -> None:
+        import onnxruntime as ort
+
+        names = [f"in{i}" for i in range(len(example))]
+        buf = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            # Shape checks become constants in the graph: right, since a model's shapes never change.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_RenderGraph(model).eval(), example, buf, opset_version=17, dynamo=False,
+                              input_names=names, output_names=["frame"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        used = {i.name for i in self.session.get_inputs()}  # unused inputs are pruned from the graph
+        self._keep = [i for i, n in enumerate(names) if n in used]
+        self._names = [names[i] for i in self._keep]
+
+    def __call__(self, *args: torch.Tensor) -> np.ndarray:
+        """The arguments of ``MotionModel.render_tensors``; returns (1, 3, H, W) float32 in [0, 1]."""
+        feeds = {n: args[i].detach().cpu().numpy() for n, i in zip(self._names, self._keep, strict=True)}
+        return self.session.run(None, feeds)[0]
+
+
+def onnx_render(model: MotionModel, cache: SourceCache) -> OnnxRender | None:
+    """The model's shared ONNX Runtime renderer, built on first use; None if it cannot be built
+    (then rendering stays eager)."""
+    if "_kpcast_onnx" in model.__dict__:
+        return model.__dict__["_kpcast_onnx"]
+    example = (model.keypoints(cache.image), *cache_tensors(cache))
+    try:
+        fast: OnnxRender | None = OnnxRender(model, example, torch.get_num_threads())
+        for _ in range(2):
+            fast(*example)
+    except Exception as e:  # noqa: BLE001 - any exporter/runtime failure must leave eager rendering working
+        log.warning("ONNX Runtime renderer unavailable (%s); rendering with eager PyTorch", e)
+        fast = None
+    object.__setattr__(model, "_kpcast_onnx", fast)  # not a registered submodule: no state_dict entry
+    return fast
 
 
 class Renderer:
     """Holds one call's source encoding (computed once) and renders frames from keypoints.
 
-    ``fast`` (CPU only): render through ``traced_render`` instead of eager PyTorch.
+    ``fast`` (CPU only): render through ONNX Runtime (``onnx_render``) instead of eager PyTorch.
     """
 
     def __init__(self, model: MotionModel, fast: bool = False) -> None:
@@ -75,7 +99,7 @@ class Renderer:
         self.source: np.ndarray | None = None
         self.detector_id = detector_id(model)
         self._args: tuple[torch.Tensor, ...] = ()
-        self._graph: torch.jit.ScriptModule | None = None
+        self._fast: OnnxRender | None = None
 
     def set_source(self, image: np.ndarray) -> None:
         """(H, W, 3) uint8 RGB of any size; cropped to a square and resized to the model size."""
@@ -84,7 +108,7 @@ class Renderer:
         cache = self.model.prepare_source(x)
         self._args = cache_tensors(cache)
         if self.fast:
-            self._graph = traced_render(self.model, cache)
+            self._fast = onnx_render(self.model, cache)
         self.cache = cache
         self.source = img
 
@@ -97,12 +121,12 @@ class Renderer:
         if self.cache is None:
             raise RuntimeError("no source image yet")
         v = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32)).to(self.device)[None]
+        if self._fast is not None:
+            out = self._fast(v, *self._args)[0]
+            return (np.clip(out, 0.0, 1.0).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
         with torch.no_grad():
-            if self._graph is not None:
-                out = self._graph(v, *self._args)[0]
-            else:
-                out = self.model.render_tensors(v, *self._args)[0]
-        return (out.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+            frame = self.model.render_tensors(v, *self._args)[0]
+        return (frame.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
 
 
 def synthetic_source(size: int) -> np.ndarray:
@@ -115,7 +139,7 @@ def synthetic_source(size: int) -> np.ndarray:
 def measure_render_fps(model: MotionModel, frames: int = 20, warmup: int = 4, fast: bool = True) -> float:
     """Frames per second of one render at batch 1 on this machine (a synthetic source, real weights).
 
-    Also leaves the traced graph on the model (``fast``), so the first call does not wait for it.
+    Also leaves the ONNX Runtime session on the model (``fast``), so the first call does not wait for it.
     """
     r = Renderer(model, fast=fast)
     r.set_source(synthetic_source(model.config.size))

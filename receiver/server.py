@@ -32,7 +32,7 @@ class ServerConfig:
     stop_after_calls: int | None = None  # exit after this many calls have ended (demo, tests)
     stats_dir: str | None = None  # each ended call's stats are written here as call_<n>.json
     session: SessionConfig = field(default_factory=SessionConfig)
-    fast_render: bool = True  # CPU: render through a traced, frozen graph (receiver.render.traced_render)
+    fast_render: bool = True  # CPU: render with ONNX Runtime (receiver.render.onnx_render)
 
 
 class ReceiverServer:

@@ -117,7 +117,7 @@ def test_quality_end_to_end(setup: tuple[Path, Path, Path], capsys: pytest.Captu
         assert set(res[k]) >= {"l1", "psnr", "ssim", "l1_moving"}
         for m in ("l1", "psnr", "ssim"):  # per-clip mean first, then mean over clips
             assert res[k][m] == pytest.approx(np.mean([c[k][m] for c in res["per_clip"]]))
-    assert res["render_fps"] > 0 and res["render_fps_traced"] > 0
+    assert res["render_fps"] > 0 and res["render_fps_onnx"] > 0
     assert res["wins_vs_static"] == sum(c["model"]["l1"] < c["static_source"]["l1"] for c in res["per_clip"])
     assert out_png.stat().st_size > 0
 

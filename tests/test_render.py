@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -52,7 +54,7 @@ def test_choose_model_by_size_and_auto() -> None:
 
 @pytest.mark.parametrize("size", [64, 256])
 def test_fast_renderer_matches_eager(size: int) -> None:
-    """The traced, frozen graph renders what eager PyTorch renders (BatchNorm folding changes rounding only)."""
+    """ONNX Runtime renders what eager PyTorch renders (float rounding only)."""
     torch.manual_seed(0)
     m = MotionModel(FommConfig.tiny(size)).eval()
     if m.refiner is not None:
@@ -63,8 +65,9 @@ def test_fast_renderer_matches_eager(size: int) -> None:
     eager, fast = Renderer(m), Renderer(m, fast=True)
     eager.set_source(src)
     fast.set_source(src)
-    assert fast._graph is not None and eager._graph is None
-    assert "_kpcast_traced" not in dict(m.named_modules())  # the trace is not part of the model's weights
+    assert fast._fast is not None and eager._fast is None
+    assert "_kpcast_onnx" not in dict(m.named_modules())  # the session is not part of the model's weights
+    assert all(not k.startswith("_kpcast") for k in m.state_dict())
     x = torch.from_numpy(src).permute(2, 0, 1)[None].float() / 255
     base = m.keypoints(x)[0].numpy()
     for shift in (0.0, 0.05, -0.1):
@@ -75,5 +78,24 @@ def test_fast_renderer_matches_eager(size: int) -> None:
     # a second call with another source reuses the trace and still renders its own source
     other = Renderer(m, fast=True)
     other.set_source(255 - src)
-    assert other._graph is fast._graph
+    assert other._fast is fast._fast
     assert np.abs(other.render(base).astype(int) - fast.render(base).astype(int)).mean() > 10
+
+
+def test_shipped_256_model_returns_the_source_when_nothing_moves(demo_clip: Path) -> None:
+    """Identity motion through the real 256x256 weights: the static-source image is the floor."""
+    from models.data import center_square, read_clip
+    from models.fomm.io import load_motion_model, weights_for_size
+
+    model, _ = load_motion_model(weights_for_size(256))
+    r = Renderer(model, fast=True)
+    frames = read_clip(demo_clip, max_frames=40)
+    r.set_source(frames[0])
+    x = torch.from_numpy(r.source).permute(2, 0, 1)[None].float() / 255
+    still = r.render(model.keypoints(x)[0].numpy())
+    assert still.shape == (256, 256, 3)
+    assert np.abs(still.astype(int) - r.source.astype(int)).max() <= 1
+    # and a later frame's keypoints do move pixels (so the check above is not vacuous)
+    y = torch.from_numpy(center_square(frames[-1], 256)).permute(2, 0, 1)[None].float() / 255
+    moved = r.render(model.keypoints(y)[0].numpy())
+    assert np.abs(moved.astype(int) - r.source.astype(int)).mean() > 1.0

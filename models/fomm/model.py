@@ -108,7 +108,7 @@ class MotionModel(nn.Module):
 
     def render_tensors(self, kp_vectors: torch.Tensor, image: torch.Tensor, kp_s_vector: torch.Tensor,
                        static: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
-        """``render`` as a function of tensors only, so it can be traced (see ``receiver.render``)."""
+        """``render`` as a function of tensors only, so it can be exported to ONNX (``receiver.render``)."""
         b = kp_vectors.shape[0]
         kp_d = vector_to_kp(kp_vectors, self.config.num_kp)
         kp_s = vector_to_kp(kp_s_vector.expand(b, -1), self.config.num_kp)

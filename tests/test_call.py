@@ -89,6 +89,7 @@ def test_wrong_token_is_refused(tmp_path: Path, tiny_weights: Path, demo_clip: P
 @pytest.mark.parametrize("args,message", [
     (["--video", "/nonexistent.mp4"], "video file not found"),
     (["--camera", "57"], "cannot open camera 57"),
+    (["--video", "x.mp4", "--size", "8"], "--size must be in 32..1024"),
 ])
 def test_sender_missing_input_is_a_clear_error(tiny_weights: Path, args: list[str], message: str) -> None:
     res = run_sender(["--receiver", "http://127.0.0.1:9", "--weights", str(tiny_weights), *args])

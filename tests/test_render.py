@@ -99,3 +99,16 @@ def test_shipped_256_model_returns_the_source_when_nothing_moves(demo_clip: Path
     y = torch.from_numpy(center_square(frames[-1], 256)).permute(2, 0, 1)[None].float() / 255
     moved = r.render(model.keypoints(y)[0].numpy())
     assert np.abs(moved.astype(int) - r.source.astype(int)).mean() > 1.0
+
+
+def test_without_onnx_runtime_rendering_stays_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    torch.manual_seed(0)
+    m = MotionModel(FommConfig.tiny(64)).eval()
+    r = Renderer(m, fast=True)
+    r.set_source((np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8))
+    assert r._fast is None
+    v = np.concatenate([np.zeros(20), np.tile([1.0, 0.0, 0.0, 1.0], 10)]).astype(np.float32)
+    assert r.render(v).shape == (64, 64, 3)

@@ -24,7 +24,9 @@ releases them (:meth:`JitterBuffer.release_through`). It also owns the timing mo
   arrive in one burst. That is not network jitter, but it used to lift the target by
   hundreds of ms and, at 15 ms/s, keep it there for the rest of a short call. For the
   first ``startup_s`` the excess over the quantile therefore halves every
-  ``startup_half_life_s`` (the playout skips frames to catch up) instead.
+  ``startup_half_life_s`` (the playout skips frames to catch up) instead. The session also
+  keeps frames that arrive before the source image is ready (plus 100 ms) out of the delay
+  statistics (:meth:`JitterBuffer.ignore_delays_until`): they are the burst.
 - **Jitter** for stats is the RFC 3550 interarrival jitter (``J += (|D| - J) / 16``).
 
 Memory is bounded: at most ``capacity`` frames (oldest evicted and counted), a fixed
@@ -90,6 +92,7 @@ class JitterBuffer:
         self._target_s = self.cfg.initial_delay_ms / 1000.0
         self._last_update_s: float | None = None
         self._first_arrival_s: float | None = None
+        self._delays_from_s = float("-inf")
         self._prev_transit: float | None = None
         self.jitter_s = 0.0
         self.newest: KeypointFrame | None = None
@@ -170,15 +173,22 @@ class JitterBuffer:
         return dropped
 
     # ------------------------------------------------------------------ timing model
+    def ignore_delays_until(self, arrival_s: float) -> None:
+        """Frames arriving before ``arrival_s`` still play and set the clock offset, but do not
+        move the target delay (the session calls this around the source image's arrival)."""
+        self._delays_from_s = arrival_s
+
     def _observe(self, capture_s: float, arrival_s: float) -> None:
         transit = arrival_s - capture_s
         if self._prev_transit is not None:  # RFC 3550 interarrival jitter
             self.jitter_s += (abs(transit - self._prev_transit) - self.jitter_s) / 16.0
         self._prev_transit = transit
+        self._update_offset(capture_s, transit)
+        if arrival_s < self._delays_from_s:
+            return
         self._transits.append((capture_s, transit))
         while self._transits[0][0] < capture_s - self.cfg.window_s:
             self._transits.popleft()
-        self._update_offset(capture_s, transit)
         self._update_target(arrival_s)
 
     def _update_offset(self, capture_s: float, transit: float) -> None:

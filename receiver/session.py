@@ -51,6 +51,7 @@ class SessionConfig:
     frames_log: str | None = None
 
 
+SOURCE_BURST_S = 0.1  # after the source image is ready, keypoints may still be draining out of SCTP
 FRAME_LOG_KINDS = ("real", "concealed", "interpolated")  # ``kind`` codes in the frames log
 
 
@@ -156,6 +157,8 @@ class CallSession:
                 from receiver.playout import Playout, PlayoutConfig
                 self.playout = Playout(PlayoutConfig(fps=hello.fps, forecaster=load_forecaster(self.config.forecaster),
                                                      kp_every=hello.kp_every, lookahead_ms=self.config.lookahead_ms))
+                if not self.renderer.ready:
+                    self.playout.buffer.ignore_delays_until(float("inf"))  # until the source is in
 
     def _on_keypoints(self, batch: P.KeypointBatch, nbytes: int, now: float) -> None:
         if self.hello is None:
@@ -190,6 +193,10 @@ class CallSession:
         self.stats.source_sha256 = hashlib.sha256(blob).hexdigest()
         self.stats.source_images += 1
         log.info("call %s: source image %dx%d (%d B) ready", self.call_id, img.shape[1], img.shape[0], len(blob))
+        if self.playout is not None:
+            # Keypoints sent while the image was on its way queued behind it on the SCTP
+            # association and arrive as one burst: not network jitter (see jitter_buffer).
+            self.playout.buffer.ignore_delays_until(time.monotonic() + SOURCE_BURST_S)
         self._wake.set()
 
     # ------------------------------------------------------------------ output

@@ -135,3 +135,22 @@ def test_startup_burst_drains_in_seconds_not_for_the_whole_call(kp_every: int):
     after_5s = [t for a, t in targets if a > 5.5]
     assert max(after_5s) < settled + 25, "the start-up burst still inflates the delay"
     assert min(after_5s) > settled - 25, "drained below what the jitter needs"
+
+
+def test_frames_before_the_source_image_do_not_move_the_target():
+    """The session marks the source image's arrival; the burst queued behind it is not jitter."""
+    buf = JitterBuffer()
+    buf.ignore_delays_until(float("inf"))
+    for i in range(15):  # captured over 0.5 s, all arriving at 0.6 s: a burst
+        assert buf.push(i, int(i * US), V, 0.6 + i * 0.0005) == OK
+    assert buf.target_delay_s == pytest.approx(0.060)  # still the initial delay
+    assert buf.has_timing  # ... but they did set the clock offset
+    buf.ignore_delays_until(0.7)
+    for i in range(15, 120):  # then a steady link: 40 ms + U(0, 20 ms)
+        buf.push(i, int(i * US), V, i / 30 + 0.040 + 0.020 * ((i * 7) % 10) / 10)
+    assert buf.target_delay_s < 0.045
+    # the same arrivals without the mark: the burst lifts the target far above that
+    ref = JitterBuffer()
+    for i in range(15):
+        ref.push(i, int(i * US), V, 0.6 + i * 0.0005)
+    assert ref.target_delay_s > 0.3

@@ -97,11 +97,11 @@ def test_mjpeg_stream_has_moving_frames_for_several_viewers(live_call: int) -> N
     assert get(f"http://127.0.0.1:{port}/stats?token=nope")[0] == 401
 
 
-def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
+def chromium(profile: Path, *args: str, timeout_ms: int = 3000) -> subprocess.CompletedProcess:
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={profile}", "--window-size=900,700",
-           "--timeout=3000",  # an MJPEG stream never finishes loading: stop after 3 s, then shoot/dump
+           f"--timeout={timeout_ms}",  # an MJPEG stream never finishes loading: stop after this, then shoot/dump
            *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=45)
 
@@ -130,7 +130,8 @@ def test_page_in_headless_chromium_shows_moving_video(live_call: int, tmp_path: 
     # the page's script polled /stats (with the token) and filled in the live call's numbers; a cold
     # Chromium may dump the DOM before the first poll has answered, so give it three tries
     for i in range(3):
-        dom = chromium(tmp_path / f"profile_dom{i}", "--dump-dom", url).stdout
+        # (a loaded machine starts Chromium slowly: give the page's once-a-second poll a few turns)
+        dom = chromium(tmp_path / f"profile_dom{i}", "--dump-dom", url, timeout_ms=5000).stdout
         if '<div id="status">live</div>' in dom:
             break
     assert '<div id="status">live</div>' in dom, dom[-1500:]

@@ -83,15 +83,26 @@ def test_a_few_training_steps_reduce_the_loss() -> None:
     m = MotionModel(FommConfig.tiny(64))
     src = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8), size=(64, 64), mode="bilinear")
     drv = torch.roll(src, shifts=3, dims=-1)
+    losses = _fit(m, src, drv, 25)
+    assert min(losses[-5:]) < 0.8 * losses[0]
+
+
+def _fit(m: MotionModel, src: torch.Tensor, drv: torch.Tensor, steps: int,
+         must_reach: tuple[str, ...] = ()) -> list[float]:
+    """Adam steps on one pair; the first step's gradients must reach every module in ``must_reach``."""
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(steps):
         loss = pyramid_l1(m(src, drv)["prediction"], drv)
         opt.zero_grad()
         loss.backward()
+        if not losses:
+            for name in must_reach:
+                grads = [p.grad for p in getattr(m, name).parameters() if p.grad is not None]
+                assert grads and any(g.abs().sum() > 0 for g in grads), name
         opt.step()
         losses.append(loss.item())
-    assert min(losses[-5:]) < 0.8 * losses[0]
+    return losses
 
 
 def _active_256() -> MotionModel:
@@ -154,18 +165,7 @@ def test_training_steps_at_256_reach_the_refiner_and_the_generator() -> None:
     m = MotionModel(FommConfig.tiny(256))
     src = _textured().expand(2, -1, -1, -1).contiguous()
     drv = torch.roll(src, shifts=6, dims=-1)
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = pyramid_l1(m(src, drv)["prediction"], drv)
-        opt.zero_grad()
-        loss.backward()
-        if not losses:
-            for name in ("refiner", "generator", "dense_motion"):
-                grads = [p.grad for p in getattr(m, name).parameters() if p.grad is not None]
-                assert grads and any(g.abs().sum() > 0 for g in grads), name
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(m, src, drv, 15, must_reach=("refiner", "generator", "dense_motion"))
     assert min(losses[-5:]) < 0.9 * losses[0]
 
 

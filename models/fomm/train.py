@@ -6,6 +6,9 @@ Usage:
   python -m models.fomm.train --size 128 --init runs/face64/best.pt --freeze kp_detector ...  # 128 from 64
   python -m models.fomm.train --size 256 --init models/weights/fomm_face64.pt --freeze kp_detector ...  # Refiner
   python -m models.fomm.train --data ../shared/data --steps 2 --tiny --out /tmp/x   # smoke run
+  python -m models.landmarks --out cache/landmarks_face256.npz     # once: dlib landmarks of every face clip
+  python -m models.fomm.train --size 256 --init models/weights/fomm_face256.pt \
+      --landmarks cache/landmarks_face256.npz ...   # keypoints anchored to eyes/mouth (models.fomm.anchors)
 
 Self-supervised reconstruction, as in FOMM: two frames of one clip, the source is
 warped to look like the driving frame using keypoints detected on both. Validation
@@ -32,8 +35,10 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_state, read_checkpoint
+from models.landmarks import ANCHOR_GROUPS, AnchorTemplates, LandmarkCache
 from models.data import PairSampler, load_clips, load_frames, split_by_group
 from models.fomm.blocks import resize
+from models.fomm.anchors import LandmarkSupervision, assign_anchors, weighted_l1
 from models.fomm.config import FommConfig
 from models.fomm.io import KIND, save_motion_model
 from models.fomm.losses import equivariance_losses, keypoint_spread, pyramid_l1, separation_loss, ssim
@@ -77,6 +82,12 @@ class TrainConfig:
     w_equi_value: float = 10.0
     w_equi_jac: float = 1.0
     w_separation: float = 1.0
+    # landmark supervision (models.fomm.anchors); off without --landmarks
+    landmarks: str = ""
+    anchor_kp: list[str] = field(default_factory=list)  # keypoint per anchor group; default: nearest (Hungarian)
+    w_anchor: float = 10.0
+    w_anchor_jac: float = 2.0
+    w_region: float = 10.0
 
 
 def validation_set(val_clips: list[np.ndarray], per_clip: int = 8) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -146,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     (out / "split.json").write_text(json.dumps({
         "train": sorted({c.group for c in train_info}), "val": sorted({c.group for c in val_info})}, indent=1))
     t0 = time.time()
-    train_clips = load_frames(train_info, cfg.size)
+    loaded = [(c, f) for c in train_info for f in load_frames([c], cfg.size)]
+    train_info = [c for c, _ in loaded]
+    train_clips = [f for _, f in loaded]
     val_clips = load_frames(val_info, cfg.size)
     log.info("loaded %d train / %d val clips (%d / %d frames) in %.0fs", len(train_clips), len(val_clips),
              sum(map(len, train_clips)), sum(map(len, val_clips)), time.time() - t0)
@@ -175,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         module = getattr(model, name)
         module.requires_grad_(False)
         log.info("frozen: %s", name)
+    supervision = None
+    if cfg.landmarks:
+        supervision = landmark_supervision(cfg, model, train_info, train_clips,
+                                           blob["meta"] if cfg.resume and last.exists() else None)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.5, 0.999))
 
     stop = {"now": False}
@@ -184,7 +201,11 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal best
         meta = {"step": step, "train_seconds": elapsed, "best_l1": best, "train_config": asdict(cfg),
                 "metrics": metrics, "train_groups": len({c.group for c in train_info}),
-                "val_groups": len({c.group for c in val_info})}
+                "val_groups": len({c.group for c in val_info}),
+                "val_persons": sorted({c.person for c in val_info})}
+        if supervision is not None:
+            meta["anchor_kp"] = supervision.anchor_kp
+            meta["anchor_templates"] = supervision.templates.to_list()
         if metrics is not None and metrics["l1"] < best:
             best = metrics["l1"]
             meta["best_l1"] = best
@@ -205,13 +226,21 @@ def main(argv: list[str] | None = None) -> None:
         if "low" in res:  # keep the low-resolution generator a good renderer on its own
             rec = rec + 0.5 * pyramid_l1(res["low"], resize(drv, res["low"].shape[-1]), scales=(1, 0.5))
         ssim_term = 1.0 - ssim(res["prediction"], drv)
+        anc_v = anc_j = region = rec.new_zeros(())
+        if supervision is not None:
+            anc = supervision.losses(res["kp_source"], res["kp_driving"], sampler.last_draw, res["prediction"].shape[-1])
+            anc_v, anc_j = anc.value, anc.jacobian
+            region = weighted_l1(res["prediction"], drv, anc.region)
+            if "low" in res:
+                region = region + 0.5 * weighted_l1(res["low"], resize(drv, res["low"].shape[-1]), anc.region)
         if "kp_detector" in cfg.freeze:  # keypoint losses have nothing left to train
             eq_v = eq_j = sep = rec.new_zeros(())
         else:
             eq_v, eq_j = equivariance_losses(model.kp_detector, drv, res["kp_driving"])
             sep = separation_loss(res["kp_driving"]["value"])
         loss = (cfg.w_rec * rec + cfg.w_ssim * ssim_term + cfg.w_equi_value * eq_v
-                + cfg.w_equi_jac * eq_j + cfg.w_separation * sep)
+                + cfg.w_equi_jac * eq_j + cfg.w_separation * sep
+                + cfg.w_anchor * anc_v + cfg.w_anchor_jac * anc_j + cfg.w_region * region)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -220,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         elapsed += time.time() - ts
         bar.update(1)
         bar.set_postfix(rec=f"{rec.item():.4f}", ssim=f"{1 - ssim_term.item():.3f}", eq=f"{eq_v.item():.4f}",
-                        sep=f"{sep.item():.3f}", refresh=False)
+                        sep=f"{sep.item():.3f}", anc=f"{anc_v.item():.3f}/{anc_j.item():.3f}",
+                        reg=f"{region.item():.4f}", refresh=False)
         if step % cfg.val_every == 0:
             m = validate(model, vsrc, vdrv, vowner, out / "val_grid.png")
             m["step"] = step
@@ -235,6 +265,45 @@ def main(argv: list[str] | None = None) -> None:
     m["step"], m["minutes"] = step, elapsed / 60
     checkpoint(m)
     print(json.dumps(m))
+
+
+def landmark_supervision(cfg: TrainConfig, model: MotionModel, infos: list, clips: list[np.ndarray],
+                         resumed_meta: dict | None) -> LandmarkSupervision:
+    """Landmarks of the training clips from the cache, and the keypoint tied to each group
+    (kept from the run being resumed, else given, else the nearest by Hungarian assignment)."""
+    cache = LandmarkCache(cfg.landmarks)
+    lms, valids = [], []
+    for info, frames in zip(infos, clips):
+        got = cache.get(info.path, cfg.data)
+        if got is None or len(got[0]) != len(frames):
+            lms.append(None)
+            valids.append(None)
+        else:
+            lms.append(got[0])
+            valids.append(got[1])
+    templates = None
+    if resumed_meta and resumed_meta.get("anchor_kp"):
+        anchor_kp = resumed_meta["anchor_kp"]
+        templates = AnchorTemplates.from_list(resumed_meta["anchor_templates"])
+    elif cfg.anchor_kp:
+        anchor_kp = [int(k) for k in cfg.anchor_kp]
+    else:
+        anchor_kp = list(range(len(ANCHOR_GROUPS)))  # placeholder until assigned below
+    sup = LandmarkSupervision(lms, valids, anchor_kp, templates)
+    if not (resumed_meta and resumed_meta.get("anchor_kp")) and not cfg.anchor_kp:
+        rng = np.random.default_rng(cfg.seed)
+        pairs = [(ci, fi) for ci, v in enumerate(valids) if v is not None for fi in np.flatnonzero(v)]
+        pick = [pairs[i] for i in rng.choice(len(pairs), size=min(256, len(pairs)), replace=False)]
+        frames = torch.from_numpy(np.stack([clips[ci][fi] for ci, fi in pick])).permute(0, 3, 1, 2).float() / 255
+        model.kp_detector.eval()
+        with torch.no_grad():
+            kp = torch.cat([model.kp_detector(frames[i:i + 32])["value"] for i in range(0, len(frames), 32)])
+        model.kp_detector.train()
+        lm = torch.stack([sup.lm[ci][fi] for ci, fi in pick])
+        sup.anchor_kp = assign_anchors(kp, lm, sup.templates)
+    log.info("landmark supervision: %.1f %% of training frames have landmarks; anchors %s",
+             100 * sup.coverage(), dict(zip(ANCHOR_GROUPS, sup.anchor_kp)))
+    return sup
 
 
 from dataclasses import MISSING as dataclasses_missing  # noqa: E402

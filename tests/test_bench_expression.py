@@ -1,0 +1,62 @@
+"""bench.expression: the landmark yardstick's definitions and a real run on the bundled clip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import expression
+
+
+def _face(mouth_gap: float, eye_gap: float, iod: float = 50.0) -> np.ndarray:
+    lm = np.zeros((68, 2), np.float32)
+    lm[36:42] = [100, 100]
+    lm[42:48] = [100 + iod, 100]
+    for a, b in expression.EYE_PAIRS:
+        lm[a] = [lm[a, 0], 100 - eye_gap / 2]
+        lm[b] = [lm[b, 0], 100 + eye_gap / 2]
+    for a, b in expression.MOUTH_PAIRS:
+        lm[a] = [120, 160 - mouth_gap / 2]
+        lm[b] = [120, 160 + mouth_gap / 2]
+    return lm
+
+
+def test_openings_are_relative_to_the_eye_distance() -> None:
+    lm = _face(mouth_gap=20, eye_gap=5)
+    assert expression.mouth_opening(lm) == pytest.approx(20 / 50, rel=0.02)
+    assert expression.eye_opening(lm) == pytest.approx(5 / 50, rel=0.02)
+    big = lm * 2  # the same face twice as large: same openings
+    assert expression.mouth_opening(big) == pytest.approx(expression.mouth_opening(lm))
+
+
+def test_pearson_is_zero_for_a_constant_side() -> None:
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert expression.pearson(a, np.full(4, 2.0)) == 0.0
+    assert expression.pearson(a, 2 * a + 1) == pytest.approx(1.0)
+    assert expression.pearson(a, -a) == pytest.approx(-1.0)
+    assert expression.pearson(a[:1], a[:1]) == 0.0
+
+
+def test_run_on_the_bundled_clip(tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "e.json"
+    png = tmp_path / "e.png"
+    expression.main(["--data", "assets", "--split", "all", "--weights", str(tiny_weights), "--labels", "tiny",
+                     "--stride", "15", "--aed-every", "3", "--max-frames", "90", "--crf", "40",
+                     "--json", str(out), "--png", str(png)])
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert set(s) == {"tiny", "static source", "libx264 CRF 40"}
+    assert res["frames_scored"] + res["no_face"] == 5 and res["frames_scored"] >= 4
+    # the static source never opens or closes anything: correlation 0 by definition
+    assert s["static source"]["mouth_corr"] == 0 and s["static source"]["eye_corr"] == 0
+    # H.264 at CRF 40 follows the face far better than a still image
+    assert s["libx264 CRF 40"]["akd"] < s["static source"]["akd"]
+    assert s["libx264 CRF 40"]["kbps"] > 1
+    assert s["static source"]["l1_vs_static"] == pytest.approx(1.0)
+    for row in s.values():
+        assert row["aed"] is not None and row["aed"] >= 0
+    assert png.stat().st_size > 10_000
+    assert "AKD px@256" in capsys.readouterr().out

@@ -165,7 +165,6 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
     h264_bits = {c: [0, 0] for c in crfs}  # bytes, frames
     per_clip = []
     t0 = time.time()
-    frames_by_size: dict[int, dict[str, np.ndarray]] = {}
     for info in clips:
         sizes = {LANDMARK_SIZE} | {m.config.size for _l, m, _meta, _p in loaded_models}
         decoded = {}
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         labels = a.labels or [Path(w).stem for w in a.weights]
         if len(labels) != len(a.weights):
             p.error("--labels needs one label per --weights")
-        models = list(zip(labels, a.weights))
+        models = list(zip(labels, a.weights, strict=True))
     else:
         try:
             models = [(f"kpcast {s}", weights_for_size(s)) for s in (a.size or [256])]

@@ -170,7 +170,7 @@ def anchor_targets(lm_unit: torch.Tensor, templates: AnchorTemplates) -> tuple[t
     stand for: an eye that closes shrinks its vertical scale, an opening mouth grows it.
     """
     centres, jacs = [], []
-    for idx, tmpl in zip(ANCHOR_GROUPS.values(), templates.shapes):
+    for idx, tmpl in zip(ANCHOR_GROUPS.values(), templates.shapes, strict=True):
         g = lm_unit[:, idx]
         c = g.mean(1)
         p = g - c[:, None]  # B, n, 2

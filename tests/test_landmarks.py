@@ -10,8 +10,19 @@ import torch
 
 from models.data import read_clip
 from models.fomm.anchors import LandmarkSupervision, assign_anchors, weighted_l1
-from models.landmarks import (ANCHOR_GROUPS, MIRROR, AnchorTemplates, FaceLandmarks, LandmarkCache,
-                              anchor_targets, clip_landmarks, main, mirror, region_mask, to_unit)
+from models.landmarks import (
+    ANCHOR_GROUPS,
+    MIRROR,
+    AnchorTemplates,
+    FaceLandmarks,
+    LandmarkCache,
+    anchor_targets,
+    clip_landmarks,
+    main,
+    mirror,
+    region_mask,
+    to_unit,
+)
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from models.landmarks import (ANCHOR_GROUPS, LANDMARK_SIZE, AnchorTemplates, anchor_targets, mirror,
-                              region_mask, to_unit)
+from models.landmarks import ANCHOR_GROUPS, LANDMARK_SIZE, AnchorTemplates, anchor_targets, mirror, region_mask, to_unit
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class LandmarkSupervision:
         self.valid = [torch.from_numpy(v) if v is not None else None for v in valid]
         self.anchor_kp = list(anchor_kp)
         if templates is None:
-            pool = torch.cat([a[v] for a, v in zip(self.lm, self.valid) if a is not None and v.any()])
+            pool = torch.cat([a[v] for a, v in zip(self.lm, self.valid, strict=True) if a is not None and v.any()])
             templates = AnchorTemplates.fit(pool)
         self.templates = templates
 

@@ -35,14 +35,14 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_state, read_checkpoint
-from models.landmarks import ANCHOR_GROUPS, AnchorTemplates, LandmarkCache
 from models.data import PairSampler, load_clips, load_frames, split_by_group
-from models.fomm.blocks import resize
 from models.fomm.anchors import LandmarkSupervision, assign_anchors, weighted_l1
+from models.fomm.blocks import resize
 from models.fomm.config import FommConfig
 from models.fomm.io import KIND, save_motion_model
 from models.fomm.losses import equivariance_losses, keypoint_spread, pyramid_l1, separation_loss, ssim
 from models.fomm.model import MotionModel
+from models.landmarks import ANCHOR_GROUPS, AnchorTemplates, LandmarkCache
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         ssim_term = 1.0 - ssim(res["prediction"], drv)
         anc_v = anc_j = region = rec.new_zeros(())
         if supervision is not None:
-            anc = supervision.losses(res["kp_source"], res["kp_driving"], sampler.last_draw, res["prediction"].shape[-1])
+            anc = supervision.losses(res["kp_source"], res["kp_driving"], sampler.last_draw,
+                                     res["prediction"].shape[-1])
             anc_v, anc_j = anc.value, anc.jacobian
             region = weighted_l1(res["prediction"], drv, anc.region)
             if "low" in res:
@@ -273,7 +274,7 @@ def landmark_supervision(cfg: TrainConfig, model: MotionModel, infos: list, clip
     (kept from the run being resumed, else given, else the nearest by Hungarian assignment)."""
     cache = LandmarkCache(cfg.landmarks)
     lms, valids = [], []
-    for info, frames in zip(infos, clips):
+    for info, frames in zip(infos, clips, strict=True):
         got = cache.get(info.path, cfg.data)
         if got is None or len(got[0]) != len(frames):
             lms.append(None)
@@ -302,7 +303,7 @@ def landmark_supervision(cfg: TrainConfig, model: MotionModel, infos: list, clip
         lm = torch.stack([sup.lm[ci][fi] for ci, fi in pick])
         sup.anchor_kp = assign_anchors(kp, lm, sup.templates)
     log.info("landmark supervision: %.1f %% of training frames have landmarks; anchors %s",
-             100 * sup.coverage(), dict(zip(ANCHOR_GROUPS, sup.anchor_kp)))
+             100 * sup.coverage(), dict(zip(ANCHOR_GROUPS, sup.anchor_kp, strict=True)))
     return sup
 
 

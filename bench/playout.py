@@ -121,6 +121,12 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
         m = (kind == k) & has
         out[f"{k}_kp_error"] = _mean(err[m])
         out[f"{k}_kp_error_n"] = int(m.sum())
+    # Real frames right after a concealment carry a fading correction (the blend), so their
+    # error depends on how much was concealed; the unblended ones are the wire's own error.
+    blend = frames["blend"][shown] if "blend" in frames else np.zeros(len(seq), np.float32)
+    m = (kind == "real") & has & (blend == 0)
+    out["real_unblended_kp_error"] = _mean(err[m])
+    out["real_unblended_kp_error_n"] = int(m.sum())
 
     # Repeat-last on the same concealed seqs: the truth of the last seq shown as real before it.
     # Only meaningful without render-ahead (then every shown frame is a playout-point frame).

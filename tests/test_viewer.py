@@ -130,8 +130,9 @@ def test_page_in_headless_chromium_shows_moving_video(live_call: int, tmp_path: 
     # the page's script polled /stats (with the token) and filled in the live call's numbers; a cold
     # Chromium may dump the DOM before the first poll has answered, so give it three tries
     for i in range(3):
-        # (a loaded machine starts Chromium slowly: give the page's once-a-second poll a few turns)
-        dom = chromium(tmp_path / f"profile_dom{i}", "--dump-dom", url, timeout_ms=5000).stdout
+        # (a loaded machine starts Chromium slowly and answers /stats late: give the page's
+        # once-a-second poll more turns on each try, 5, 10, then 20 s)
+        dom = chromium(tmp_path / f"profile_dom{i}", "--dump-dom", url, timeout_ms=5000 * 2 ** i).stdout
         if '<div id="status">live</div>' in dom:
             break
     assert '<div id="status">live</div>' in dom, dom[-1500:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.fomm import FommConfig, MotionModel, kp_to_vector, vector_to_kp
-from models.fomm.blocks import inverse_2x2, make_coordinate_grid
+from models.fomm.blocks import inverse_2x2, make_coordinate_grid, resize
 from models.fomm.losses import RandomTransform, pyramid_l1, separation_loss, ssim
 
 
@@ -174,3 +174,25 @@ def test_gen_size_must_fit() -> None:
         FommConfig(size=256, gen_size=96)
     with pytest.raises(ValueError):
         FommConfig(size=128, motion_size=64, gen_size=32)
+
+
+def test_derived_tiers_share_the_detector_and_the_motion(tmp_path) -> None:
+    from models.fomm.derive import derive
+    from models.fomm.io import detector_id, save_motion_model
+
+    torch.manual_seed(3)
+    big = MotionModel(FommConfig.tiny(256)).eval()
+    src = tmp_path / "t256.pt"
+    save_motion_model(src, big, {"step": 7}, half=False)
+    small, meta = derive(src, 64)
+    mid, _ = derive(src, 128)
+    assert small.refiner is None and small.config.size == 64 and mid.config.size == 128
+    assert detector_id(small) == detector_id(mid) == detector_id(big)
+    assert meta["derived_from_step"] == 7
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        out = big(x[:1].expand(2, -1, -1, -1), x)
+        low = small(resize(x[:1], 64).expand(2, -1, -1, -1), resize(x, 64))["prediction"]
+        assert mid(resize(x[:1], 128).expand(2, -1, -1, -1), resize(x, 128))["prediction"].shape == (2, 3, 128, 128)
+    # the 64 tier renders exactly the 256 model's own 64x64 output (same detector input after resizing)
+    assert torch.allclose(low, out["low"], atol=1e-3)

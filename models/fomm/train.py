@@ -51,12 +51,11 @@ def preset(size: int, tiny: bool = False) -> FommConfig:
     """The shipped architecture for each output size (motion always at 64x64)."""
     if tiny:
         return FommConfig.tiny(size)
-    if size == 256:  # motion and generator at 64 (the 64 model's), pixels at 256 (Refiner)
-        return FommConfig(size=256, motion_size=64, kp_max_features=128, dm_block_expansion=16,
-                          dm_max_features=128, gen_block_expansion=32, gen_max_features=128, gen_size=64)
+    # Every tier is one motion model (detector, dense motion and generator at 64x64); 128 and
+    # 256 add the full-resolution Refiner (models.fomm.derive makes 64 and 128 from a 256 run).
     return FommConfig(size=size, motion_size=64, kp_max_features=128, dm_block_expansion=16,
-                      dm_max_features=128, gen_block_expansion=32 if size == 64 else 16,
-                      gen_max_features=128)
+                      dm_max_features=128, gen_block_expansion=32, gen_max_features=128,
+                      gen_size=0 if size == 64 else 64)
 
 
 @dataclass

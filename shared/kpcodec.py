@@ -1,0 +1,350 @@
+"""Closed-loop predictive keypoint coding: send only what the receiver cannot predict.
+
+Both ends run the same deterministic predictor on the same *decoded* history, in
+integers, so they agree bit for bit without ever exchanging the prediction:
+
+- quantisation: coordinates on a grid of ``coord_step`` over [-1, 1]; Jacobian entries on
+  the Q8 codec's logarithmic int8 scale (``shared.protocol``), whose steps are relative;
+- predictor: ``last`` (repeat the previous frame) or ``linear`` (constant velocity);
+- per frame the encoder either **skips** it (the prediction is within ``tolerance`` of
+  the truth and fewer than ``max_gap`` frames were skipped: nothing is sent, and the
+  receiver's history takes the prediction, exactly as the encoder's does), or sends the
+  **residual** (quantised truth minus prediction, zig-zag + Exp-Golomb coded with one
+  order per group chosen per frame), or a **keyframe** (the absolute Q8 vector) every
+  ``keyframe_interval`` frames and whenever the receiver reports a loss.
+
+Every coded frame names the previous coded frame (``prev_seq``): a receiver whose last
+decoded frame is ``prev_seq`` fills the skipped frames between by prediction and
+decodes; any other receiver has lost something, holds the frame until the missing one
+turns up (the keypoint channel is unordered) and otherwise asks for a keyframe. A lost
+message can therefore never drift the decoder: it stops decoding until it is in sync.
+
+No torch and no I/O here; ``shared.protocol`` carries the frames on the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.protocol import JAC_RANGE, KP_DIM, Codec, _jac_to_q8, _q8_to_jac, decode_vectors, encode_vector
+
+log = logging.getLogger(__name__)
+
+NC = 20  # coordinate values at the front of a 60-value vector; 40 Jacobian entries follow
+PREDICTORS = ("last", "linear")
+_MAX_EG = 24  # an Exp-Golomb prefix longer than this is not a residual of a keypoint
+
+
+@dataclass(frozen=True)
+class PredictiveConfig:
+    """Parameters both ends must share (the sender announces them in its Hello).
+
+    coord_step: coordinate grid in [-1, 1] units (1/512 = 0.25 px at 256x256 at worst: below
+        what a viewer sees, and far coarser than Q8's 3e-5, which only costs bits).
+    predictor: ``last`` or ``linear`` (integer extrapolation 2 h[-1] - h[-2]).
+    tolerance: skip a frame when every coordinate of the prediction is within this of the
+        truth (in [-1, 1] units; 0.004 = 0.5 px at 256) and every Jacobian entry within
+        ``tolerance * jac_factor`` (a Jacobian error of 0.04 moves a pixel one kernel width
+        (0.1) away by 0.004: the same size).
+    max_gap: at most this many frames in a row are skipped (the receiver stays fresh).
+    keyframe_interval: an absolute frame at least this often (frames), so a receiver that
+        missed a keyframe request recovers anyway.
+    """
+
+    coord_step: float = 1.0 / 512
+    predictor: str = "last"
+    tolerance: float = 0.004
+    jac_factor: float = 10.0
+    max_gap: int = 4
+    keyframe_interval: int = 90
+
+    def __post_init__(self) -> None:
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if not 1e-5 <= self.coord_step <= 0.1:
+            raise ValueError("coord_step must be in [1e-5, 0.1]")
+        if self.tolerance < 0 or self.max_gap < 0 or self.keyframe_interval < 1:
+            raise ValueError("tolerance and max_gap must be >= 0, keyframe_interval >= 1")
+
+    @property
+    def coord_levels(self) -> int:
+        """Largest coordinate integer: coordinates are integers in [-L, L]."""
+        return int(round(1.0 / self.coord_step))
+
+
+# --------------------------------------------------------------------------- integer domain
+
+
+def quantise(vec: np.ndarray, cfg: PredictiveConfig) -> np.ndarray:
+    """60 floats -> 60 int32: coordinates on the grid, Jacobians on the Q8 log scale."""
+    v = np.asarray(vec, np.float64).reshape(-1)
+    if v.size != KP_DIM or not np.isfinite(v).all():
+        raise ValueError(f"keypoint vector must be {KP_DIM} finite values")
+    lv = cfg.coord_levels
+    c = np.clip(np.round(v[:NC] / cfg.coord_step), -lv, lv)
+    j = _jac_to_q8(np.clip(v[NC:], -JAC_RANGE, JAC_RANGE)).astype(np.int32)
+    return np.concatenate([c.astype(np.int32), j])
+
+
+def dequantise(q: np.ndarray, cfg: PredictiveConfig) -> np.ndarray:
+    q = np.asarray(q, np.int32)
+    c = (q[:NC].astype(np.float64) * cfg.coord_step).astype(np.float32)
+    return np.concatenate([np.clip(c, -1.0, 1.0), _q8_to_jac(q[NC:].astype(np.int8))])
+
+
+def predict(history: list[np.ndarray], cfg: PredictiveConfig) -> np.ndarray:
+    """The next integer vector from the decoded history (newest last); identical on both ends."""
+    if not history:
+        raise ValueError("no history to predict from")
+    if cfg.predictor == "last" or len(history) < 2:
+        return history[-1].copy()
+    p = 2 * history[-1] - history[-2]
+    lv = cfg.coord_levels
+    p[:NC] = np.clip(p[:NC], -lv, lv)
+    p[NC:] = np.clip(p[NC:], -127, 127)
+    return p
+
+
+# --------------------------------------------------------------------------- entropy coding
+
+
+class _BitWriter:
+    def __init__(self) -> None:
+        self.acc = 0
+        self.n = 0
+
+    def put(self, value: int, bits: int) -> None:
+        self.acc = (self.acc << bits) | value
+        self.n += bits
+
+    def exp_golomb(self, v: int, k: int) -> None:
+        """Order-k Exp-Golomb code of v >= 0."""
+        x = v + (1 << k)
+        length = x.bit_length()
+        self.put(0, length - 1 - k)
+        self.put(x, length)
+
+    def bytes(self) -> bytes:
+        pad = (-self.n) % 8
+        return ((self.acc << pad) if self.n else 0).to_bytes((self.n + pad) // 8, "big")
+
+
+class _BitReader:
+    def __init__(self, data: bytes) -> None:
+        self.val = int.from_bytes(data, "big")
+        self.total = 8 * len(data)
+        self.pos = 0
+
+    def get(self, bits: int) -> int:
+        if self.pos + bits > self.total:
+            raise ValueError("residual bitstream ends early")
+        self.pos += bits
+        return (self.val >> (self.total - self.pos)) & ((1 << bits) - 1)
+
+    def exp_golomb(self, k: int) -> int:
+        zeros = 0
+        while self.get(1) == 0:
+            zeros += 1
+            if zeros > _MAX_EG:
+                raise ValueError("residual code too long")
+        rest = self.get(zeros + k)
+        return ((1 << (zeros + k)) | rest) - (1 << k)
+
+
+def _zigzag(r: np.ndarray) -> list[int]:
+    return [int(2 * x) if x >= 0 else int(-2 * x - 1) for x in r]
+
+
+def _unzigzag(u: int) -> int:
+    return u >> 1 if u % 2 == 0 else -((u + 1) >> 1)
+
+
+def _eg_bits(u: int, k: int) -> int:
+    return 2 * (u + (1 << k)).bit_length() - 1 - k
+
+
+# two groups with their own statistics: the 20 coordinates and the 40 Jacobian entries
+_GROUPS = ((0, NC), (NC, KP_DIM))
+
+
+def encode_residual(r: np.ndarray) -> bytes:
+    """60 int residuals -> bytes: per group a 3-bit Exp-Golomb order, then the codes."""
+    w = _BitWriter()
+    for a, b in _GROUPS:
+        u = _zigzag(r[a:b])
+        k = min(range(8), key=lambda k: sum(_eg_bits(x, k) for x in u))
+        w.put(k, 3)
+        for x in u:
+            w.exp_golomb(x, k)
+    return w.bytes()
+
+
+def decode_residual(data: bytes) -> np.ndarray:
+    """Inverse of ``encode_residual``; raises ValueError on a bitstream that is not one."""
+    if not data or len(data) > 4 * KP_DIM:
+        raise ValueError("residual payload size")
+    rd = _BitReader(data)
+    out = []
+    for a, b in _GROUPS:
+        k = rd.get(3)
+        out += [_unzigzag(rd.exp_golomb(k)) for _ in range(b - a)]
+    if rd.total - rd.pos >= 8:
+        raise ValueError("trailing bytes after the residual")
+    return np.array(out, np.int32)
+
+
+# --------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True)
+class CodedFrame:
+    """One frame on the wire: ``prev_seq`` is the previous coded frame (-1 before the first)."""
+
+    seq: int
+    prev_seq: int
+    key: bool
+    payload: bytes
+
+
+class PredictiveEncoder:
+    """Sender side. ``encode`` returns the frame to send, or None when it is skipped."""
+
+    def __init__(self, cfg: PredictiveConfig) -> None:
+        self.cfg = cfg
+        self.history: list[np.ndarray] = []
+        self.last_coded = -1
+        self.last_key = -(10 ** 9)
+        self.gap = 0
+        self._want_key = True
+        self.counts = {"key": 0, "residual": 0, "skipped": 0}
+
+    def request_keyframe(self) -> None:
+        """The receiver reported a loss: the next frame is absolute."""
+        self._want_key = True
+
+    def encode(self, seq: int, vec: np.ndarray) -> CodedFrame | None:
+        cfg = self.cfg
+        q = quantise(vec, cfg)
+        if self._want_key or not self.history or seq - self.last_key >= cfg.keyframe_interval:
+            return self._emit(seq, q, key=True)
+        p = predict(self.history, cfg)
+        if self.gap < cfg.max_gap and self._close(p, vec):
+            self._push(p)
+            self.gap += 1
+            self.counts["skipped"] += 1
+            return None
+        return self._emit(seq, q, key=False, residual=q - p)
+
+    def _close(self, p: np.ndarray, vec: np.ndarray) -> bool:
+        d = dequantise(p, self.cfg)
+        v = np.asarray(vec, np.float32).reshape(-1)
+        tol = self.cfg.tolerance
+        return bool(np.abs(d[:NC] - v[:NC]).max() <= tol
+                    and np.abs(d[NC:] - v[NC:]).max() <= tol * self.cfg.jac_factor)
+
+    def _emit(self, seq: int, q: np.ndarray, key: bool, residual: np.ndarray | None = None) -> CodedFrame:
+        if key:
+            payload = encode_vector(dequantise(q, self.cfg), Codec.Q8)
+            # the receiver decodes the Q8 bytes: take exactly what it will hold
+            q = quantise(decode_vectors(payload, Codec.Q8)[0], self.cfg)
+            self.history = []
+            self.last_key = seq
+            self._want_key = False
+            self.counts["key"] += 1
+        else:
+            payload = encode_residual(residual)
+            self.counts["residual"] += 1
+        frame = CodedFrame(seq, self.last_coded, key, payload)
+        self._push(q)
+        self.last_coded = seq
+        self.gap = 0
+        return frame
+
+    def _push(self, q: np.ndarray) -> None:
+        self.history = (self.history + [q])[-2:]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    seq: int
+    vector: np.ndarray  # (60,) float32
+    kind: str  # "key" | "residual" | "skipped"
+
+
+class PredictiveDecoder:
+    """Receiver side: feed ``CodedFrame``s in any order; get decoded frames in order.
+
+    ``needs_keyframe`` turns true when a frame's predecessor is missing and ``max_pending``
+    frames wait behind it (the keypoint channel never retransmits): the receiver should
+    ask the sender for a keyframe. Until one arrives nothing after the gap is decoded,
+    so the picture can freeze on a concealment but never drift.
+    """
+
+    def __init__(self, cfg: PredictiveConfig, max_pending: int = 3) -> None:
+        self.cfg = cfg
+        self.history: list[np.ndarray] = []
+        self.last_seq = -1  # newest decoded seq (coded or skipped)
+        self.last_coded = -1
+        self.pending: dict[int, CodedFrame] = {}  # keyed by prev_seq
+        self.max_pending = max_pending
+        self.needs_keyframe = False
+        self.counts = {"key": 0, "residual": 0, "skipped": 0, "dropped": 0}
+
+    def predict_next(self) -> np.ndarray | None:
+        """What the encoder predicts for the frame after the newest decoded one (concealment)."""
+        return dequantise(predict(self.history, self.cfg), self.cfg) if self.history else None
+
+    def push(self, frame: CodedFrame) -> list[Decoded]:
+        """Decode ``frame`` and whatever it unblocks. Raises ValueError on a corrupt payload."""
+        if frame.seq <= self.last_seq or frame.prev_seq >= frame.seq:
+            self.counts["dropped"] += 1  # duplicate, stale or inconsistent
+            return []
+        out: list[Decoded] = []
+        if frame.key:
+            q = quantise(decode_vectors(frame.payload, Codec.Q8)[0], self.cfg)
+            if frame.prev_seq == self.last_coded and self.history:
+                out += self._fill(frame.seq)
+            self.history = []
+            self.pending = {k: f for k, f in self.pending.items() if f.seq > frame.seq}
+            out.append(self._take(frame.seq, q, "key"))
+            self.needs_keyframe = False
+        elif self.history and frame.prev_seq == self.last_coded:
+            r = decode_residual(frame.payload)
+            out += self._fill(frame.seq)
+            q = predict(self.history, self.cfg) + r
+            lv = self.cfg.coord_levels
+            if np.abs(q[:NC]).max() > lv or np.abs(q[NC:]).max() > 127:
+                raise ValueError("residual decodes outside the quantiser's range")
+            out.append(self._take(frame.seq, q, "residual"))
+        else:
+            if frame.prev_seq > self.last_coded:  # its predecessor may still arrive (unordered channel)
+                self.pending[frame.prev_seq] = frame
+            else:
+                self.counts["dropped"] += 1
+            if len(self.pending) >= self.max_pending or not self.history:
+                self.needs_keyframe = True
+            return out
+        nxt = self.pending.pop(self.last_coded, None)
+        if nxt is not None:
+            out += self.push(nxt)
+        return out
+
+    def _fill(self, seq: int) -> list[Decoded]:
+        """The skipped frames between the last coded frame and ``seq``, by prediction."""
+        out = []
+        for s in range(self.last_seq + 1, seq):
+            q = predict(self.history, self.cfg)
+            self.history = (self.history + [q])[-2:]
+            self.last_seq = s
+            self.counts["skipped"] += 1
+            out.append(Decoded(s, dequantise(q, self.cfg), "skipped"))
+        return out
+
+    def _take(self, seq: int, q: np.ndarray, kind: str) -> Decoded:
+        self.history = (self.history + [q])[-2:]
+        self.last_seq = self.last_coded = seq
+        self.counts[kind] += 1
+        return Decoded(seq, dequantise(q, self.cfg), kind)

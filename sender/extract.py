@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import numpy as np
 import torch
 
+from models.fomm.export import detector_onnx, onnx_session
 from models.fomm.model import MotionModel
+
+log = logging.getLogger(__name__)
 
 
 class KeypointExtractor:
-    def __init__(self, model: MotionModel, device: str = "cpu") -> None:
+    """``fast`` (CPU): run the detector through ONNX Runtime (the same graph a browser sender
+    runs), falling back to eager PyTorch if it cannot be built. ``threads``: ONNX Runtime's
+    intra-op threads (the sender shares the machine with aiortc and the capture)."""
+
+    def __init__(self, model: MotionModel, device: str = "cpu", fast: bool = True, threads: int = 1) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.size = model.config.motion_size  # the detector's input size
+        self.session = None
+        if fast and device == "cpu":
+            try:
+                self.session = onnx_session(detector_onnx(self.model), threads)
+                self.session.run(None, {"frame": np.zeros((1, 3, self.size, self.size), np.float32)})
+            except Exception as e:  # noqa: BLE001 - any exporter/runtime failure must leave eager extraction working
+                log.warning("ONNX Runtime keypoint extraction unavailable (%s); using eager PyTorch", e)
+                self.session = None
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self.session is not None else "torch"
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(S, S, 3) uint8 RGB square of any size -> (60,) float32.
@@ -25,5 +46,8 @@ class KeypointExtractor:
             raise ValueError(f"expected a square RGB frame, got {image.shape}")
         if image.shape[0] != self.size:
             image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        if self.session is not None:
+            x = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+            return self.session.run(None, {"frame": x})[0][0].astype(np.float32)
         x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         return self.model.keypoints(x)[0].cpu().numpy().astype(np.float32)

@@ -23,3 +23,38 @@ def test_any_square_size_gives_the_detectors_keypoints() -> None:
     assert np.abs(ex(255 - big) - v_big).max() > 1e-4
     with pytest.raises(ValueError, match="square"):
         ex(np.zeros((64, 80, 3), np.uint8))
+
+
+def test_onnx_runtime_extraction_matches_pytorch(demo_clip) -> None:
+    from models.data import read_clip
+
+    torch.manual_seed(1)
+    model = MotionModel(FommConfig.tiny(64))
+    fast, eager = KeypointExtractor(model, fast=True), KeypointExtractor(model, fast=False)
+    assert fast.backend == "onnxruntime" and eager.backend == "torch"
+    for f in read_clip(demo_clip, max_frames=4):
+        np.testing.assert_allclose(fast(f), eager(f), atol=1e-4)
+
+
+def test_export_command_checks_the_file(tmp_path, tiny_weights, capsys) -> None:
+    import onnx
+
+    from models.fomm.export import main
+
+    out = tmp_path / "det.onnx"
+    main(["--weights", str(tiny_weights), "--out", str(out)])
+    model = onnx.load(str(out))
+    assert [i.name for i in model.graph.input] == ["frame"] and [o.name for o in model.graph.output] == ["keypoints"]
+    diff = float(capsys.readouterr().out.rsplit(":", 1)[1])
+    assert diff < 1e-4
+
+
+def test_extraction_falls_back_to_pytorch_when_export_fails(monkeypatch) -> None:
+    import sender.extract as ex_mod
+
+    def broken(_model):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(ex_mod, "detector_onnx", broken)
+    ex = KeypointExtractor(MotionModel(FommConfig.tiny(64)), fast=True)
+    assert ex.backend == "torch" and ex(np.zeros((64, 64, 3), np.uint8)).shape == (60,)

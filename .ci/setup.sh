@@ -7,9 +7,10 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # opencv-python needs libGL and glib on a headless Debian machine; nftables is for the impaired-network bench/tests;
 # chromium is for the browser-viewer test (tests/test_viewer.py); docker-compose validates docker-compose.yml
 # (`docker compose config`; this machine has the docker client but no engine and no compose v2 plugin).
+# coturn (turnserver) is for the relayed-call test (tests/test_ice_servers.py; it skips without it).
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   missing=""
-  for pkg in libgl1 libglib2.0-0 nftables iproute2 chromium docker-compose; do
+  for pkg in libgl1 libglib2.0-0 nftables iproute2 chromium docker-compose coturn; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
   done
   if [ -n "$missing" ]; then

@@ -23,6 +23,7 @@ from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import DEFAULT_FORECASTER, SessionConfig
 from receiver.sinks import SinkError, check_sink_spec
 from shared.ice import addresses_for_host, restrict_host_addresses
+from shared.ice_servers import IceServerError, add_ice_server_arguments, options_from_args
 
 log = logging.getLogger("receiver")
 
@@ -47,17 +48,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
     p.add_argument("--stop-after-calls", type=int, help="exit after this many calls ended")
     p.add_argument("--stats-dir", help="write each call's stats JSON here")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let pages from this origin (e.g. https://app.example.org, or *) use POST /offer and "
+                        "GET /stats (repeatable; default: none, same-origin only)")
     p.add_argument("--frames-log", help="write every shown frame (seq, kind, keypoints, times) to this .npz "
                                         "at the end of each call (for offline error analysis)")
     p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
+    add_ice_server_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads for rendering")
     p.add_argument("--eager-render", action="store_true", help="render with eager PyTorch, not ONNX Runtime")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     a = p.parse_args(argv)
+    try:
+        ice = options_from_args(a)
+    except IceServerError as e:
+        p.error(str(e))
     session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms,
                             frames_log=a.frames_log)
     cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session,
-                       fast_render=not a.eager_render)
+                       fast_render=not a.eager_render, ice=ice,
+                       cors_origins=a.cors_origin)
     return cfg, a
 
 

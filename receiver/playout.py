@@ -20,7 +20,9 @@ Per tick:
    target delay is raised by ``k - 1`` frames so the right neighbour is normally there, and
    short losses); else a forecast conditioned on the rendered history, real and
    previously concealed frames (``concealed``). Long concealments are damped towards a
-   freeze after ``damp_after_frames`` so extrapolation cannot run off.
+   freeze after ``damp_after_frames`` so extrapolation cannot run off. A forecast never
+   looks more than ``max_forecast_steps`` ahead (beyond that it holds its last step): the
+   horizon comes from sequence numbers a peer chooses, so it must not set the work per tick.
 3. **Convergence.** The first real frame after a concealment gets a correction
    ``forecast(s) - real`` that fades out over ``blend_frames`` frames, so the picture
    glides back to the truth instead of jumping.
@@ -86,6 +88,8 @@ class PlayoutConfig:
     stall_s: float = 0.1  # a gap longer than this between new frames is a stall
     truth_window: int = 1024  # rendered/true vectors kept while waiting for their pair
     restart_after_late: int = 30  # this many consecutive far-behind late frames = sender restarted
+    max_forecast_steps: int = 64  # frames; damping has frozen the motion long before this
+    restart_jump_s: float = 10.0  # a frame this far ahead of the playout point restarts the stream
 
 
 def kp_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -163,6 +167,11 @@ class Playout:
         vec = np.asarray(vector, dtype=np.float32).reshape(-1)
         if vec.shape[0] != KP_DIM:
             raise ValueError(f"keypoint vector must have {KP_DIM} values, got {vec.shape[0]}")
+        if self.cursor is not None and seq - self.cursor > self.cfg.restart_jump_s * self.cfg.fps:
+            # Far ahead (a long outage, or a peer's made-up number): steering would skip or conceal
+            # every frame in between; start over from this frame instead, like a new stream.
+            log.warning("seq %d is %d frames ahead of playout; restarting the stream", seq, seq - self.cursor)
+            self.reset()
         status = self.buffer.push(int(seq), int(capture_us), vec, float(arrival_s))
         if status == OK:
             self._late_run = 0
@@ -353,13 +362,13 @@ class Playout:
         return np.stack([v for _, v in self._hist]).astype(np.float32)
 
     def _forecast_to(self, s: int, hist: np.ndarray, last_seq: int) -> np.ndarray:
-        steps = max(1, s - last_seq)
+        steps = min(max(1, s - last_seq), self.cfg.max_forecast_steps)
         try:
             out = np.asarray(self.forecaster.forecast(hist, steps, 1), dtype=np.float32)
             v = out[0, steps - 1]
             if v.shape != (KP_DIM,) or not np.isfinite(v).all():
                 raise ValueError(f"bad forecast of shape {out.shape}")
-            return v
+            return v.copy()  # callers clip it in place; it may be a view of the forecaster's output
         except Exception:  # a broken forecaster must not stop the picture
             self._counts["forecast_errors"] += 1
             if not self._forecast_failed:

@@ -1,8 +1,17 @@
-"""The receiver's HTTP server: signaling (POST /offer), stats, the browser viewer, and the calls it hosts."""
+"""The receiver's HTTP server: signaling (POST /offer), stats, the browser viewer, and the calls it hosts.
+
+Call slots (``max_calls``) are taken when an offer is *accepted for reading*, before its body
+arrives, and checked without an await in between, so slow or concurrent offers cannot
+overbook. An offer holds its slot while its body is read (at most ``offer_read_timeout_s``,
+``MAX_SDP_BYTES``) and answered; one that cannot become a call (malformed, unusable SDP)
+gets a 4xx and gives the slot back at once. Only answered offers are calls: they are counted
+for ``stop_after_calls`` and listed in ``/stats`` (the newest ``max_finished`` of them).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import uuid
@@ -12,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCPeerConnection
 
 from models.fomm.model import MotionModel
+from receiver.cors import Cors
 from receiver.render import Renderer
+from receiver.sctp_limits import ADVERTISED_MAX_MESSAGE_BYTES, limit_inbound
 from receiver.session import CallSession, SessionConfig
 from receiver.viewer import ViewerHub, handle_index
-from shared.signaling import MAX_SDP_BYTES, OFFER_PATH, check_token, parse_description
+from shared.ice_servers import IceServerOptions, check_relay, rtc_configuration
+from shared.signaling import MAX_SDP_BYTES, OFFER_PATH, check_token, offer_problem, parse_description
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,10 @@ class ServerConfig:
     stats_dir: str | None = None  # each ended call's stats are written here as call_<n>.json
     session: SessionConfig = field(default_factory=SessionConfig)
     fast_render: bool = True  # CPU: render with ONNX Runtime (receiver.render.onnx_render)
+    cors_origins: list[str] = field(default_factory=list)  # pages on these origins may use /offer and /stats
+    offer_read_timeout_s: float = 5.0  # an offer's body must arrive within this (its slot is held meanwhile)
+    max_finished: int = 100  # ended calls listed in /stats (the viewer polls it every second)
+    ice: IceServerOptions = field(default_factory=IceServerOptions)  # STUN/TURN (--ice-server)
 
 
 class ReceiverServer:
@@ -42,13 +58,16 @@ class ReceiverServer:
         # One worker: torch already uses every core for one render; two renders at once only thrash.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         self.sessions: dict[str, CallSession] = {}
-        self.finished: list[dict[str, Any]] = []
+        self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=config.max_finished)
         self.calls_started = 0
+        self.calls_finished = 0
+        self.offers_pending = 0  # slots held by offers still being read or answered
         self.done = asyncio.Event()
         self.viewer = ViewerHub()
         self.app = web.Application(client_max_size=MAX_SDP_BYTES)
         self.app.router.add_post(OFFER_PATH, self.handle_offer)
         self.app.router.add_get("/stats", self.handle_stats)
+        Cors(config.cors_origins, {OFFER_PATH: "POST", "/stats": "GET"}).install(self.app)
         self.app.router.add_get("/health", self.handle_health)
         self.app.router.add_get("/", handle_index)
         self.app.router.add_get("/video.mjpg", self.handle_video)
@@ -88,22 +107,53 @@ class ReceiverServer:
         if not self._authorized(request):
             return web.json_response({"error": "unauthorized"}, status=401)
         return web.json_response({"active": [s.summary() for s in self.sessions.values()],
-                                  "finished": self.finished})
+                                  "finished": list(self.finished), "calls_finished": self.calls_finished})
 
     async def handle_offer(self, request: web.Request) -> web.Response:
         if not check_token(request.headers.get("Authorization"), self.config.token):
             log.warning("refused an offer from %s: bad token", request.remote)
             return web.json_response({"error": "unauthorized"}, status=401)
-        if len(self.sessions) >= self.config.max_calls:
+        # Check and take the slot with no await in between: this is what makes max_calls hold.
+        if len(self.sessions) + self.offers_pending >= self.config.max_calls:
             return web.json_response({"error": "receiver busy"}, status=503)
+        self.offers_pending += 1
         try:
-            offer = parse_description(await request.json(), "offer")
-        except (ValueError, json.JSONDecodeError) as e:
-            return web.json_response({"error": f"bad offer: {e}"}, status=400)
+            return await self._answer(request)
+        finally:
+            self.offers_pending -= 1  # a call, if one was made, is in self.sessions by now
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        try:
+            body = await asyncio.wait_for(request.read(), self.config.offer_read_timeout_s)
+            offer = parse_description(json.loads(body), "offer")
+        except TimeoutError:
+            log.warning("offer from %s: body not received within %.0fs", request.remote,
+                        self.config.offer_read_timeout_s)
+            return web.json_response({"error": "offer body too slow"}, status=408)
         except web.HTTPRequestEntityTooLarge:
             return web.json_response({"error": "offer too large"}, status=413)
+        except ValueError as e:  # also JSONDecodeError and UnicodeDecodeError
+            return web.json_response({"error": f"bad offer: {e}"}, status=400)
+        problem = offer_problem(offer.sdp)
+        if problem is not None:
+            log.warning("unusable offer from %s: %s", request.remote, problem)
+            return web.json_response({"error": f"unusable offer: {problem}"}, status=400)
 
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        rtc = rtc_configuration(self.config.ice)
+        pc = RTCPeerConnection(rtc)
+        try:
+            await pc.setRemoteDescription(offer)
+            if pc.sctp is None:
+                raise ValueError("no data channel in the offer")
+            await pc.setLocalDescription(await pc.createAnswer())
+            check_relay(pc.localDescription.sdp, rtc, "receiver")
+        except Exception as e:  # aiortc raises assorted errors on SDP it can't use
+            log.warning("bad offer from %s: %s", request.remote, e)
+            await pc.close()
+            return web.json_response({"error": f"cannot answer this offer: {e}"}, status=400)
+
+        # Nothing awaits from here to the return, so no event of the new connection runs before
+        # its session is wired up (aiortc starts the transport in a task it has only scheduled).
         call_id = uuid.uuid4().hex[:8]
         index = self.calls_started
         self.calls_started += 1
@@ -113,19 +163,14 @@ class ReceiverServer:
         self.sessions[call_id] = session
         session.on_frame = lambda image, s=session: self.viewer.publish(s.call_id, s.index, image, s.hello.fps)
         pc.on("datachannel", session.attach)
+        limit_inbound(pc.sctp, lambda reason: asyncio.ensure_future(session.close(f"sctp: {reason}")),
+                      max_message_bytes=_advertised_max_message_size(pc.localDescription.sdp))
 
         @pc.on("connectionstatechange")
         async def _state() -> None:
             if pc.connectionState in ("failed", "closed"):
                 await session.close(f"connection {pc.connectionState}")
 
-        try:
-            await pc.setRemoteDescription(offer)
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as e:  # aiortc raises assorted errors on SDP it can't use
-            log.warning("bad offer: %s", e)
-            await session.close("bad offer")
-            return web.json_response({"error": f"cannot answer this offer: {e}"}, status=400)
         session.start()
         log.info("call %s: answered offer from %s", call_id, request.remote)
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
@@ -135,9 +180,20 @@ class ReceiverServer:
         self.viewer.end(session.call_id)
         summary = session.summary()
         self.finished.append(summary)
+        self.calls_finished += 1
         if self.config.stats_dir:
             path = Path(self.config.stats_dir) / f"call_{session.index + 1}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary, indent=1))
-        if self.config.stop_after_calls and len(self.finished) >= self.config.stop_after_calls:
+        if self.config.stop_after_calls and self.calls_finished >= self.config.stop_after_calls:
             self.done.set()
+
+
+def _advertised_max_message_size(sdp: str) -> int:
+    """The max-message-size this end put in its answer: what the peer was told it may send."""
+    for line in sdp.splitlines():
+        if line.startswith("a=max-message-size:"):
+            value = line.split(":", 1)[1].strip()
+            if value.isdigit() and int(value) > 0:
+                return int(value)
+    return ADVERTISED_MAX_MESSAGE_BYTES

@@ -2,6 +2,11 @@
 
 Everything a peer sends goes through ``shared.protocol.decode`` and per-call checks;
 a bad message is counted and dropped, never raised into aiortc's event handlers.
+
+A peer holds its slot only while it behaves like a caller: a valid Hello within
+``hello_timeout_s`` of its first message (``setup_timeout_s`` when it sends nothing at all),
+then a valid message at least every ``heartbeat_timeout_s``. Rejected messages never count
+as a sign of life, so junk cannot keep a call open.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from shared import protocol as P
 
 log = logging.getLogger(__name__)
 
-MAX_SOURCE_PIXELS = 4096 * 4096
+MAX_SOURCE_PIXELS = P.MAX_SOURCE_PIXELS
 # The concealment forecaster with the lowest keypoint error on held-out clips (bench.forecast).
 DEFAULT_FORECASTER = "last"
 
@@ -42,6 +47,10 @@ class SessionConfig:
     # Before the first message the DTLS/SCTP handshake may still be retransmitting (1-3 s timers
     # per lost packet on a lossy path), so the peer gets as long as the sender's connect timeout.
     setup_timeout_s: float = 15.0
+    # Once the transport delivers anything, an honest sender's Hello is its first message on
+    # the control channel (keypoints may overtake it only while it is being retransmitted,
+    # ~1 s per loss), so a peer without a valid Hello this long after its first message is not a caller.
+    hello_timeout_s: float = 5.0
     max_messages_per_s: float = 400.0  # beyond this a peer's messages are dropped (rate_limited)
     max_message_bytes: int = P.MAX_MESSAGE_BYTES
     lookahead_ms: float = 0.0  # render-ahead for latency hiding (clock mode)
@@ -53,6 +62,8 @@ class SessionConfig:
 
 SOURCE_BURST_S = 0.1  # after the source image is ready, keypoints may still be draining out of SCTP
 FRAME_LOG_KINDS = ("real", "concealed", "interpolated")  # ``kind`` codes in the frames log
+CHANNEL_LABELS = ("control", "kp")  # what sender.peer opens
+MAX_QUEUED_FRAMES = 64  # immediate playout renders only the newest few of what is queued anyway
 
 
 class CallSession:
@@ -73,7 +84,10 @@ class CallSession:
         self.rejects = P.RejectCounter(counts=self.stats.rejected)
         self.sink: Sink | None = None
         self.control: RTCDataChannel | None = None
-        self.last_seen = time.monotonic()
+        self._channels: set[str] = set()
+        self.created = time.monotonic()
+        self.last_seen = self.created  # last *valid* message
+        self.first_message: float | None = None  # when the peer first sent anything
         self.closed = asyncio.Event()
         self._queue: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
         self._wake = asyncio.Event()
@@ -90,6 +104,12 @@ class CallSession:
 
     # ------------------------------------------------------------------ wiring
     def attach(self, channel: RTCDataChannel) -> None:
+        """Listen to the sender's two channels; any other (or a second one of a label) is ignored."""
+        if channel.label not in CHANNEL_LABELS or channel.label in self._channels:
+            log.warning("call %s: ignoring extra data channel %.40r", self.call_id, channel.label)
+            self.rejects.reject(P.ProtocolError("channel", "unexpected data channel"))
+            return
+        self._channels.add(channel.label)
         if channel.label == "control":
             self.control = channel
         channel.on("message", lambda data, label=channel.label: self.on_message(label, data))
@@ -111,7 +131,8 @@ class CallSession:
 
     def _on_message(self, label: str, data: bytes | str) -> None:
         now = time.monotonic()
-        self.last_seen = now
+        if self.first_message is None:
+            self.first_message = now
         self.stats.messages_received += 1
         self.stats.bytes_received += len(data)
         self._rate_window.append(now)
@@ -135,7 +156,8 @@ class CallSession:
         elif isinstance(msg, P.Bye):
             log.info("call %s: peer said bye (%s)", self.call_id, msg.reason)
             asyncio.ensure_future(self._drain_and_close(f"bye: {msg.reason}"))
-        # Heartbeat: last_seen is already updated; SourceRequest is for senders.
+        # Heartbeat: nothing but liveness; SourceRequest is for senders.
+        self.last_seen = now  # reached only by a message that decoded and passed the call's checks
 
     def _on_hello(self, hello: P.Hello) -> None:
         # Keypoints mean something only to a renderer trained with the same detector; the
@@ -148,8 +170,12 @@ class CallSession:
         self.hello = hello
         self.stats.hello = {"model": hello.model, "size": hello.size, "fps": hello.fps,
                             "codec": P.Codec(hello.codec).name, "kp_every": hello.kp_every}
-        if not first and self.playout is not None:
-            self.playout.reset()  # the sender restarted its stream
+        if not first:  # the sender restarted its stream: its sequence numbers start over
+            self.seq_filter.reset()
+            self._queue.clear()
+            self._last_rendered_seq = -1
+            if self.playout is not None:
+                self.playout.reset()
         if first:
             self.sink = make_sink(self.config.sink, hello.fps, self.renderer.size, self.index)
             if self.config.playout == "clock":
@@ -179,11 +205,23 @@ class CallSession:
                 if not self.playout.push(seq, capture_us, vec, now):
                     self.rejects.reject(P.ProtocolError("late", f"seq {seq} arrived after its playout time"))
             else:
+                if len(self._queue) >= MAX_QUEUED_FRAMES:  # e.g. no source image yet: keep the newest only
+                    self._queue.popleft()
+                    self.stats.frames_dropped += 1
                 self._queue.append((seq, capture_us, vec))
         self._wake.set()
 
     async def _set_source(self, blob: bytes) -> None:
-        img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+        try:
+            P.source_image_size(blob)  # from the header: a decoder allocates what it claims
+        except P.ProtocolError as e:
+            self.rejects.reject(e)
+            return
+        # Even a picture within the limit takes tens of ms to decode: off the event loop, so
+        # other calls and /health do not wait for it (and not on the render worker either).
+        img = await asyncio.get_running_loop().run_in_executor(None, _decode_image, blob)
+        if self.closed.is_set():
+            return
         if img is None or img.ndim != 3 or img.shape[0] * img.shape[1] > MAX_SOURCE_PIXELS:
             self.rejects.reject(P.ProtocolError("source_image", "source image does not decode to a sane picture"))
             return
@@ -326,13 +364,23 @@ class CallSession:
             await asyncio.sleep(0.02)
         await self.close(reason)
 
+    def _expired(self, now: float) -> str | None:
+        """Why the peer no longer holds its slot, or None while it does."""
+        cfg = self.config
+        if self.hello is None:
+            if self.first_message is not None and now - self.first_message > cfg.hello_timeout_s:
+                return "no hello"
+            return "peer timeout" if now - self.created > cfg.setup_timeout_s else None
+        return "peer timeout" if now - self.last_seen > cfg.heartbeat_timeout_s else None
+
     async def _watchdog(self) -> None:
         while not self.closed.is_set():
             await asyncio.sleep(0.1)  # a dead peer is noticed within heartbeat_timeout_s + 0.1 s
-            limit = self.config.heartbeat_timeout_s if self.stats.messages_received else self.config.setup_timeout_s
-            if time.monotonic() - self.last_seen > limit:
-                log.warning("call %s: no message for %.1fs, peer is gone", self.call_id, limit)
-                await self.close("peer timeout")
+            reason = self._expired(time.monotonic())
+            if reason is not None:
+                log.warning("call %s: %s (%d messages, %d rejected), hanging up", self.call_id, reason,
+                            self.stats.messages_received, self.rejects.total)
+                await self.close(reason)
                 return
 
     async def close(self, reason: str) -> None:
@@ -373,3 +421,11 @@ class CallSession:
         if self.playout is not None and not self.closed.is_set():
             d["playout"] = self.playout.stats()
         return d
+
+
+def _decode_image(blob: bytes) -> np.ndarray | None:
+    """BGR pixels of an encoded image, or None (runs in a worker thread)."""
+    try:
+        return cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None

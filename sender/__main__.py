@@ -27,10 +27,12 @@ from models.checkpoint import CheckpointError
 from models.fomm.io import DEFAULT_WEIGHTS, detector_id, load_motion_model
 from sender.capture import CaptureConfig, CaptureError, FrameSource
 from sender.extract import KeypointExtractor
+from sender.framing import FRAMING_MODES, Framer, FramingConfig
 from sender.inputs import format_cameras, list_cameras, read_source_image
 from sender.peer import SenderPeer
 from shared import protocol as P
-from shared.ice import addresses_for_host, restrict_host_addresses
+from shared.ice import addresses_for_receiver, restrict_host_addresses
+from shared.ice_servers import IceServerError, IceServerOptions, add_ice_server_arguments, rtc_configuration
 from shared.signaling import SignalingError
 
 log = logging.getLogger("sender")
@@ -59,7 +61,15 @@ class SenderConfig:
     kp_every: int = 1  # send every k-th frame's keypoints; the receiver fills the rest
     batch: int = 1  # keypoint frames per message (fewer messages, more latency)
     target_kbps: float | None = None  # pick kp_every and batch to fit this keypoint wire rate
-    ice_address: list[str] | None = None  # restrict ICE host candidates (default: from the URL)
+    ice_address: list[str] | None = None  # restrict ICE host candidates (default: 127.0.0.1 for a loopback receiver)
+    ice_server: list[str] | None = None  # STUN/TURN server URLs (shared.ice_servers)
+    ice_username: str | None = None
+    ice_credential: str | None = None
+    ice_relay_only: bool = False
+    # "face": the training clips' square around the face (sender.framing), re-framed when the face
+    # leaves it; "centre": the frame's centre square (input that is already a face crop). Face is the
+    # default for files too: on a pre-cropped clip the face square covers the whole frame anyway.
+    framing: str = "face"
     stats_json: str | None = None
     truth_out: str | None = None  # save every frame's true keypoints (npz) for evaluation
     source_quality: int = 90
@@ -67,6 +77,9 @@ class SenderConfig:
     list_cameras: bool = False
     threads: int = 1
     replay_keypoints: str | None = None  # send keypoints from a --truth-out file instead of detecting them
+
+    def ice_options(self) -> IceServerOptions:
+        return IceServerOptions(self.ice_server, self.ice_username, self.ice_credential, self.ice_relay_only)
 
 
 def parse_args(argv: list[str] | None = None) -> SenderConfig:
@@ -92,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
                    help="keypoint wire budget: overrides --kp-every/--batch with the smallest decimation "
                         "(then batch) whose estimated rate (message bytes + 95 B/message) fits")
     p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
+    add_ice_server_arguments(p)
+    p.add_argument("--framing", choices=FRAMING_MODES, default=SenderConfig.framing,
+                   help="face: crop the square the models were trained on around the detected face, re-framed "
+                        "(with a new source image) when the face leaves it; centre: the centre square (default face)")
     p.add_argument("--stats-json", help="write sender stats here at the end")
     p.add_argument("--truth-out", help="write every frame's keypoints to this .npz")
     p.add_argument("--source-quality", type=int, default=90, help="JPEG quality of the source image")
@@ -110,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
         p.error("--size must be in 32..1024")
     if cfg.target_kbps is not None and cfg.target_kbps <= 0:
         p.error("--target-kbps must be > 0")
+    try:
+        rtc_configuration(cfg.ice_options())
+    except IceServerError as e:
+        p.error(str(e))
     return cfg
 
 
@@ -144,6 +165,15 @@ def choose_rate(target_kbps: float, fps: float, codec: P.Codec = P.Codec.Q8,
     return (*cheapest, False)
 
 
+def make_framer(cfg: SenderConfig) -> Framer:
+    """The --framing stage; face framing falls back to the centre square when dlib is missing."""
+    try:
+        return Framer(FramingConfig(mode=cfg.framing, size=cfg.size))
+    except (ImportError, RuntimeError) as e:  # dlib-bin / face_recognition_models not installed
+        log.warning("face framing unavailable (%s): using the centre square", e)
+        return Framer(FramingConfig(mode="centre", size=cfg.size))
+
+
 async def run(cfg: SenderConfig) -> dict:
     import torch
 
@@ -160,8 +190,9 @@ async def run(cfg: SenderConfig) -> dict:
             raise CaptureError(f"{cfg.replay_keypoints} does not hold (N, {P.KP_DIM}) keypoint vectors")
     chosen = read_source_image(cfg.source_image) if cfg.source_image else None
     source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, cfg.size, cfg.loop,
-                                       cfg.max_frames, cfg.mirror))
-    restrict_host_addresses(cfg.ice_address or addresses_for_host(urlparse(cfg.receiver).hostname or ""))
+                                       cfg.max_frames, cfg.mirror), make_framer(cfg))
+    # never the receiver's address: it is not one of this host's (README's two-machine call)
+    restrict_host_addresses(cfg.ice_address or addresses_for_receiver(urlparse(cfg.receiver).hostname or ""))
     codec = P.Codec.Q8 if cfg.codec == "q8" else P.Codec.F16
     if cfg.target_kbps is not None:
         k, b, est, fits = choose_rate(cfg.target_kbps, source.fps, codec)
@@ -176,7 +207,7 @@ async def run(cfg: SenderConfig) -> dict:
         if isinstance(msg, P.SourceRequest):
             source_requests.append(msg.reason)
 
-    peer = SenderPeer(on_message)
+    peer = SenderPeer(on_message, rtc_configuration(cfg.ice_options()))
     stats = {"frames_captured": 0, "frames_sent": 0, "messages_sent": 0, "keypoint_payload_bytes": 0,
              "source_image_bytes": 0, "source_images_sent": 0, "extract_ms": []}
     truth_seq, truth_vec = [], []
@@ -188,12 +219,15 @@ async def run(cfg: SenderConfig) -> dict:
                                   fps=source.fps, codec=int(codec), kp_every=cfg.kp_every))
         pending: list[tuple[int, int, np.ndarray]] = []
         image_id = 0
+        framing_sent = 0  # the framing generation of the source image the receiver holds
         heartbeat_at = time.monotonic()
         async for frame in source.frames():
             stats["frames_captured"] += 1
             latest["image"] = frame.image
-            if frame.seq == 0 or source_requests:
-                reason = source_requests.pop() if source_requests else "start"
+            # a new framing moves the picture under the keypoints: the receiver needs its source image
+            reframed = frame.framing != framing_sent and chosen is None
+            if frame.seq == 0 or source_requests or reframed:
+                reason = source_requests.pop() if source_requests else "start" if frame.seq == 0 else "re-framed"
                 ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, cfg.source_quality])
                 if chosen is not None:  # --source-image: that file instead of the frame
                     jpeg = np.frombuffer(chosen, np.uint8)
@@ -203,6 +237,7 @@ async def run(cfg: SenderConfig) -> dict:
                 stats["source_images_sent"] += 1
                 log.info("sent source image %d (%d B, %s)", image_id, len(jpeg), reason)
                 image_id += 1
+                framing_sent = frame.framing
                 source_requests.clear()
             t0 = time.perf_counter()
             if replay is not None:
@@ -241,6 +276,7 @@ async def run(cfg: SenderConfig) -> dict:
         stats["duration_s"] = time.monotonic() - t_start
         stats.update(peer.wire_stats())
         stats["keypoint_message_bytes"] = peer.bytes_sent["kp"]
+        stats.update(source.framer.stats())
         stats["kp_dropped_congestion"] = peer.kp_dropped_congestion
         await peer.close()
         source.close()
@@ -279,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except TimeoutError:
         print("sender: error: timed out connecting to the receiver (ICE/DTLS did not complete)", file=sys.stderr)
         return 2
-    except (CaptureError, CheckpointError, SignalingError) as e:
+    except (CaptureError, CheckpointError, SignalingError, IceServerError) as e:
         print(f"sender: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,4 +1,4 @@
-"""Frame capture from a camera or a video file, cropped to a square and resized to the model size."""
+"""Frame capture from a camera or a video file, cropped to a square (``sender.framing``) and resized."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.data import center_square
+from sender.framing import Framer, FramingConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,16 @@ class CapturedFrame:
     capture_us: int  # wall-clock time of capture, microseconds
     image: np.ndarray  # (size, size, 3) uint8 RGB
     read_ms: float = 0.0  # time to read, crop and resize the frame
+    framing: int = 0  # Framer generation of the square this frame was cut from (changes: new source image due)
 
 
 class FrameSource:
     """Opens the device or file up front so a missing camera fails before any call is made."""
 
-    def __init__(self, config: CaptureConfig) -> None:
+    def __init__(self, config: CaptureConfig, framer: Framer | None = None) -> None:
         self.config = config
+        # Default: the centre square, as the sender always did; the sender passes a face Framer.
+        self.framer = framer or Framer(FramingConfig(mode="centre", size=config.size))
         if (config.camera is None) == (config.video is None):
             raise CaptureError("give exactly one of a camera index or a video file")
         if config.video is not None:
@@ -62,15 +65,19 @@ class FrameSource:
             self.cap.release()
             raise CaptureError(f"{what} opened but gave no frame")
         self._first: np.ndarray | None = first
+        self.framer.prime(self._rgb(first))  # before any call: the first source image is already framed
+        self._generation = 0
         native = self.cap.get(cv2.CAP_PROP_FPS) if config.video is not None else 0.0
         self.fps = float(config.fps or (native if 1.0 <= native <= 120.0 else 30.0))
         self.what = what
 
-    def _prepare(self, bgr: np.ndarray) -> np.ndarray:
+    def _rgb(self, bgr: np.ndarray) -> np.ndarray:
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        if self.config.mirror:
-            rgb = rgb[:, ::-1]
-        return center_square(rgb, self.config.size)
+        return np.ascontiguousarray(rgb[:, ::-1]) if self.config.mirror else rgb
+
+    def _prepare(self, bgr: np.ndarray) -> np.ndarray:
+        image, self._generation = self.framer.crop(self._rgb(bgr))
+        return image
 
     def read(self) -> np.ndarray | None:
         """Next frame (RGB, square, model size) or None at the end of a file."""
@@ -101,8 +108,10 @@ class FrameSource:
             image = await asyncio.to_thread(self.read) if self.config.camera is not None else self.read()
             if image is None:
                 return
-            yield CapturedFrame(seq, time.time_ns() // 1000, image, (time.perf_counter() - t0) * 1000)
+            yield CapturedFrame(seq, time.time_ns() // 1000, image, (time.perf_counter() - t0) * 1000,
+                                self._generation)
             seq += 1
 
     def close(self) -> None:
         self.cap.release()
+        self.framer.close()

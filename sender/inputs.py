@@ -57,7 +57,8 @@ def format_cameras(cams: list[CameraInfo], max_index: int = 10) -> str:
 
 
 def read_source_image(path: str | Path) -> bytes:
-    """The file's bytes, sent as they are (the receiver decodes any format OpenCV reads).
+    """The file's bytes, sent as they are: a JPEG, PNG or WebP of at most
+    ``shared.protocol.MAX_SOURCE_PIXELS`` (what receivers accept).
 
     Checked here so a wrong file fails before the call, not as a rejection on the receiver.
     """
@@ -70,6 +71,11 @@ def read_source_image(path: str | Path) -> bytes:
     if len(blob) > P.MAX_SOURCE_BYTES:
         raise CaptureError(f"source image {p} is {len(blob)} B; the limit is {P.MAX_SOURCE_BYTES} B "
                            "(re-save it smaller, e.g. as a JPEG)")
+    try:
+        P.source_image_size(blob)
+    except P.ProtocolError as e:  # a receiver would refuse it
+        raise CaptureError(f"source image {p} is not a picture OpenCV can decode and a receiver accepts "
+                           f"({e.detail}; re-save it as a JPEG of at most {P.MAX_SOURCE_PIXELS} pixels)") from None
     img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
     if img is None or img.ndim != 3:
         raise CaptureError(f"source image {p} is not a picture OpenCV can decode")

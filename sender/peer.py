@@ -10,6 +10,7 @@ from collections.abc import Callable
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
 
 from shared import protocol as P
+from shared.ice_servers import check_relay
 from shared.signaling import send_offer
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,11 @@ MAX_BUFFERED_BYTES = 32 * 1024  # above this the link is congested: drop keypoin
 
 
 class SenderPeer:
-    def __init__(self, on_message: Callable[[P.Message], None] | None = None) -> None:
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    def __init__(self, on_message: Callable[[P.Message], None] | None = None,
+                 configuration: RTCConfiguration | None = None) -> None:
+        # configuration: STUN/TURN servers (shared.ice_servers.rtc_configuration); None: host candidates only
+        self.configuration = configuration or RTCConfiguration(iceServers=[])
+        self.pc = RTCPeerConnection(self.configuration)
         self.control: RTCDataChannel = self.pc.createDataChannel(CONTROL_LABEL, ordered=True)
         self.kp: RTCDataChannel = self.pc.createDataChannel(KEYPOINT_LABEL, ordered=False, maxRetransmits=0)
         self.on_message = on_message
@@ -51,6 +55,7 @@ class SenderPeer:
 
     async def connect(self, url: str, token: str | None = None, timeout_s: float = 15.0) -> None:
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        check_relay(self.pc.localDescription.sdp, self.configuration, "sender")  # a dead TURN server: say so now
         answer = await send_offer(url, self.pc.localDescription, token)
         await self.pc.setRemoteDescription(answer)
         await asyncio.wait_for(asyncio.gather(_opened(self.control), _opened(self.kp)), timeout_s)

@@ -6,6 +6,11 @@ external interface. aioice has no option for this, so :func:`restrict_host_addre
 replaces its address lookup (``aioice.ice.get_host_addresses``) for this process with
 one that returns only the addresses given. Every local call (demo, tests) restricts
 to 127.0.0.1; a call between namespaces restricts to each host's own veth address.
+
+A restriction must only ever name *this* host's addresses: aioice binds a socket to each one,
+so the receiver derives it from its listen address (:func:`addresses_for_host`) and the
+sender, which knows only the receiver's address, restricts just for a loopback receiver
+(:func:`addresses_for_receiver`) and otherwise gathers from every interface.
 """
 
 from __future__ import annotations
@@ -51,3 +56,16 @@ def addresses_for_host(host: str) -> list[str] | None:
     if ip.is_loopback:
         return ["127.0.0.1"] if ip.version == 4 else None
     return [str(ip)]
+
+
+def addresses_for_receiver(host: str) -> list[str] | None:
+    """The sender's default ICE restriction for a receiver at ``host``: 127.0.0.1 when the
+    receiver is on this machine's loopback, else None (every local interface; the receiver's
+    address is not one of ours, and binding to it fails)."""
+    if host == "localhost":
+        return ["127.0.0.1"]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return ["127.0.0.1"] if ip.is_loopback and ip.version == 4 else None

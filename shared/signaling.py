@@ -43,6 +43,26 @@ def parse_description(obj: object, expected_type: str) -> RTCSessionDescription:
     return RTCSessionDescription(sdp=sdp, type=typ)
 
 
+def offer_problem(sdp: str) -> str | None:
+    """Why an offer cannot become a kpcast call, or None.
+
+    aiortc accepts offers that can never connect (no candidates, no DTLS fingerprint, no data
+    channel) and offers with audio/video it would then decode for nothing; each would hold a
+    call slot until a timeout. There is no trickle ICE here, so the candidates must be in the offer.
+    """
+    lines = sdp.splitlines()
+    media = [ln.split(" ", 1)[0][2:] for ln in lines if ln.startswith("m=")]
+    if "application" not in media:
+        return "no data channel (m=application) in the offer"
+    if any(m != "application" for m in media):
+        return "this receiver takes data channels only, not audio or video"
+    if not any(ln.startswith("a=candidate:") for ln in lines):
+        return "no ICE candidates in the offer (gather them before sending it: no trickle ICE)"
+    if not any(ln.startswith("a=fingerprint:") for ln in lines):
+        return "no DTLS fingerprint in the offer"
+    return None
+
+
 async def send_offer(url: str, offer: RTCSessionDescription, token: str | None = None,
                      timeout_s: float = 10.0) -> RTCSessionDescription:
     """POST the offer to the receiver at ``url`` (base URL or full /offer URL)."""

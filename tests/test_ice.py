@@ -6,7 +6,7 @@ import aioice.ice
 import pytest
 from aiortc import RTCPeerConnection
 
-from shared.ice import addresses_for_host, restrict_host_addresses
+from shared.ice import addresses_for_host, addresses_for_receiver, restrict_host_addresses
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +21,15 @@ def test_addresses_for_host() -> None:
     assert addresses_for_host("10.77.0.2") == ["10.77.0.2"]
     assert addresses_for_host("0.0.0.0") is None
     assert addresses_for_host("example.org") is None
+
+
+def test_the_sender_never_restricts_to_the_receivers_address() -> None:
+    # aioice binds to every address it is given: the receiver's is not one of the sender's
+    assert addresses_for_receiver("127.0.0.1") == ["127.0.0.1"]
+    assert addresses_for_receiver("localhost") == ["127.0.0.1"]
+    assert addresses_for_receiver("10.77.0.1") is None
+    assert addresses_for_receiver("192.168.1.20") is None
+    assert addresses_for_receiver("receiver.example.org") is None
 
 
 def test_restriction_replaces_and_restores_lookup() -> None:

@@ -1,13 +1,16 @@
-"""Real calls across network namespaces: a clean veth link, then a lossy, jittery one.
+"""Real calls across network namespaces: a clean veth link, then a lossy, jittery one, and the
+README's two-machine commands as written.
 
 The receiver listens on its own veth address in host ``a``; the sender runs in host ``b``
-and restricts ICE to its own address, so every packet crosses the (impaired) link.
+and restricts ICE to its own address, so every packet crosses the (impaired) link. The README
+call passes no ``--ice-address`` at all: the defaults must find the path by themselves.
 Skipped only when namespaces cannot be built (not root, or ip/nft missing).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ import numpy as np
 
 from bench.netns import impaired_link, two_hosts
 from bench.playout import kp_error
-from tests.procs import run_sender, start_receiver, stop
+from tests.procs import ROOT, run_sender, start_receiver, stop
 from tests.utils import needs_netns
 
 pytestmark = needs_netns
@@ -64,6 +67,48 @@ def test_call_between_two_namespaces(tmp_path: Path, tiny_weights: Path, demo_cl
     assert got["frames_rendered"] >= 0.5 * frames
     assert got["end_reason"].startswith("bye")
     assert time.monotonic() - t0 < 60
+
+
+def _readme_command(module: str, marker: str) -> list[str]:
+    """The arguments of the README's ``.venv/bin/python -m MODULE ...`` line that contains ``marker``."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(f".venv/bin/python -m {module} ") and marker in line:
+            return shlex.split(line)[3:]
+    raise AssertionError(f"README.md has no `python -m {module}` command with {marker}")
+
+
+def _swap(args: list[str], option: str, replacement: list[str]) -> list[str]:
+    """``args`` with ``option VALUE`` replaced (what this machine lacks: a webcam, a display)."""
+    i = args.index(option)
+    return args[:i] + replacement + args[i + 2:]
+
+
+def test_readme_two_machine_commands(tmp_path: Path, tiny_weights: Path, demo_clip: Path) -> None:
+    # Only what a CI machine lacks is swapped: the webcam for the clip, the window for a file.
+    frames = 60
+    recv_args = _readme_command("receiver", "--host 0.0.0.0")
+    send_args = _readme_command("sender", "RECEIVER_IP")
+    assert "--ice-address" not in recv_args + send_args
+    recv_args = _swap(recv_args, "--sink", ["--sink", f"file:{tmp_path / 'call.mp4'}"])
+    send_args = _swap(send_args, "--camera", ["--video", str(demo_clip), "--loop", "--max-frames", str(frames),
+                                              "--fps", str(FPS)])
+    with two_hosts() as h:
+        port = int(recv_args[recv_args.index("--port") + 1])
+        send_args = [a.replace("RECEIVER_IP", h.addr_a) for a in send_args]
+        recv = start_receiver([*recv_args, "--weights", str(tiny_weights), "--stats-dir", str(tmp_path),
+                               "--stop-after-calls", "1"], netns=h.a, log_path=tmp_path / "receiver.log")
+        try:
+            res = run_sender([*send_args, "--weights", str(tiny_weights),
+                              "--stats-json", str(tmp_path / "sender.json")], netns=h.b, timeout_s=60)
+            assert res.returncode == 0, res.stderr[-2000:]
+        finally:
+            assert stop(recv) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
+    assert port == PORT
+    got = json.loads((tmp_path / "call_1.json").read_text())
+    sent = json.loads((tmp_path / "sender.json").read_text())
+    assert sent["frames_sent"] == frames and got["frames_received"] >= 0.95 * frames
+    assert got["source_sha256"] == sent["source_sha256"] and got["frames_rendered"] > 0
+    assert got["end_reason"].startswith("bye") or got["end_reason"] == "connection closed", got["end_reason"]
 
 
 def _check_counts(got: dict, frames_log: Path) -> dict[str, int]:

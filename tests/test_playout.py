@@ -240,3 +240,50 @@ def test_bounded_memory():
         po.set_truth(10**6 + i, motion[0])  # truths nobody will ever render
     assert len(po._truth) <= 100 and len(po._pending) <= 100 and len(po._hist) <= 16
     assert len(po.buffer) <= 50
+
+
+class StepsSpy:
+    """Repeat-last that records every horizon asked for (a broadcast view: no allocation even if huge)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def forecast(self, history: np.ndarray, steps: int, samples: int = 1) -> np.ndarray:
+        self.steps.append(steps)
+        return np.broadcast_to(history[-1], (samples, steps, history.shape[-1]))
+
+
+@pytest.mark.parametrize("seq_jump,time_jump_s", [(10**7, 10**7 / 30), (100, 100 / 30), (1, 10**9)])
+def test_a_far_ahead_frame_costs_bounded_work(seq_jump: int, time_jump_s: float) -> None:
+    """A seq (or capture time) far ahead must not set the forecast horizon: it comes from the peer."""
+    spy = StepsSpy()
+    po = Playout(cfg(forecaster=spy, lookahead_ms=100))
+    motion = smooth_motion(60)
+    link = FakeLink(delay_ms=20)
+    res = simulate(po, motion, link)
+    t = res.ticks[-1]
+    last_cap = link.capture_us(100.0 + 59 / 30)
+    po.push(59 + seq_jump, last_cap + int(time_jump_s * 1e6), motion[0], t)
+    for k in range(1, 40):
+        po.tick(t + k / 30)
+    assert max(spy.steps) <= po.cfg.max_forecast_steps
+    # and the stream carries on: frames that follow the jump are shown as they are
+    for k in range(40, 80):
+        seq = 59 + seq_jump + (k - 39)
+        po.push(seq, last_cap + int((time_jump_s + (k - 39) / 30) * 1e6), motion[k % 60], t + k / 30)
+        frame = po.tick(t + k / 30 + 0.01)
+    assert frame is not None and max(spy.steps) <= po.cfg.max_forecast_steps
+
+
+def test_a_jump_of_more_than_restart_jump_s_restarts_the_stream() -> None:
+    po = Playout(cfg())
+    motion = smooth_motion(60)
+    res = simulate(po, motion, FakeLink(delay_ms=20))
+    t = res.ticks[-1]
+    restarts = po.stats()["restarts"]
+    far = po.cursor + int(po.cfg.restart_jump_s * 30) + 10
+    for k in range(20):
+        po.push(far + k, 10**9 + int(k * 1e6 / 30), motion[k], t + k / 30)
+        po.tick(t + k / 30 + 0.01)
+    assert po.stats()["restarts"] == restarts + 1
+    assert po.cursor is not None and far <= po.cursor < far + 20

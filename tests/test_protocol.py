@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import msgpack
 import numpy as np
 import pytest
@@ -175,3 +176,56 @@ def test_any_valid_vector_round_trips(values: list[float], seq: int) -> None:
     (s, _, got), = P.decode(P.encode(msg)).frames()
     assert s == seq
     assert np.abs(got[:20] - v[:20]).max() < 2e-5
+
+
+def test_sequence_filter_reset_forgets_every_seq() -> None:
+    f = P.SequenceFilter(window=10)
+    for s in range(50):
+        f.check(s)
+    f.reset()  # a restarted stream: the same numbers again are neither duplicates nor stale
+    for s in range(5):
+        f.check(s)
+
+
+def _encoded(ext: str, h: int, w: int, *params: int) -> bytes:
+    img = np.random.default_rng(0).integers(0, 255, (h, w, 3), np.uint8)
+    return cv2.imencode(ext, img, list(params))[1].tobytes()
+
+
+def _claiming(jpeg: bytes, w: int, h: int, keep: int | None = None) -> bytes:
+    """A real JPEG whose frame header claims ``w`` x ``h`` (truncated to ``keep`` bytes)."""
+    sof = jpeg.index(b"\xff\xc0")
+    out = jpeg[:sof + 5] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + jpeg[sof + 9:]
+    return out[:keep] if keep else out
+
+
+@pytest.mark.parametrize("ext,params", [(".jpg", ()), (".jpg", (cv2.IMWRITE_JPEG_PROGRESSIVE, 1)), (".png", ()),
+                                        (".webp", (cv2.IMWRITE_WEBP_QUALITY, 80)),
+                                        (".webp", (cv2.IMWRITE_WEBP_QUALITY, 101))])  # VP8 and VP8L
+def test_source_image_size_from_the_header(ext: str, params: tuple) -> None:
+    for h, w in [(30, 50), (257, 129)]:
+        assert P.source_image_size(_encoded(ext, h, w, *params)) == (w, h)
+
+
+def test_source_image_bombs_are_refused_from_the_header() -> None:
+    jpeg = _encoded(".jpg", 16, 16)
+    png = _encoded(".png", 16, 16)
+    bombs = {
+        "truncated JPEG claiming 32767x32767": _claiming(jpeg, 32767, 32767, keep=629),
+        "JPEG claiming 12000x12000": _claiming(jpeg, 12000, 12000),
+        "a real 4096x4096 JPEG": cv2.imencode(".jpg", np.zeros((4096, 4096, 3), np.uint8))[1].tobytes(),
+        "JPEG claiming 0 rows (height from a DNL marker)": _claiming(jpeg, 16, 0),
+        "JPEG without a frame header": jpeg[:2] + jpeg[jpeg.index(b"\xff\xda"):],
+        "JPEG of 200 scans": jpeg[:-2] + b"\xff\xda\x00\x02" * 200 + b"\xff\xd9",
+        "PNG claiming 100000x100000": png[:16] + (100000).to_bytes(4, "big") * 2 + png[24:],
+        "WebP canvas of 16384x16384": b"RIFF\x00\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00"
+                                      + (16383).to_bytes(3, "little") * 2,
+        "BMP": cv2.imencode(".bmp", np.zeros((8, 8, 3), np.uint8))[1].tobytes(),
+        "TIFF": cv2.imencode(".tiff", np.zeros((8, 8, 3), np.uint8))[1].tobytes(),
+        "junk": b"\xff\xd8\xff",
+    }
+    for what, blob in bombs.items():
+        with pytest.raises(P.ProtocolError) as e:
+            P.source_image_size(blob)
+        assert e.value.reason == "source_image", what
+    assert P.source_image_size(_claiming(jpeg, 2048, 2048)) == (2048, 2048)  # the limit itself is fine

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from tests.live import free_port
 from tests.procs import ROOT, env, run_sender, start_receiver, stop
@@ -62,3 +63,19 @@ def test_source_image_that_is_not_a_picture_is_a_clear_error(tmp_path: Path, tin
     res = run_sender(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(tiny_weights),
                       "--source-image", str(tmp_path / "missing.jpg")])
     assert res.returncode == 2 and "source image not found" in res.stderr
+
+
+def test_source_image_a_receiver_would_refuse_is_a_clear_error(tmp_path: Path) -> None:
+    from sender.capture import CaptureError
+    from sender.inputs import read_source_image
+
+    big = tmp_path / "big.jpg"  # decodes fine here, but over the receivers' pixel limit
+    cv2.imwrite(str(big), np.zeros((2100, 2100, 3), np.uint8))
+    bmp = tmp_path / "pic.bmp"  # a format receivers do not decode
+    cv2.imwrite(str(bmp), np.zeros((20, 20, 3), np.uint8))
+    for path in (big, bmp):
+        with pytest.raises(CaptureError, match="a receiver accepts"):
+            read_source_image(path)
+    ok = tmp_path / "ok.png"
+    cv2.imwrite(str(ok), np.zeros((20, 30, 3), np.uint8))
+    assert read_source_image(ok) == ok.read_bytes()

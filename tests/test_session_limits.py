@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -105,4 +106,96 @@ async def test_a_sender_of_another_size_is_rendered_at_the_receivers_size(execut
     assert s.renderer.ready and s.renderer.source.shape == (64, 64, 3)
     # the 256x256 source (dark top half) is shrunk, not cropped: the top half of the 64x64 is still dark
     assert s.renderer.source[:28].mean() < 40 and s.renderer.source[36:].mean() > 100
+    await s.close("done")
+
+
+def _claiming(w: int, h: int, keep: int | None = None) -> bytes:
+    """A real JPEG whose frame header claims ``w`` x ``h`` (truncated to ``keep`` bytes)."""
+    jpeg = _jpeg(16, 16)
+    sof = jpeg.index(b"\xff\xc0")
+    out = jpeg[:sof + 5] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + jpeg[sof + 9:]
+    return out[:keep] if keep else out
+
+
+async def test_source_image_bombs_never_reach_the_decoder_and_decoding_is_off_the_loop(
+        executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[tuple[int, bool]] = []  # (pixels the header claims, decoded on the event loop's thread)
+    real = cv2.imdecode
+    loop_thread = threading.get_ident()
+
+    def spy(buf, flags):
+        w, h = P.source_image_size(bytes(buf), max_pixels=2**40)
+        decoded.append((w * h, threading.get_ident() == loop_thread))
+        return real(buf, flags) if w * h <= P.MAX_SOURCE_PIXELS else None  # never allocate a bomb here
+
+    monkeypatch.setattr(cv2, "imdecode", spy)
+    s = make_session(executor)
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
+    bombs = [_claiming(32767, 32767, keep=629), _claiming(12000, 12000), _jpeg(4096, 4096)]
+    for i, blob in enumerate(bombs):
+        await _send_source(s, blob, image_id=i)
+    assert decoded == [] and s.rejects.counts == {"source_image": 3} and not s.renderer.ready
+    await _send_source(s, _jpeg(48, 80), image_id=len(bombs))
+    assert s.renderer.ready and decoded == [(48 * 80, False)]  # decoded, in a worker thread
+    await s.close("done")
+
+
+@pytest.mark.parametrize("playout", ["immediate", "clock"])
+async def test_a_second_hello_restarts_the_sequence_numbers(executor: ThreadPoolExecutor, playout: str) -> None:
+    s = make_session(executor, playout=playout)
+    vec = np.array([0.1, -0.1] * 10 + [1.0, 0.0, 0.0, 1.0] * 10, np.float32)
+
+    def stream() -> None:
+        for seq in range(10):
+            s.on_message("kp", P.encode(P.KeypointBatch.build(seq, 1_000_000 + seq * 33_333, [vec])))
+
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
+    stream()
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))  # the sender restarted
+    stream()  # seq 0.. again: neither duplicates nor stale
+    assert s.rejects.total == 0 and s.stats.frames_received == 20
+    await s.close("done")
+
+
+async def test_only_valid_messages_are_signs_of_life(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor, hello_timeout_s=5.0, heartbeat_timeout_s=1.5, setup_timeout_s=15.0)
+    t0 = s.created
+    assert s._expired(t0 + 14.0) is None and s._expired(t0 + 16.0) == "peer timeout"  # silent peer
+    s.on_message("control", b"\x00junk")  # its first message: the Hello is due within hello_timeout_s
+    first = s.first_message
+    for _ in range(50):
+        s.on_message("control", b"\x00junk")
+    assert s._expired(first + 4.0) is None and s._expired(first + 6.0) == "no hello"
+    assert s.last_seen == t0  # junk does not refresh liveness
+    stale = t0 - 100.0  # pretend the last valid message is long ago, so any refresh shows
+    s.last_seen = stale
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
+    hello_at = s.last_seen
+    assert hello_at >= t0 and s._expired(hello_at + 1.0) is None
+    s.last_seen = stale
+    s.on_message("kp", b"\x00more junk")  # after the Hello too
+    assert s.last_seen == stale and s._expired(stale + 2.0) == "peer timeout"
+    s.on_message("control", P.encode(P.Heartbeat(1)))
+    assert s.last_seen >= t0
+    await s.close("done")
+
+
+async def test_a_junk_peer_is_hung_up_on(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor, hello_timeout_s=0.3)
+    s.start()
+    for _ in range(400):  # junk every 25 ms used to keep the call open forever
+        s.on_message("control", b"\x00junk")
+        if s.closed.is_set():
+            break
+        await asyncio.sleep(0.025)
+    assert s.closed.is_set() and s.stats.end_reason == "no hello"
+
+
+async def test_keypoints_before_the_source_image_are_bounded(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor)  # immediate playout, and no source image ever comes
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
+    vec = np.array([0.0, 0.0] * 10 + [1.0, 0.0, 0.0, 1.0] * 10, np.float32)
+    for i in range(100):
+        s.on_message("kp", P.encode(P.KeypointBatch.build(i * 64, 0, [vec] * 64)))
+    assert s.stats.frames_received == 6400 and len(s._queue) <= 64
     await s.close("done")

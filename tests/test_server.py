@@ -1,0 +1,208 @@
+"""The receiver's HTTP server in this process (tiny model), against raw HTTP and a hostile aiortc peer.
+
+Call slots held by slow and unusable offers, peers that never say Hello, messages over the size
+we advertise, the bounded /stats history, CORS. Real sockets, a real aiortc association on loopback;
+deadlines are configured short, and every wait is for an outcome with a generous timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+
+from bench.fuzz import tiny_model
+from receiver.server import ReceiverServer, ServerConfig
+from receiver.session import SessionConfig
+from shared.ice import restrict_host_addresses
+from shared.signaling import send_offer
+
+ORIGIN = "http://app.example"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _until(cond: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.02)
+    try:
+        await asyncio.wait_for(poll(), timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@pytest.fixture
+async def make_server() -> AsyncIterator[Callable[..., object]]:
+    restrict_host_addresses(["127.0.0.1"])
+    servers: list[ReceiverServer] = []
+
+    async def make(**kw) -> ReceiverServer:
+        session = kw.pop("session", SessionConfig(sink="null", playout="immediate"))
+        cfg = ServerConfig(host="127.0.0.1", port=_port(), session=session, fast_render=False, **kw)
+        server = ReceiverServer(tiny_model(), cfg)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        await s.stop()
+    restrict_host_addresses(None)
+
+
+def _url(server: ReceiverServer, path: str = "/offer") -> str:
+    return f"http://127.0.0.1:{server.config.port}{path}"
+
+
+async def _post(server: ReceiverServer, body: object, headers: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as http, http.post(_url(server), data=data, headers=headers or {}) as r:
+        return r.status, dict(r.headers)
+
+
+async def _offer_sdp() -> str:
+    pc = RTCPeerConnection()
+    pc.createDataChannel("control")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+def _without(sdp: str, prefix: str) -> str:
+    return "\r\n".join(ln for ln in sdp.split("\r\n") if not ln.startswith(prefix))
+
+
+async def test_offers_whose_body_is_still_arriving_hold_a_slot_until_their_read_timeout(make_server) -> None:
+    server = await make_server(max_calls=2, offer_read_timeout_s=2.0)
+    conns = []
+    for _ in range(4):  # each promises 4000 bytes of body and sends 12
+        r, w = await asyncio.open_connection("127.0.0.1", server.config.port)
+        w.write(b"POST /offer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 4000\r\n\r\n{\"sdp\": \"v=0")
+        await w.drain()
+        conns.append((r, w))
+
+    async def status(r: asyncio.StreamReader) -> int:
+        return int((await r.readline()).split()[1])
+
+    statuses = await asyncio.wait_for(asyncio.gather(*(status(r) for r, _ in conns)), 20)
+    # two took the two slots and were cut off when their body did not come; two were refused at once
+    assert sorted(statuses) == [408, 408, 503, 503]
+    for _, w in conns:
+        w.close()
+    assert server.offers_pending == 0 and not server.sessions
+    assert (await _post(server, {"sdp": "v=0", "type": "offer"}))[0] == 400  # the slots are free again
+
+
+async def test_unusable_offers_get_400_free_their_slot_and_are_not_calls(make_server) -> None:
+    server = await make_server(max_calls=1, stop_after_calls=1)
+    sdp = await _offer_sdp()
+    audio = sdp.replace("m=application", "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=rtpmap:0 PCMU/8000\r\nm=application")
+    for bad in (_without(sdp, "m="), _without(sdp, "a=candidate"), _without(sdp, "a=fingerprint"),
+                _without(sdp, "a=ice-ufrag"), audio):
+        status, _ = await _post(server, {"sdp": bad, "type": "offer"})
+        assert status == 400
+        assert not server.sessions and server.offers_pending == 0
+    # none of them was a call: nothing finished, --stop-after-calls 1 still waiting
+    assert server.calls_finished == 0 and not server.finished and not server.done.is_set()
+    async with aiohttp.ClientSession() as http, http.get(_url(server, "/stats")) as r:
+        assert (await r.json())["finished"] == []
+    # the one slot is free: a usable offer is answered
+    assert (await _post(server, {"sdp": sdp, "type": "offer"}))[0] == 200
+    assert len(server.sessions) == 1
+
+
+async def _connect(server: ReceiverServer) -> tuple[RTCPeerConnection, RTCDataChannel]:
+    """A peer that is not kpcast's sender: one 'control' channel, nothing sent by itself."""
+    pc = RTCPeerConnection()
+    ch = pc.createDataChannel("control")
+    await pc.setLocalDescription(await pc.createOffer())
+    answer = await send_offer(_url(server), pc.localDescription)
+    await pc.setRemoteDescription(RTCSessionDescription(answer.sdp, answer.type))
+    opened = asyncio.Event()
+    ch.on("open", opened.set)
+    await asyncio.wait_for(opened.wait(), 20)
+    return pc, ch
+
+
+async def test_a_peer_that_sends_only_junk_is_dropped_for_want_of_a_hello(make_server) -> None:
+    server = await make_server(max_calls=1, session=SessionConfig(sink="null", playout="immediate",
+                                                                  hello_timeout_s=0.5, setup_timeout_s=60))
+    pc, ch = await _connect(server)
+    try:
+        async def junk() -> None:
+            while True:  # junk used to count as a sign of life
+                ch.send(b"\x93\x01\x04junk")
+                await asyncio.sleep(0.05)
+        task = asyncio.ensure_future(junk())
+        await _until(lambda: not server.sessions, "the junk peer to be dropped")
+        task.cancel()
+    finally:
+        await pc.close()
+    assert server.finished[-1]["end_reason"] == "no hello"
+    assert sum(server.finished[-1]["rejected_by_reason"].values()) > 0  # the junk, counted
+    pc2, _ = await _connect(server)  # its slot is free for the next caller
+    await pc2.close()
+
+
+async def test_a_message_over_the_advertised_size_ends_the_call(make_server) -> None:
+    server = await make_server()
+    pc, ch = await _connect(server)
+    try:
+        pc.sctp._remote_max_message_size = 16 * 1024 * 1024  # this peer ignores what the receiver advertised
+        ch.send(b"x" * (8 * 1024 * 1024))
+        await _until(lambda: not server.sessions, "the call to end")
+    finally:
+        await pc.close()
+    assert server.finished[-1]["end_reason"].startswith("sctp: message")
+    assert server.finished[-1]["messages_received"] == 0  # nothing of it reached the session
+
+
+async def test_stats_keep_a_bounded_history_but_count_every_call(make_server) -> None:
+    server = await make_server(max_finished=3)
+    for i in range(10):
+        server._on_closed(SimpleNamespace(call_id=f"c{i}", index=i, summary=lambda i=i: {"call_id": f"c{i}"}))
+    async with aiohttp.ClientSession() as http, http.get(_url(server, "/stats")) as r:
+        stats = await r.json()
+    assert [f["call_id"] for f in stats["finished"]] == ["c7", "c8", "c9"]
+    assert stats["calls_finished"] == server.calls_finished == 10
+
+
+async def test_cors_for_configured_origins_only(make_server) -> None:
+    server = await make_server(cors_origins=[ORIGIN], token="tok")
+    async with aiohttp.ClientSession() as http:
+        async with http.options(_url(server), headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                                                        "Access-Control-Request-Headers": "authorization"}) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
+        async with http.options(_url(server), headers={"Origin": "http://evil.example"}) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+        async with http.get(_url(server, "/stats"), headers={"Origin": ORIGIN}) as r:
+            assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == ORIGIN  # readable by the page
+        async with http.get(_url(server, "/stats?token=tok"), headers={"Origin": ORIGIN}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == ORIGIN
+    status, headers = await _post(server, b"{not json", {"Origin": ORIGIN, "Authorization": "Bearer tok"})
+    assert status == 400 and headers["Access-Control-Allow-Origin"] == ORIGIN
+    status, headers = await _post(server, b"{not json", {"Origin": "http://evil.example",
+                                                         "Authorization": "Bearer tok"})
+    assert status == 400 and "Access-Control-Allow-Origin" not in headers
+
+
+async def test_no_cors_headers_without_configured_origins(make_server) -> None:
+    server = await make_server()
+    status, headers = await _post(server, b"{not json", {"Origin": ORIGIN})
+    assert status == 400 and "Access-Control-Allow-Origin" not in headers

@@ -1,0 +1,135 @@
+"""Render speed of several models side by side, in one run, alternating rounds.
+
+Usage:
+  python -m bench.render_speed --weights out/old_weights/fomm_face256.pt models/weights/fomm_face256.pt \\
+      --labels old256 new256 --json out/bench/render_speed.json --png out/bench/render_speed.png
+
+Absolute times differ between machines of the same kind (1.7x seen here) and with
+whatever else runs, so every model is timed in the same run, round-robin: each round
+renders ``--frames`` frames with each model in turn (ONNX Runtime, as the receiver does on
+CPU, and eager PyTorch), so a burst of other work hits all of them alike. Batch 1, the
+source encoding cached, the keypoints of real frames of the bundled clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import common
+from models.data import center_square, read_clip
+from models.fomm.model import cache_tensors
+
+log = logging.getLogger(__name__)
+CLIP = Path(__file__).resolve().parents[1] / "assets" / "demo_face.mp4"
+
+
+def _onnx_frame(fast: Any, args: tuple[torch.Tensor, ...], vecs: torch.Tensor, i: int) -> None:
+    fast(vecs[i % len(vecs)][None], *args)
+
+
+def _eager_frame(model: Any, args: tuple[torch.Tensor, ...], vecs: torch.Tensor, i: int) -> None:
+    model.render_tensors(vecs[i % len(vecs)][None], *args)
+
+
+def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads: int) -> dict[str, Any]:
+    from receiver.render import onnx_render
+
+    clip = read_clip(CLIP, max_frames=frames + 1)
+    fns: dict[tuple[str, str], Any] = {}
+    sizes = {}
+    for label, w in zip(labels, weights, strict=True):
+        model, _meta, _p = common.load_model(w)
+        size = model.config.size
+        sizes[label] = size
+        f = np.stack([center_square(x, size) for x in clip])
+        cache = common.prepare(model, f[0])
+        args = cache_tensors(cache)
+        vecs = torch.from_numpy(common.detect_keypoints(model, f[1:]))
+        fast = onnx_render(model, cache)
+        if fast is None:
+            raise SystemExit(f"cannot build the ONNX Runtime renderer for {w}")
+        fns[(label, "onnx")] = partial(_onnx_frame, fast, args, vecs)
+        fns[(label, "eager")] = partial(_eager_frame, model, args, vecs)
+    spent = {k: [] for k in fns}
+    with torch.no_grad():
+        for f in fns.values():
+            for i in range(3):
+                f(i)
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                for i in range(frames):
+                    f(i)
+                spent[k].append(frames / (time.perf_counter() - t0))
+    rows = {}
+    for label in labels:
+        rows[label] = {"size": sizes[label], "weights": weights[labels.index(label)],
+                       "fps_onnx": float(np.median(spent[(label, "onnx")])),
+                       "fps_eager": float(np.median(spent[(label, "eager")])),
+                       "rounds_onnx": spent[(label, "onnx")], "rounds_eager": spent[(label, "eager")]}
+    base = rows[labels[0]]
+    for r in rows.values():
+        r["onnx_vs_first"] = r["fps_onnx"] / base["fps_onnx"]
+        r["eager_vs_first"] = r["fps_eager"] / base["fps_eager"]
+    return {"rounds": rounds, "frames_per_round": frames, "threads": threads, "models": rows}
+
+
+def table(res: dict[str, Any]) -> str:
+    rows = [[k, r["size"], r["fps_onnx"], r["fps_eager"], r["onnx_vs_first"], r["eager_vs_first"]]
+            for k, r in res["models"].items()]
+    return (f"render fps, median of {res['rounds']} alternating rounds of {res['frames_per_round']} frames, "
+            f"{res['threads']} threads\n"
+            + common.format_table(["model", "size", "fps ONNX RT", "fps eager", "ONNX vs first", "eager vs first"],
+                                  rows))
+
+
+def plot(res: dict[str, Any], path: str | Path) -> None:
+    fig, ax = common.new_figure(7, 4)
+    names = list(res["models"])
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [res["models"][n]["fps_onnx"] for n in names], 0.4, label="ONNX Runtime")
+    ax.bar(x + 0.2, [res["models"][n]["fps_eager"] for n in names], 0.4, label="eager PyTorch")
+    ax.axhline(30, color="k", lw=0.8, ls="--")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("frames per second (batch 1)")
+    ax.set_title("render speed, side by side in one run")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", nargs="+", required=True)
+    p.add_argument("--labels", nargs="+", default=None)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--png", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    labels = a.labels or [Path(w).stem for w in a.weights]
+    if len(labels) != len(a.weights) or len(set(labels)) != len(labels):
+        p.error("--labels needs one distinct label per --weights")
+    common.set_threads(a.threads)
+    res = run(a.weights, labels, a.rounds, a.frames, a.threads)
+    print(table(res))
+    if a.json:
+        common.write_json(a.json, res)
+    if a.png:
+        plot(res, a.png)
+    return res
+
+
+if __name__ == "__main__":
+    main()

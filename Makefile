@@ -26,6 +26,7 @@ bench: venv
 	$(PY) -m bench.latency --json out/bench/latency.json --png out/bench/latency.png
 	$(PY) -m bench.concurrency --calls 4 --json out/bench/concurrency.json --png out/bench/concurrency.png
 	$(PY) -m bench.fuzz --messages 100000 --json out/bench/fuzz.json
+	$(PY) -m bench.hostile --json out/bench/hostile.json --png out/bench/hostile.png
 	@if [ "$$(id -u)" = 0 ]; then $(PY) -m bench.playout --sweep --json out/bench/playout.json --png out/bench/playout.png; \
 	else echo "bench.playout skipped: it creates network namespaces and needs root"; fi
 

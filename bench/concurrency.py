@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = [{
         "call": c["call_id"], "rendered_fps": c["rendered_fps"], "stalls": c["stalls"], "max_gap_ms": c["max_gap_ms"],
         "real": c["frames_real"], "concealed": c["frames_concealed"], "interpolated": c["frames_interpolated"],
+        "predicted": c["frames_predicted"],
         "render_ms_p50": c["render_ms_p50"], "latency_ms_p50": c["latency_ms_p50"],
         "latency_ms_p95": c["latency_ms_p95"]} for c in calls]
     result = {"calls": a.calls, "fps": a.fps, "frames": a.frames, "weights": str(weights), "sender_exit_codes": codes,

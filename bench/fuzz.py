@@ -35,6 +35,7 @@ import numpy as np
 
 from bench.common import format_table, write_json
 from shared import protocol as P
+from shared.kpcodec import PredictiveConfig, PredictiveEncoder
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +97,31 @@ class Inputs:
         img = (self.np.random((MODEL_SIZE, MODEL_SIZE, 3)) * 255).astype(np.uint8)
         self.jpeg = cv2.imencode(".jpg", img)[1].tobytes()
         self.pending: list[bytes] = []
+        self.pred = PredictiveConfig(tolerance=0.002)
+        self.encoder = PredictiveEncoder(self.pred)
+        self.pred_seq = 0
 
     def preamble(self) -> None:
         """A call's normal start (Hello, then a whole source image) before the fuzzing resumes, so
         the keypoints that follow reach the renderer too."""
         self.image_id += 1
-        self.pending = [P.encode(P.Hello(tiny_detector_id(), MODEL_SIZE, 30.0)),
+        self.encoder, self.pred_seq = PredictiveEncoder(self.pred), 0  # a new stream starts with a keyframe
+        self.pending = [P.encode(self._hello(tiny_detector_id(), MODEL_SIZE, 30.0, self.r.choice(list(P.Codec)), 1)),
                         *(P.encode(c) for c in P.split_source(self.jpeg, self.image_id, chunk_bytes=1024))]
 
     # valid messages -------------------------------------------------------
     def valid_message(self) -> P.Message:
         r = self.r
         k = r.random()
+        if k < 0.25:
+            return self._coded()
         if k < 0.45:
             n = r.choice([1, 1, 1, 2, 4, 16])
             vecs = [self._vector() for _ in range(n)]
             self.seq += r.choice([1, 1, 1, 2, 0, -3])  # mostly forward, some duplicates and reorders
             self.seq = max(self.seq, 0)
             self.ts_us += 33_333
-            return P.KeypointBatch.build(self.seq, self.ts_us, vecs, r.choice(list(P.Codec)),
+            return P.KeypointBatch.build(self.seq, self.ts_us, vecs, r.choice(P.VECTOR_CODECS),
                                          step=r.choice([1, 1, 2]), interval_us=33_333)
         if k < 0.60:
             return P.Heartbeat(self.ts_us)
@@ -122,16 +129,41 @@ class Inputs:
             detector = r.choice([tiny_detector_id()] * 9 + ["kp-000000000000"])
             if detector != tiny_detector_id():
                 self.preamble()  # this Hello ends the call: the next one starts normally
-            return P.Hello(detector, r.choice([MODEL_SIZE, 128, 256]), r.choice([25.0, 30.0, 15.0]),
-                           int(r.choice(list(P.Codec))), r.choice([1, 1, 2]))
+            return self._hello(detector, r.choice([MODEL_SIZE, 128, 256]), r.choice([25.0, 30.0, 15.0]),
+                               r.choice(list(P.Codec)), r.choice([1, 1, 2]))
         if k < 0.90:
             self.image_id += r.choice([1, 1, 0])
             chunks = P.split_source(self.jpeg, self.image_id, chunk_bytes=r.choice([256, 1024, 16384]))
             return r.choice(chunks)
-        if k < 0.97:
+        if k < 0.94:
             return P.SourceRequest(r.choice(["", "scene change", "x" * 300]))
+        if k < 0.97:
+            return P.KeyframeRequest(r.choice([-1, 0, self.pred_seq]))
         self.preamble()  # this Bye may end the call: the next one starts normally
         return P.Bye(r.choice(["done", "", "ü" * 10]))
+
+    def _hello(self, detector: str, size: int, fps: float, codec: P.Codec, kp_every: int) -> P.Hello:
+        """A Hello of ``codec``; a predictive one restarts the coded stream (its decoder starts over)."""
+        if codec != P.Codec.PRED:
+            return P.Hello(detector, size, fps, int(codec), kp_every)
+        self.encoder, self.pred_seq = PredictiveEncoder(self.pred), 0
+        return P.Hello(detector, size, fps, int(codec), 1, ts_base_us=self.ts_us, pred=self.pred.params())
+
+    def _coded(self) -> P.CodedKeypoints:
+        """The next frame of a real predictive stream (skipped frames advance it silently)."""
+        r = self.r
+        while True:
+            seq, self.pred_seq = self.pred_seq, self.pred_seq + 1
+            if r.random() < 0.05:
+                self.encoder.request_keyframe()  # as after a receiver's request
+            f = self.encoder.encode(seq, self._vector() if r.random() < 0.3 else self._still())
+            if f is not None:
+                return P.CodedKeypoints(f.seq, f.prev_seq, f.key, 33_333 * f.seq, f.payload)
+
+    def _still(self) -> np.ndarray:
+        """A face that barely moves: most frames are skipped, the rest are small residuals."""
+        v = np.concatenate([np.linspace(-0.5, 0.5, 20), np.tile([1, 0, 0, 1], 10)]).astype(np.float32)
+        return v + self.np.normal(0, 0.003, P.KP_DIM).astype(np.float32)
 
     def _vector(self) -> np.ndarray:
         v = np.empty(P.KP_DIM, np.float32)
@@ -172,9 +204,9 @@ class Inputs:
         elif op == "float":
             obj[idx] = r.choice(WEIRD_FLOATS)
         elif op == "version":
-            obj[0] = r.choice([0, 2, 255, -1, 1.0, True, "1", None])
+            obj[0] = r.choice([0, 1, 3, 255, -1, 2.0, True, "2", None])  # 1: an old peer (the call ends)
         elif op == "msgtype":
-            obj[1] = r.choice([0, 7, 99, -1, 1.0, 3.0, True, "3", None])
+            obj[1] = r.choice([0, 9, 99, -1, 1.0, 3.0, 7, True, "3", None])
         elif op == "drop":
             del obj[idx]
         elif op == "add":
@@ -210,7 +242,7 @@ class Inputs:
             if items and r.random() < 0.5:  # look like a message header more often than chance
                 items[0] = P.PROTOCOL_VERSION
                 if len(items) > 1:
-                    items[1] = r.randint(0, 8)
+                    items[1] = r.randint(0, 9)
             return items
         return {r.choice(["a", "seq", "sdp", "1"]) + str(i): self.random_structure(depth + 1)
                 for i in range(r.randint(0, 5))}
@@ -336,7 +368,7 @@ async def fuzz(messages: int, seed: int, yield_every: int = 100,
 
 def _label(r: random.Random, decoded: str | None) -> str:
     """Most messages on the channel they belong to (keypoints on "kp"), one in ten on the wrong one."""
-    right = "kp" if decoded == "KeypointBatch" else "control"
+    right = "kp" if decoded in ("KeypointBatch", "CodedKeypoints") else "control"
     return right if r.random() < 0.9 else r.choice(["kp", "control", "other"])
 
 

@@ -53,9 +53,10 @@ def pct(x: np.ndarray) -> dict[str, float | None]:
 
 
 def stage_times(truth: dict[str, np.ndarray], shown: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Join sender and receiver logs by seq; only real (received, not repeated) frames."""
+    """Join sender and receiver logs by seq; only real (sent, received, not repeated) frames: a frame the
+    predictive codec skipped (sent_us 0) has no network time."""
     real = (shown["kind"] == 0) & ~shown["repeated"] & (shown["arrival_us"] > 0)
-    by_seq = {int(s): i for i, s in enumerate(truth["seq"])}
+    by_seq = {int(s): i for i, s in enumerate(truth["seq"]) if truth["sent_us"][i] > 0}
     rows = [(i, by_seq[int(s)]) for i, s in enumerate(shown["seq"]) if real[i] and int(s) in by_seq]
     r = np.array([a for a, _ in rows], dtype=int)
     t = np.array([b for _, b in rows], dtype=int)
@@ -105,6 +106,8 @@ def run_call(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "sender_fps": sender["frames_captured"] / max(1e-6, sender["duration_s"]),
         "receiver_fps": call["rendered_fps"],
         "frames_captured": sender["frames_captured"], "frames_rendered": call["frames_rendered"],
+        # stage times exist for sent frames only (the predictive codec sends what the receiver cannot predict)
+        "frames_sent": sender["frames_sent"],
         "frames_real_timed": int(times["render"].size),
         "frames_concealed": call["frames_concealed"], "stalls": call["stalls"],
     }

@@ -116,7 +116,7 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
     if has.any():
         err[has] = kp_error(vec[has], tvec[has])
     out: dict[str, Any] = {}
-    counts = {k: int((kind == k).sum()) for k in ("real", "concealed", "interpolated")}
+    counts = {k: int((kind == k).sum()) for k in ("real", "concealed", "interpolated", "predicted")}
     for k in counts:
         m = (kind == k) & has
         out[f"{k}_kp_error"] = _mean(err[m])
@@ -178,6 +178,11 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
         capture_fps = float((real_seq[-1] - real_seq[0]) / (real_cap[-1] - real_cap[0]))
     pl = call.get("playout") or {}
     frames_sent = int(sender.get("frames_sent", 0))
+    # the predictive codec sends only frames the receiver cannot predict; the others are decoded
+    # by prediction when the next one arrives, so a lost frame is a lost message
+    skipped = int(sender.get("frames_skipped", 0))
+    lost = (frames_sent - int(call.get("keypoint_messages", 0)) if "frames_skipped" in sender
+            else frames_sent - int(call.get("frames_received", 0)))
     last_seq = int(truth["seq"].max()) if len(truth["seq"]) else -1
     # after the sender's last frame the receiver conceals until the Bye (or the transport close)
     # arrives: counted, but apart, since no truth exists for those seqs
@@ -188,13 +193,15 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
     out.update({
         "frames_captured": int(sender.get("frames_captured", 0)),
         "frames_sent": frames_sent,
+        "frames_skipped": skipped,
         "frames_received": int(call.get("frames_received", 0)),
-        "frames_lost": frames_sent - int(call.get("frames_received", 0)),
+        "frames_lost": lost,
         "rendered": int(call.get("frames_rendered", 0)),
         "rendered_logged": int(shown.sum()),
         "real": counts["real"],
         "concealed": counts["concealed"],
         "interpolated": counts["interpolated"],
+        "predicted": counts["predicted"],
         "call_concealed": int(call.get("frames_concealed", 0)),
         "call_interpolated": int(call.get("frames_interpolated", 0)),
         "repeated": int(call.get("frames_repeated", 0)),
@@ -259,7 +266,9 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
             send_args = [sys.executable, "-m", "sender", "--receiver", f"http://{link.addr_a}:{PORT}",
                          "--ice-address", link.addr_b, "--video", str(a.clip), "--loop",
                          "--max-frames", str(a.frames), "--fps", str(a.fps), "--weights", str(a.weights),
-                         "--kp-every", str(cond.kp_every), "--threads", str(a.extract_threads),
+                         "--threads", str(a.extract_threads),
+                         # decimation is a q8 stream's option (the predictive default decides per frame)
+                         *(["--codec", "q8", "--kp-every", str(cond.kp_every)] if cond.kp_every > 1 else []),
                          "--truth-out", str(work / "truth.npz"), "--stats-json", str(work / "sender.json")]
             with open(work / "sender.log", "w") as slog:
                 send = netns_popen(link.b, send_args, cwd=ROOT, env=_env(a.extract_threads),

@@ -7,8 +7,8 @@ from typing import Literal
 
 import numpy as np
 
-FrameKind = Literal["real", "concealed", "interpolated"]
-KINDS: tuple[str, ...] = ("real", "concealed", "interpolated")
+FrameKind = Literal["real", "concealed", "interpolated", "predicted"]
+KINDS: tuple[str, ...] = ("real", "concealed", "interpolated", "predicted")
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class KeypointFrame:
     capture_us: int  # sender capture clock
     vector: np.ndarray  # (60,) float32
     arrival_s: float  # local monotonic clock
+    predicted: bool = False  # the sender skipped it: decoded by the closed-loop prediction, never sent
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class PlayoutFrame:
 
     ``kind`` says where ``vector`` came from: ``real`` (received, possibly blended back
     from a concealment, see ``blend``), ``interpolated`` (between received neighbours,
-    e.g. with decimation) or ``concealed`` (forecast). ``capture_us`` is the sender
+    e.g. with decimation), ``concealed`` (forecast) or ``predicted`` (the predictive codec's
+    own prediction for a frame not (yet) received: exactly what the sender assumed when it
+    skipped the frame, see ``receiver.kpstream``). ``capture_us`` is the sender
     capture time of ``seq`` (estimated unless ``kind == "real"``), ``due_s`` the local time
     this seq was due for playout. ``repeated`` is True when the tick held the previous
     frame (playout slowed down to let the buffer grow). With render-ahead, ``seq`` is

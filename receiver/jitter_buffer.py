@@ -96,21 +96,33 @@ class JitterBuffer:
         self._prev_transit: float | None = None
         self.jitter_s = 0.0
         self.newest: KeypointFrame | None = None
-        self.counts = {"received": 0, "duplicates": 0, "late": 0, "evicted": 0}
+        self.counts = {"received": 0, "duplicates": 0, "late": 0, "evicted": 0, "predicted": 0, "predicted_late": 0}
 
     # ------------------------------------------------------------------ frames
     def __len__(self) -> int:
         return len(self._seqs)
 
-    def push(self, seq: int, capture_us: int, vector: np.ndarray, arrival_s: float) -> str:
-        """Add a frame; returns ``"ok"``, ``"duplicate"`` or ``"late"`` (seq already released)."""
+    def push(self, seq: int, capture_us: int, vector: np.ndarray, arrival_s: float, predicted: bool = False) -> str:
+        """Add a frame; returns ``"ok"``, ``"duplicate"`` or ``"late"`` (seq already released).
+
+        ``predicted``: a frame the sender skipped, decoded by prediction when the next coded frame
+        came. It was never sent, so its "arrival" says nothing about the network: it stays out of
+        the timing model (else every skip would look like a frame-period of jitter and raise the
+        target delay by ``max_gap`` frames) and, as it was normally shown by prediction before it
+        was decoded, it is not counted late either.
+        """
         if seq in self._seen:
             self.counts["duplicates"] += 1
             return DUPLICATE
         self._remember(seq)
-        self._observe(capture_us * 1e-6, arrival_s)
-        frame = KeypointFrame(seq, int(capture_us), np.asarray(vector, dtype=np.float32).reshape(-1), arrival_s)
+        if not predicted:
+            self._observe(capture_us * 1e-6, arrival_s)
+        frame = KeypointFrame(seq, int(capture_us), np.asarray(vector, dtype=np.float32).reshape(-1), arrival_s,
+                              predicted)
         if self.floor is not None and seq <= self.floor:
+            if predicted:
+                self.counts["predicted_late"] += 1
+                return LATE
             self.counts["late"] += 1
             # A late frame is too late to show, but it still tells where the sender is: without
             # this the playout clock, anchored on the newest frame, can run ahead of a sender
@@ -118,11 +130,11 @@ class JitterBuffer:
             if self.newest is None or seq > self.newest.seq:
                 self.newest = frame
             return LATE
-        self.counts["received"] += 1
+        self.counts["predicted" if predicted else "received"] += 1
         self._frames[seq] = frame
         bisect.insort(self._seqs, seq)
-        if self.newest is None or seq > self.newest.seq:
-            self.newest = frame
+        if not predicted and (self.newest is None or seq > self.newest.seq):
+            self.newest = frame  # the clock anchors on sent frames: a skipped one's time is an estimate
         while len(self._seqs) > self.cfg.capacity:
             old = self._seqs.pop(0)
             del self._frames[old]

@@ -18,7 +18,10 @@ Per tick:
    interpolation between the last rendered frame and the next buffered one when that is
    at most ``max_interp_gap`` ahead (``interpolated``: decimation ``kp_every = k``, where the
    target delay is raised by ``k - 1`` frames so the right neighbour is normally there, and
-   short losses); else a forecast conditioned on the rendered history, real and
+   short losses); else, in a predictive call (``predictor``), the codec's own prediction
+   while the frame can still be one the sender skipped (``predicted``: bit-exact what the
+   sender assumed, so a skipped frame costs neither bits nor delay); else a forecast
+   conditioned on the rendered history, real and
    previously concealed frames (``concealed``). Long concealments are damped towards a
    freeze after ``damp_after_frames`` so extrapolation cannot run off. A forecast never
    looks more than ``max_forecast_steps`` ahead (beyond that it holds its last step): the
@@ -43,6 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,6 +94,9 @@ class PlayoutConfig:
     restart_after_late: int = 30  # this many consecutive far-behind late frames = sender restarted
     max_forecast_steps: int = 64  # frames; damping has frozen the motion long before this
     restart_jump_s: float = 10.0  # a frame this far ahead of the playout point restarts the stream
+    # Predictive calls: seq -> the vector the sender assumed for it if it skipped it, or None
+    # (receiver.kpstream.PredictiveStream.predict_at). Tried before interpolation and forecasting.
+    predictor: Callable[[int], np.ndarray | None] | None = None
 
 
 def kp_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -143,7 +150,7 @@ class Playout:
         self._late_run = 0
         if not hasattr(self, "_counts"):
             self._counts = {k: 0 for k in ("rendered", "new_frames", "repeated", "real", "concealed",
-                                           "interpolated", "lookahead_forecast", "dropped", "stalls",
+                                           "interpolated", "predicted", "lookahead_forecast", "dropped", "stalls",
                                            "resyncs", "restarts", "late", "duplicates", "forecast_errors")}
             self._max_gap_s = 0.0
             self._pending: OrderedDict[tuple[int, bool], tuple[str, np.ndarray]] = OrderedDict()
@@ -162,11 +169,21 @@ class Playout:
         """Change render-ahead at run time (e.g. to RTT/2 from the peer connection's stats)."""
         self._lookahead_ms = max(0.0, float(ms))
 
-    def push(self, seq: int, capture_us: int, vector: np.ndarray, arrival_s: float) -> bool:
-        """Offer a received frame; False when rejected as a duplicate or too late (counted)."""
+    def push(self, seq: int, capture_us: int, vector: np.ndarray, arrival_s: float, predicted: bool = False) -> bool:
+        """Offer a received frame; False when rejected as a duplicate or too late (counted).
+
+        ``predicted``: a frame the sender skipped, decoded when the next coded frame arrived
+        (see ``JitterBuffer.push``). It is normally shown by prediction before then; arriving
+        after its time it only serves as the truth of what was shown, and is not "late".
+        """
         vec = np.asarray(vector, dtype=np.float32).reshape(-1)
         if vec.shape[0] != KP_DIM:
             raise ValueError(f"keypoint vector must have {KP_DIM} values, got {vec.shape[0]}")
+        if predicted:
+            status = self.buffer.push(int(seq), int(capture_us), vec, float(arrival_s), predicted=True)
+            if status != OK and status != DUPLICATE:
+                self.set_truth(int(seq), vec)
+            return status != DUPLICATE
         if self.cursor is not None and seq - self.cursor > self.cfg.restart_jump_s * self.cfg.fps:
             # Far ahead (a long outage, or a peer's made-up number): steering would skip or conceal
             # every frame in between; start over from this frame instead, like a new stream.
@@ -246,6 +263,7 @@ class Playout:
         out = dict(self._counts)
         out.update({
             "received": b["received"], "evicted": b["evicted"], "buffered": b["buffered"],
+            "predicted_received": b["predicted"], "predicted_late": b["predicted_late"],
             "target_delay_ms": b["target_delay_ms"], "jitter_ms": b["jitter_ms"],
             "offset_ms": b["offset_ms"], "drift_ppm": b["drift_ppm"],
             "max_gap_ms": self._max_gap_s * 1000.0, "lookahead_ms": self._lookahead_ms,
@@ -317,7 +335,8 @@ class Playout:
         frame = self.buffer.get(s)
         blend = 0.0
         if frame is not None:
-            clean, kind, capture_us = frame.vector, "real", float(frame.capture_us)
+            clean, capture_us = frame.vector, float(frame.capture_us)
+            kind = "predicted" if frame.predicted else "real"
             if self._conceal_run > 0 and self._hist and cfg.blend_frames > 0:
                 pred = self._forecast_to(s, self._hist_array(), self._hist[-1][0])
                 self._corr = pred - clean
@@ -326,9 +345,14 @@ class Playout:
         else:
             capture_us = self._capture_us_of(s)
             right = None
-            if cfg.interpolate_gaps and self._clean is not None:
+            predicted = self._predicted(s)
+            if predicted is None and cfg.interpolate_gaps and self._clean is not None:
                 right = self.buffer.next_after(s, max(cfg.max_interp_gap, cfg.kp_every))
-            if right is not None:
+            if predicted is not None:
+                # not a concealment: no blend afterwards (the next coded frame corrects the prediction
+                # by exactly what the sender measured) and no damping
+                clean, kind = predicted, "predicted"
+            elif right is not None:
                 ls, lv = self._clean
                 w = (s - ls) / (right.seq - ls)
                 clean, kind = lv + w * (right.vector - lv), "interpolated"
@@ -343,6 +367,17 @@ class Playout:
         self._clean = (s, np.asarray(clean, dtype=np.float32))
         self._hist.append((s, vector))
         return vector, kind, capture_us, blend
+
+    def _predicted(self, s: int) -> np.ndarray | None:
+        if self.cfg.predictor is None:
+            return None
+        try:
+            v = self.cfg.predictor(s)
+        except Exception:  # a broken predictor must not stop the picture: conceal instead
+            self._counts["forecast_errors"] += 1
+            log.exception("closed-loop predictor failed")
+            return None
+        return None if v is None else np.asarray(v, dtype=np.float32).reshape(-1)
 
     def _conceal(self, s: int) -> np.ndarray:
         self._blend_left = 0  # the forecast continues from what was rendered, so no correction

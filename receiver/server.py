@@ -6,6 +6,13 @@ overbook. An offer holds its slot while its body is read (at most ``offer_read_t
 ``MAX_SDP_BYTES``) and answered; one that cannot become a call (malformed, unusable SDP)
 gets a 4xx and gives the slot back at once. Only answered offers are calls: they are counted
 for ``stop_after_calls`` and listed in ``/stats`` (the newest ``max_finished`` of them).
+
+When every slot is taken, a peer that has not said Hello for ``evict_after_s`` gives its slot
+to a new usable offer. A timer alone cannot tell a silent peer from a caller whose setup is
+retransmitting on a lossy link (at 20 % loss an honest sender's first message came up to 6 s
+after both its channels were open, 15 s after the answer), so the session keeps its own
+deadlines; eviction only settles who gets a slot that two want: the one that has shown nothing
+loses it, and peers that are not callers cannot lock callers out.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import asyncio
 import collections
 import json
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +56,7 @@ class ServerConfig:
     fast_render: bool = True  # CPU: render with ONNX Runtime (receiver.render.onnx_render)
     cors_origins: list[str] = field(default_factory=list)  # pages on these origins may use /offer and /stats
     offer_read_timeout_s: float = 5.0  # an offer's body must arrive within this (its slot is held meanwhile)
+    evict_after_s: float = 5.0  # with every slot taken, a peer without a Hello this long gives way to a new offer
     max_finished: int = 100  # ended calls listed in /stats (the viewer polls it every second)
     ice: IceServerOptions = field(default_factory=IceServerOptions)  # STUN/TURN (--ice-server)
 
@@ -62,6 +72,7 @@ class ReceiverServer:
         self.calls_started = 0
         self.calls_finished = 0
         self.offers_pending = 0  # slots held by offers still being read or answered
+        self.offer_evicting = False  # an offer over the limit is being read, to take an evictable peer's slot
         self.done = asyncio.Event()
         self.viewer = ViewerHub()
         self.app = web.Application(client_max_size=MAX_SDP_BYTES)
@@ -114,15 +125,46 @@ class ReceiverServer:
             log.warning("refused an offer from %s: bad token", request.remote)
             return web.json_response({"error": "unauthorized"}, status=401)
         # Check and take the slot with no await in between: this is what makes max_calls hold.
-        if len(self.sessions) + self.offers_pending >= self.config.max_calls:
+        if len(self.sessions) + self.offers_pending < self.config.max_calls:
+            self.offers_pending += 1
+            try:
+                return await self._answer(request)
+            finally:
+                self.offers_pending -= 1  # a call, if one was made, is in self.sessions by now
+        # Every slot is taken. If a peer could give way (see _evictable), one offer at a time is
+        # still read; it takes that peer's slot only once it has proven usable, so junk offers
+        # cannot evict anyone.
+        if self.offer_evicting or self._evictable() is None:
             return web.json_response({"error": "receiver busy"}, status=503)
-        self.offers_pending += 1
-        try:
-            return await self._answer(request)
-        finally:
-            self.offers_pending -= 1  # a call, if one was made, is in self.sessions by now
+        self.offer_evicting = True
+        took: list[int] = []
 
-    async def _answer(self, request: web.Request) -> web.Response:
+        async def make_room() -> bool:
+            victim = self._evictable()  # again: it may have said Hello while the offer was read
+            if victim is None:
+                return False
+            self.offers_pending += 1  # the slot is ours from here: nobody else takes it while the victim closes
+            took.append(1)
+            log.warning("call %s: no hello after %.1fs and every slot taken: giving its slot to a new offer from %s",
+                        victim.call_id, time.monotonic() - victim.created, request.remote)
+            await victim.close("evicted: no hello, and a new offer needed the slot")
+            return True
+
+        try:
+            return await self._answer(request, make_room)
+        finally:
+            self.offer_evicting = False
+            self.offers_pending -= len(took)
+
+    def _evictable(self) -> CallSession | None:
+        """The longest-waiting peer that has not said Hello for ``evict_after_s``, if any."""
+        now = time.monotonic()
+        waiting = [s for s in self.sessions.values()
+                   if s.hello is None and not s.closed.is_set() and now - s.created >= self.config.evict_after_s]
+        return min(waiting, key=lambda s: s.created, default=None)
+
+    async def _answer(self, request: web.Request,
+                      make_room: Callable[[], Awaitable[bool]] | None = None) -> web.Response:
         try:
             body = await asyncio.wait_for(request.read(), self.config.offer_read_timeout_s)
             offer = parse_description(json.loads(body), "offer")
@@ -138,6 +180,8 @@ class ReceiverServer:
         if problem is not None:
             log.warning("unusable offer from %s: %s", request.remote, problem)
             return web.json_response({"error": f"unusable offer: {problem}"}, status=400)
+        if make_room is not None and not await make_room():
+            return web.json_response({"error": "receiver busy"}, status=503)
 
         rtc = rtc_configuration(self.config.ice)
         pc = RTCPeerConnection(rtc)

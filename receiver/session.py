@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import logging
 import time
@@ -26,6 +27,7 @@ import cv2
 import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from receiver.kpstream import PredictiveStream, StreamFrame
 from receiver.render import Renderer
 from receiver.sinks import Sink, make_sink
 from receiver.stats import CallStats
@@ -61,7 +63,7 @@ class SessionConfig:
 
 
 SOURCE_BURST_S = 0.1  # after the source image is ready, keypoints may still be draining out of SCTP
-FRAME_LOG_KINDS = ("real", "concealed", "interpolated")  # ``kind`` codes in the frames log
+FRAME_LOG_KINDS = ("real", "concealed", "interpolated", "predicted")  # ``kind`` codes in the frames log
 CHANNEL_LABELS = ("control", "kp")  # what sender.peer opens
 MAX_QUEUED_FRAMES = 64  # immediate playout renders only the newest few of what is queued anyway
 
@@ -89,7 +91,9 @@ class CallSession:
         self.last_seen = self.created  # last *valid* message
         self.first_message: float | None = None  # when the peer first sent anything
         self.closed = asyncio.Event()
-        self._queue: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+        # immediate playout: (seq, capture_us, vector, skipped by the sender)
+        self._queue: collections.deque[tuple[int, int, np.ndarray, bool]] = collections.deque()
+        self.kp_stream: PredictiveStream | None = None  # the decoder of a predictive (Codec.PRED) call
         self._wake = asyncio.Event()
         self._rate_window: collections.deque[float] = collections.deque()
         self._source_task: asyncio.Task | None = None
@@ -97,6 +101,7 @@ class CallSession:
         self.playout = None
         self._last_rendered_seq = -1
         self._last_image: np.ndarray | None = None
+        self._last_vector: np.ndarray | None = None  # what _last_image shows
         self._frames_log: list[tuple] | None = [] if config.frames_log else None
         self._arrival_us: dict[int, int] = {}  # seq -> wall-clock arrival, only while logging frames
         self._tick_ms = 0.0  # time the last playout decision took (buffer + forecast)
@@ -140,11 +145,20 @@ class CallSession:
             self._rate_window.popleft()
         if len(self._rate_window) > self.config.max_messages_per_s:
             raise P.ProtocolError("rate_limited", f"more than {self.config.max_messages_per_s:.0f} messages/s")
-        msg = P.decode(data, self.config.max_message_bytes)
+        try:
+            msg = P.decode(data, self.config.max_message_bytes)
+        except P.ProtocolError as e:
+            if e.reason == "version":
+                self._refuse_version(data, e)
+            raise
         if isinstance(msg, P.KeypointBatch):
             if label != "kp":
                 raise P.ProtocolError("channel", "keypoints on the control channel")
             self._on_keypoints(msg, len(data), now)
+        elif isinstance(msg, P.CodedKeypoints):
+            if label != "kp":
+                raise P.ProtocolError("channel", "keypoints on the control channel")
+            self._on_coded(msg, len(data), now)
         elif isinstance(msg, P.Hello):
             self._on_hello(msg)
         elif isinstance(msg, P.SourceChunk):
@@ -156,8 +170,25 @@ class CallSession:
         elif isinstance(msg, P.Bye):
             log.info("call %s: peer said bye (%s)", self.call_id, msg.reason)
             asyncio.ensure_future(self._drain_and_close(f"bye: {msg.reason}"))
-        # Heartbeat: nothing but liveness; SourceRequest is for senders.
+        # Heartbeat: nothing but liveness; SourceRequest and KeyframeRequest are for senders.
         self.last_seen = now  # reached only by a message that decoded and passed the call's checks
+
+    def _refuse_version(self, data: bytes | str, err: P.ProtocolError) -> None:
+        """A peer of an older protocol version: tell it, in its own version, and hang up.
+
+        Only before a valid Hello: a peer that said Hello speaks this version, and one odd
+        message from it is just a rejected message.
+        """
+        if self.hello is not None or self.closed.is_set() or isinstance(data, str):
+            return
+        reason = f"{err.detail}; upgrade kpcast"
+        bye = P.legacy_bye(data, reason)
+        if bye is None:
+            return
+        log.warning("call %s: %s, hanging up", self.call_id, reason)
+        if self.control is not None and self.control.readyState == "open":
+            self.control.send(bye)
+        asyncio.ensure_future(self.close("unsupported protocol version"))
 
     def _on_hello(self, hello: P.Hello) -> None:
         # Keypoints mean something only to a renderer trained with the same detector; the
@@ -166,10 +197,14 @@ class CallSession:
             self.send(P.Bye(f"keypoint detector {hello.model!r} != receiver's {self.renderer.detector_id!r}"))
             asyncio.ensure_future(self.close("detector mismatch"))
             raise P.ProtocolError("field", f"sender detector {hello.model!r} != {self.renderer.detector_id!r}")
+        stream = PredictiveStream.from_hello(hello) if hello.codec == P.Codec.PRED else None  # may raise
         first = self.hello is None
         self.hello = hello
+        self.kp_stream = stream
         self.stats.hello = {"model": hello.model, "size": hello.size, "fps": hello.fps,
                             "codec": P.Codec(hello.codec).name, "kp_every": hello.kp_every}
+        if hello.pred is not None:
+            self.stats.hello["pred"] = dataclasses.asdict(hello.pred)
         if not first:  # the sender restarted its stream: its sequence numbers start over
             self.seq_filter.reset()
             self._queue.clear()
@@ -182,13 +217,20 @@ class CallSession:
                 from models.forecast import load_forecaster
                 from receiver.playout import Playout, PlayoutConfig
                 self.playout = Playout(PlayoutConfig(fps=hello.fps, forecaster=load_forecaster(self.config.forecaster),
-                                                     kp_every=hello.kp_every, lookahead_ms=self.config.lookahead_ms))
+                                                     kp_every=hello.kp_every, lookahead_ms=self.config.lookahead_ms,
+                                                     predictor=self._predict_at))
                 if not self.renderer.ready:
                     self.playout.buffer.ignore_delays_until(float("inf"))  # until the source is in
+
+    def _predict_at(self, seq: int) -> np.ndarray | None:
+        """The playout's closed-loop predictor: the current stream's (a restart replaces the stream)."""
+        return self.kp_stream.predict_at(seq) if self.kp_stream is not None else None
 
     def _on_keypoints(self, batch: P.KeypointBatch, nbytes: int, now: float) -> None:
         if self.hello is None:
             raise P.ProtocolError("order", "keypoints before hello")
+        if self.kp_stream is not None:
+            raise P.ProtocolError("codec", "a keypoint batch in a predictive call")
         self.stats.keypoint_messages += 1
         self.stats.keypoint_message_bytes += nbytes
         self.stats.keypoint_payload_bytes += len(batch.payload)
@@ -201,15 +243,44 @@ class CallSession:
             self.stats.frames_received += 1
             if self._frames_log is not None:
                 self._arrival_us[seq] = time.time_ns() // 1000
-            if self.playout is not None:
-                if not self.playout.push(seq, capture_us, vec, now):
-                    self.rejects.reject(P.ProtocolError("late", f"seq {seq} arrived after its playout time"))
-            else:
-                if len(self._queue) >= MAX_QUEUED_FRAMES:  # e.g. no source image yet: keep the newest only
-                    self._queue.popleft()
-                    self.stats.frames_dropped += 1
-                self._queue.append((seq, capture_us, vec))
+            self._deliver(seq, capture_us, vec, now, skipped=False)
         self._wake.set()
+
+    def _on_coded(self, msg: P.CodedKeypoints, nbytes: int, now: float) -> None:
+        if self.hello is None:
+            raise P.ProtocolError("order", "keypoints before hello")
+        if self.kp_stream is None:
+            raise P.ProtocolError("codec", "coded keypoints in a call whose Hello announced another codec")
+        st = self.stats
+        st.keypoint_messages += 1
+        st.keypoint_message_bytes += nbytes
+        st.keypoint_payload_bytes += len(msg.payload)
+        try:
+            frames: list[StreamFrame] = self.kp_stream.push(msg)
+        finally:  # a broken chain asks for a keyframe whatever this message was
+            request = self.kp_stream.keyframe_request(now)
+            if request is not None:
+                self.send(request)
+                st.keyframe_requests += 1
+        st.keyframes_received += int(msg.key)
+        for f in frames:
+            st.frames_received += 1
+            st.frames_skipped += int(f.skipped)
+            if self._frames_log is not None:
+                self._arrival_us[f.seq] = time.time_ns() // 1000
+            self._deliver(f.seq, f.capture_us, f.vector, now, skipped=f.skipped)
+        self._wake.set()
+
+    def _deliver(self, seq: int, capture_us: int, vec: np.ndarray, now: float, skipped: bool) -> None:
+        """One accepted frame to the playout clock, or to the immediate render queue."""
+        if self.playout is not None:
+            if not self.playout.push(seq, capture_us, vec, now, predicted=skipped) and not skipped:
+                self.rejects.reject(P.ProtocolError("late", f"seq {seq} arrived after its playout time"))
+            return
+        if len(self._queue) >= MAX_QUEUED_FRAMES:  # e.g. no source image yet: keep the newest only
+            self._queue.popleft()
+            self.stats.frames_dropped += 1
+        self._queue.append((seq, capture_us, vec, skipped))
 
     async def _set_source(self, blob: bytes) -> None:
         try:
@@ -256,6 +327,7 @@ class CallSession:
         if self.on_frame is not None:
             self.on_frame(image)
         self._last_image = image
+        self._last_vector = np.asarray(vec, np.float32).reshape(-1)
         self.stats.frames_rendered += 1
         self.stats.render_times.append(time.monotonic())
         self.stats.latency_ms.append(time.time() * 1000 - capture_us / 1000)
@@ -306,16 +378,26 @@ class CallSession:
             await self._wake.wait()
             self._wake.clear()
             while self._queue and self.renderer.ready and not self.closed.is_set():
+                seq, capture_us, vec, skipped = self._queue[0]
+                if skipped and seq > self._last_rendered_seq and self._shows(vec):
+                    # a skipped frame predicted as the picture already shown ("last"): the same image,
+                    # shown again without rendering, so skipping frames never costs shown frames
+                    self._queue.popleft()
+                    self._last_rendered_seq = seq
+                    self._repeat(seq, capture_us, vec, None)
+                    self.stats.frames_predicted += 1
+                    continue
                 if len(self._queue) > 3:  # behind real time: skip to the newest frames
                     self._queue.popleft()
                     self.stats.frames_dropped += 1
                     continue
-                seq, capture_us, vec = self._queue.popleft()
+                self._queue.popleft()
                 if seq <= self._last_rendered_seq:  # reordered: an older frame is not worth showing
                     self.stats.frames_dropped += 1
                     continue
                 self._last_rendered_seq = seq
                 await self._render(seq, capture_us, vec)
+                self.stats.frames_predicted += int(skipped)
 
     async def _tick_clock(self) -> None:
         period = 1.0 / self.hello.fps
@@ -338,12 +420,7 @@ class CallSession:
                 continue
             if frame.repeated and self._last_image is not None:
                 # the playout holds a frame to let the buffer refill: show it again, don't re-render
-                if self.sink is not None:
-                    self.sink.write(self._last_image, frame.seq)
-                if self.on_frame is not None:
-                    self.on_frame(self._last_image)
-                self.stats.frames_repeated += 1
-                self._log_frame(frame.seq, frame.capture_us, frame.vector, frame, repeated=True)
+                self._repeat(frame.seq, frame.capture_us, frame.vector, frame)
                 continue
             await self._render(frame.seq, frame.capture_us, frame.vector, frame)
             # counted once rendered, like frames_rendered: a render cut off by the hang-up counts in neither
@@ -351,8 +428,24 @@ class CallSession:
                 self.stats.frames_concealed += 1
             elif frame.kind == "interpolated":
                 self.stats.frames_interpolated += 1
+            elif frame.kind == "predicted":
+                self.stats.frames_predicted += 1
             else:
                 self.stats.frames_real += 1
+
+    def _shows(self, vec: np.ndarray) -> bool:
+        """Whether the last shown image is exactly the rendering of ``vec``."""
+        return (self._last_image is not None and self._last_vector is not None
+                and np.array_equal(self._last_vector, np.asarray(vec, np.float32).reshape(-1)))
+
+    def _repeat(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any) -> None:
+        """Show the last image again for ``seq`` (counted in frames_repeated, not rendered)."""
+        if self.sink is not None:
+            self.sink.write(self._last_image, seq)
+        if self.on_frame is not None:
+            self.on_frame(self._last_image)
+        self.stats.frames_repeated += 1
+        self._log_frame(seq, capture_us, vec, frame, repeated=True)
 
     async def _drain_and_close(self, reason: str, max_wait_s: float = 2.0) -> None:
         """After a Bye, show the frames already received before hanging up."""
@@ -403,6 +496,8 @@ class CallSession:
             pass
         if self.playout is not None:
             self.stats.playout = self.playout.stats()
+        if self.kp_stream is not None:
+            self.stats.codec = self.kp_stream.stats()
         if self.sink is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.sink.close)
         if self._frames_log is not None:

@@ -35,6 +35,12 @@ class CallStats:
     frames_interpolated: int = 0
     frames_repeated: int = 0  # a held frame shown again while the jitter buffer refills
     frames_dropped: int = 0  # accepted but never rendered (renderer behind, or superseded)
+    # predictive calls (Codec.PRED): frames the sender skipped (decoded by prediction), frames shown
+    # from the prediction (clock: kind "predicted"; immediate: skipped frames shown), keyframes
+    frames_skipped: int = 0
+    frames_predicted: int = 0
+    keyframes_received: int = 0
+    keyframe_requests: int = 0
     source_image_bytes: int = 0
     source_images: int = 0
     source_sha256: str = ""
@@ -46,6 +52,7 @@ class CallStats:
     hello: dict[str, Any] = field(default_factory=dict)
     end_reason: str = ""
     playout: dict[str, Any] = field(default_factory=dict)
+    codec: dict[str, Any] = field(default_factory=dict)  # the predictive decoder's counts
 
     def to_dict(self) -> dict[str, Any]:
         end = self.ended or time.time()
@@ -71,6 +78,15 @@ class CallStats:
             "frames_interpolated": self.frames_interpolated,
             "frames_repeated": self.frames_repeated,
             "frames_dropped": self.frames_dropped,
+            "frames_skipped": self.frames_skipped,
+            "frames_predicted": self.frames_predicted,
+            "keyframes_received": self.keyframes_received,
+            "keyframe_requests": self.keyframe_requests,
+            # what the viewer shows of the stream's cost: messages (each paying the transport overhead)
+            # and the bytes of each frame that was actually sent
+            "keypoint_messages_per_s": self.keypoint_messages / duration,
+            "bytes_per_sent_frame": (self.keypoint_message_bytes / (self.frames_received - self.frames_skipped)
+                                     if self.frames_received > self.frames_skipped else None),
             "frames_rejected": int(sum(self.rejected.values())),
             "rejected_by_reason": dict(self.rejected),
             "source_image_bytes": self.source_image_bytes,
@@ -91,4 +107,5 @@ class CallStats:
             "udp": self.udp,
             "end_reason": self.end_reason,
             "playout": self.playout,
+            "codec": self.codec,
         }

@@ -29,10 +29,13 @@ from sender.capture import CaptureConfig, CaptureError, FrameSource
 from sender.extract import KeypointExtractor
 from sender.framing import FRAMING_MODES, Framer, FramingConfig
 from sender.inputs import format_cameras, list_cameras, read_source_image
+from sender.kpsend import PredictiveSender
 from sender.peer import SenderPeer
+from sender.rate import RateConfig, RateController
 from shared import protocol as P
 from shared.ice import addresses_for_receiver, restrict_host_addresses
 from shared.ice_servers import IceServerError, IceServerOptions, add_ice_server_arguments, rtc_configuration
+from shared.kpcodec import DEFAULT_STREAM, SKIP_RULES, PredictiveConfig
 from shared.signaling import SignalingError
 
 log = logging.getLogger("sender")
@@ -41,6 +44,7 @@ log = logging.getLogger("sender")
 WIRE_OVERHEAD_BYTES_PER_MESSAGE = 95
 # --target-kbps may batch frames, but never so many that batching alone delays a frame by more.
 TARGET_MAX_BATCH_DELAY_MS = 100.0
+HEARTBEAT_S = 0.5  # a heartbeat goes out only when no keypoint message did for this long
 
 
 @dataclass
@@ -57,10 +61,19 @@ class SenderConfig:
     # Captured frames and the source image are this size; keypoints are detected at the
     # detector's 64x64 whatever it is, so it only sets the sharpest output a receiver can show.
     size: int = 256
-    codec: str = "q8"  # q8 (80 B/frame) or f16 (120 B/frame)
-    kp_every: int = 1  # send every k-th frame's keypoints; the receiver fills the rest
-    batch: int = 1  # keypoint frames per message (fewer messages, more latency)
-    target_kbps: float | None = None  # pick kp_every and batch to fit this keypoint wire rate
+    # pred: closed-loop predictive coding (shared.kpcodec): only frames the receiver cannot
+    # predict are sent, no added delay. q8 (80 B/frame) / f16 (120 B/frame): every (k-th) frame.
+    codec: str = "pred"
+    # pred: skip a frame predicted this close (the starting value with --target-kbps); the defaults
+    # are shared.kpcodec.DEFAULT_STREAM's
+    tolerance: float = DEFAULT_STREAM.tolerance
+    skip_rule: str = DEFAULT_STREAM.skip_rule  # pred: mean (capped) or max error within the tolerance
+    predictor: str = DEFAULT_STREAM.predictor  # pred: last | linear
+    max_gap: int = DEFAULT_STREAM.max_gap  # pred: at most this many frames skipped in a row
+    keyframe_interval: int = DEFAULT_STREAM.keyframe_interval  # pred: an absolute frame at least this often
+    kp_every: int = 1  # q8/f16: send every k-th frame's keypoints; the receiver fills the rest
+    batch: int = 1  # q8/f16: keypoint frames per message (fewer messages, more latency)
+    target_kbps: float | None = None  # pred: adjust the tolerance to this rate; q8/f16: pick kp_every and batch
     ice_address: list[str] | None = None  # restrict ICE host candidates (default: 127.0.0.1 for a loopback receiver)
     ice_server: list[str] | None = None  # STUN/TURN server URLs (shared.ice_servers)
     ice_username: str | None = None
@@ -81,6 +94,11 @@ class SenderConfig:
     def ice_options(self) -> IceServerOptions:
         return IceServerOptions(self.ice_server, self.ice_username, self.ice_credential, self.ice_relay_only)
 
+    def pred_config(self) -> PredictiveConfig:
+        """The predictive codec's parameters (ValueError when out of range)."""
+        return PredictiveConfig(predictor=self.predictor, tolerance=self.tolerance, max_gap=self.max_gap,
+                                keyframe_interval=self.keyframe_interval, skip_rule=self.skip_rule)
+
 
 def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p = argparse.ArgumentParser(prog="python -m sender", description=__doc__,
@@ -98,12 +116,27 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p.add_argument("--size", type=int, default=SenderConfig.size,
                    help="side of the captured square and of the source image sent (receivers render at their own "
                         "size; default 256)")
-    p.add_argument("--codec", choices=["q8", "f16"], default="q8")
-    p.add_argument("--kp-every", type=int, default=1, help="send keypoints of every k-th frame")
-    p.add_argument("--batch", type=int, default=1, help="keypoint frames per message")
+    p.add_argument("--codec", choices=["pred", "q8", "f16"], default=SenderConfig.codec,
+                   help="pred (default): send only the frames the receiver cannot predict, as residuals; "
+                        "q8/f16: every (--kp-every) frame's vector")
+    p.add_argument("--tolerance", type=float, default=SenderConfig.tolerance,
+                   help="pred: skip a frame when the receiver's prediction is within this of the truth ([-1, 1] "
+                        "units, Jacobians x10; default %(default)s)")
+    p.add_argument("--skip-rule", choices=SKIP_RULES, default=SenderConfig.skip_rule,
+                   help="pred: mean: the mean error within --tolerance and none beyond 3x it; max: every value "
+                        "within it (default %(default)s)")
+    p.add_argument("--predictor", choices=P.PREDICTORS, default=SenderConfig.predictor,
+                   help="pred: what both ends predict from the decoded history (default %(default)s)")
+    p.add_argument("--max-gap", type=int, default=SenderConfig.max_gap,
+                   help="pred: at most this many frames skipped in a row (default %(default)s)")
+    p.add_argument("--keyframe-interval", type=int, default=SenderConfig.keyframe_interval,
+                   help="pred: an absolute frame at least this often, in frames (default %(default)s)")
+    p.add_argument("--kp-every", type=int, default=1, help="q8/f16: send keypoints of every k-th frame")
+    p.add_argument("--batch", type=int, default=1, help="q8/f16: keypoint frames per message")
     p.add_argument("--target-kbps", type=float,
-                   help="keypoint wire budget: overrides --kp-every/--batch with the smallest decimation "
-                        "(then batch) whose estimated rate (message bytes + 95 B/message) fits")
+                   help="keypoint wire budget (message bytes + 95 B/message). pred: the tolerance follows the "
+                        "measured rate (sender.rate); q8/f16: overrides --kp-every/--batch with the smallest "
+                        "decimation (then batch) whose estimated rate fits")
     p.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
     add_ice_server_arguments(p)
     p.add_argument("--framing", choices=FRAMING_MODES, default=SenderConfig.framing,
@@ -127,6 +160,15 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
         p.error("--size must be in 32..1024")
     if cfg.target_kbps is not None and cfg.target_kbps <= 0:
         p.error("--target-kbps must be > 0")
+    if cfg.codec == "pred":
+        if cfg.kp_every != 1 or cfg.batch != 1:
+            p.error("--kp-every and --batch are for --codec q8|f16: the predictive codec decides per frame")
+        if not 0 <= cfg.max_gap <= P.MAX_PRED_GAP:
+            p.error(f"--max-gap must be in 0..{P.MAX_PRED_GAP}")
+        try:
+            cfg.pred_config()
+        except ValueError as e:
+            p.error(str(e))
     try:
         rtc_configuration(cfg.ice_options())
     except IceServerError as e:
@@ -193,8 +235,8 @@ async def run(cfg: SenderConfig) -> dict:
                                        cfg.max_frames, cfg.mirror), make_framer(cfg))
     # never the receiver's address: it is not one of this host's (README's two-machine call)
     restrict_host_addresses(cfg.ice_address or addresses_for_receiver(urlparse(cfg.receiver).hostname or ""))
-    codec = P.Codec.Q8 if cfg.codec == "q8" else P.Codec.F16
-    if cfg.target_kbps is not None:
+    codec = {"pred": P.Codec.PRED, "q8": P.Codec.Q8, "f16": P.Codec.F16}[cfg.codec]
+    if cfg.target_kbps is not None and codec != P.Codec.PRED:
         k, b, est, fits = choose_rate(cfg.target_kbps, source.fps, codec)
         (log.info if fits else log.warning)(
             "target %.1f kbps at %.1f fps: kp_every=%d batch=%d (estimated %.1f kbps%s)", cfg.target_kbps,
@@ -202,25 +244,35 @@ async def run(cfg: SenderConfig) -> dict:
         cfg.kp_every, cfg.batch = k, b
     latest: dict[str, np.ndarray] = {}
     source_requests: list[str] = []
+    pred: PredictiveSender | None = None
 
     def on_message(msg: P.Message) -> None:
         if isinstance(msg, P.SourceRequest):
             source_requests.append(msg.reason)
+        elif isinstance(msg, P.KeyframeRequest) and pred is not None:
+            log.info("receiver asks for a keyframe (it decoded up to frame %d)", msg.last_seq)
+            pred.request_keyframe()
 
     peer = SenderPeer(on_message, rtc_configuration(cfg.ice_options()))
     stats = {"frames_captured": 0, "frames_sent": 0, "messages_sent": 0, "keypoint_payload_bytes": 0,
-             "source_image_bytes": 0, "source_images_sent": 0, "extract_ms": []}
+             "source_image_bytes": 0, "source_images_sent": 0, "heartbeats_sent": 0, "extract_ms": []}
     truth_seq, truth_vec = [], []
     timing: dict[int, list[float]] = {}
     t_start = time.monotonic()
     try:
         await peer.connect(cfg.receiver, cfg.token)
-        peer.send_control(P.Hello(model=detector_id(model), size=cfg.size,
-                                  fps=source.fps, codec=int(codec), kp_every=cfg.kp_every))
+        ts_base_us = time.time_ns() // 1000  # capture times count from here (fewer bytes per message)
+        if codec == P.Codec.PRED:
+            rate = None if cfg.target_kbps is None else RateController(RateConfig(cfg.target_kbps), cfg.tolerance)
+            pred = PredictiveSender(peer.send_keypoints, cfg.pred_config(), ts_base_us, rate)
+        peer.send_control(P.Hello(model=detector_id(model), size=cfg.size, fps=source.fps, codec=int(codec),
+                                  kp_every=cfg.kp_every, ts_base_us=ts_base_us,
+                                  pred=pred.hello_params() if pred is not None else None))
         pending: list[tuple[int, int, np.ndarray]] = []
         image_id = 0
         framing_sent = 0  # the framing generation of the source image the receiver holds
-        heartbeat_at = time.monotonic()
+        kp_sent_at = time.monotonic()  # the last keypoint message (or heartbeat): liveness for the receiver
+        last: tuple[int, int, np.ndarray] | None = None
         async for frame in source.frames():
             stats["frames_captured"] += 1
             latest["image"] = frame.image
@@ -249,35 +301,54 @@ async def run(cfg: SenderConfig) -> dict:
                 truth_seq.append(frame.seq)
                 truth_vec.append(vec)
                 # per-frame stage times for bench.latency: read, extract, encode, capture and send instants
+                # (send 0: never sent, e.g. skipped by the predictive codec)
                 timing[frame.seq] = [frame.read_ms, stats["extract_ms"][-1], 0.0, frame.capture_us, 0]
-            if frame.seq % cfg.kp_every == 0:
-                pending.append((frame.seq, frame.capture_us, vec))
-            if len(pending) >= cfg.batch:
+            if pred is not None:
                 t_enc = time.perf_counter()
-                batch = P.KeypointBatch.build(pending[0][0], pending[0][1], [v for _, _, v in pending], codec,
-                                              step=cfg.kp_every, interval_us=int(1e6 * cfg.kp_every / source.fps))
-                sent = peer.send_keypoints(batch)
-                if cfg.truth_out:
-                    enc_ms, sent_us = (time.perf_counter() - t_enc) * 1000, time.time_ns() // 1000
-                    for seq, _, _ in pending:
-                        timing[seq][2], timing[seq][4] = enc_ms, sent_us if sent else 0
-                if sent:
-                    stats["frames_sent"] += len(pending)
-                    stats["messages_sent"] += 1
-                    stats["keypoint_payload_bytes"] += len(batch.payload)
-                pending = []
-            if time.monotonic() - heartbeat_at > 0.5:
+                if pred.frame(frame.seq, frame.capture_us, vec, time.monotonic()):
+                    kp_sent_at = time.monotonic()
+                    if cfg.truth_out:
+                        timing[frame.seq][2] = (time.perf_counter() - t_enc) * 1000
+                        timing[frame.seq][4] = time.time_ns() // 1000
+                last = (frame.seq, frame.capture_us, vec)
+            else:
+                if frame.seq % cfg.kp_every == 0:
+                    pending.append((frame.seq, frame.capture_us, vec))
+                if len(pending) >= cfg.batch:
+                    t_enc = time.perf_counter()
+                    batch = P.KeypointBatch.build(pending[0][0], pending[0][1], [v for _, _, v in pending], codec,
+                                                  step=cfg.kp_every, interval_us=int(1e6 * cfg.kp_every / source.fps))
+                    sent = peer.send_keypoints(batch)
+                    if cfg.truth_out:
+                        enc_ms, sent_us = (time.perf_counter() - t_enc) * 1000, time.time_ns() // 1000
+                        for seq, _, _ in pending:
+                            timing[seq][2], timing[seq][4] = enc_ms, sent_us if sent else 0
+                    if sent:
+                        stats["frames_sent"] += len(pending)
+                        stats["messages_sent"] += 1
+                        stats["keypoint_payload_bytes"] += len(batch.payload)
+                        kp_sent_at = time.monotonic()
+                    pending = []
+            # heartbeats ride on keypoint messages: one goes out only after a silence (congestion,
+            # or a stream with nothing to send), so the receiver never takes the sender for gone
+            if time.monotonic() - kp_sent_at > HEARTBEAT_S:
                 peer.send_control(P.Heartbeat(time.time_ns() // 1000))
-                heartbeat_at = time.monotonic()
+                stats["heartbeats_sent"] += 1
+                kp_sent_at = time.monotonic()
             if peer.closed.is_set():
                 log.warning("receiver ended the call")
                 break
+        finished = pred is not None and last is not None and not peer.closed.is_set()
+        if finished and pred.finish(*last, time.monotonic()) and cfg.truth_out:
+            timing[last[0]][4] = time.time_ns() // 1000
     finally:
         stats["duration_s"] = time.monotonic() - t_start
         stats.update(peer.wire_stats())
         stats["keypoint_message_bytes"] = peer.bytes_sent["kp"]
         stats.update(source.framer.stats())
         stats["kp_dropped_congestion"] = peer.kp_dropped_congestion
+        if pred is not None:
+            stats.update(pred.summary())
         await peer.close()
         source.close()
     ex = np.array(stats.pop("extract_ms") or [0.0])

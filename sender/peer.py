@@ -46,9 +46,13 @@ class SenderPeer:
         try:
             msg = P.decode(data)
         except P.ProtocolError as e:
+            older = e.reason == "version" and P.legacy_bye(data, "") is not None
+            if older and not self.rejected.counts["version"]:  # an older receiver: say so, once
+                log.error("the receiver speaks an older protocol (%s): upgrade it", e.detail)
             self.rejected.reject(e)
             return
         if isinstance(msg, P.Bye):
+            log.info("receiver hung up: %s", msg.reason)
             self.closed.set()
         if self.on_message is not None:
             self.on_message(msg)
@@ -78,18 +82,19 @@ class SenderPeer:
                 await asyncio.sleep(0.005)
         return total
 
-    def send_keypoints(self, batch: P.KeypointBatch) -> bool:
-        """Send one keypoint message now, or drop it if the channel is congested."""
+    def send_keypoints(self, msg: P.KeypointBatch | P.CodedKeypoints) -> int:
+        """Send one keypoint message now; returns its encoded size, or 0 when dropped (channel not
+        open, or congested: a queued keypoint would arrive too late to be worth anything)."""
         if self.kp.readyState != "open":
-            return False
+            return 0
         if self.kp.bufferedAmount > MAX_BUFFERED_BYTES:
             self.kp_dropped_congestion += 1
-            return False
-        data = P.encode(batch)
+            return 0
+        data = P.encode(msg)
         self.kp.send(data)
         self.bytes_sent["kp"] += len(data)
         self.messages_sent["kp"] += 1
-        return True
+        return len(data)
 
     def wire_stats(self) -> dict[str, int]:
         """UDP payload bytes/packets through DTLS (all channels, handshakes included)."""

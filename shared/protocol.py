@@ -13,8 +13,16 @@ Messages
   :func:`source_image_size` reads the image's dimensions from its header, so a picture
   too large to decode safely is refused before any decoder allocates its pixels.
 - ``KeypointBatch``: one or more keypoint frames (``seq0 + i*step``), each a
-  60-value vector quantised by a :class:`Codec`.
+  60-value vector quantised by a :class:`Codec` (``--codec q8|f16`` streams).
+- ``CodedKeypoints``: one frame of the closed-loop predictive stream (``Codec.PRED``, the
+  sender's default, ``shared.kpcodec``): a keyframe or a residual against the prediction
+  both ends make from the decoded history; frames the receiver can predict are not sent.
+- ``KeyframeRequest`` (receiver -> sender, control channel): the predictive chain broke.
 - ``Heartbeat``, ``SourceRequest``, ``Bye``: liveness and control.
+
+Version 2 added the predictive stream; a peer speaking another version is refused
+with ``ProtocolError("version")`` ("unsupported protocol version"), and
+:func:`legacy_bye` says so to a version-1 peer in a form it can read.
 
 Keypoint vector layout (60 = 10 keypoints x (x, y) + 10 Jacobians x 4):
 ``[x0, y0, ..., x9, y9, J0_00, J0_01, J0_10, J0_11, ..., J9_11]``.
@@ -34,7 +42,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+LEGACY_VERSIONS = (1,)  # versions whose Bye layout [version, 6, reason] we can still write
 NUM_KP = 10
 KP_DIM = 6 * NUM_KP
 MAX_MESSAGE_BYTES = 64 * 1024  # peers without a max-message-size SDP line allow 64 KiB
@@ -56,6 +65,8 @@ class MsgType(enum.IntEnum):
     HEARTBEAT = 4
     SOURCE_REQUEST = 5
     BYE = 6
+    CODED_KEYPOINTS = 7
+    KEYFRAME_REQUEST = 8
 
 
 class ProtocolError(ValueError):
@@ -79,11 +90,19 @@ class Codec(enum.IntEnum):
         growing to ~3% of the value for large entries. Trained detectors put a quarter of
         their Jacobian entries beyond +-2, so a linear int8 scale would be either coarse or
         clipped; relative precision is what the warp J_s J_d^-1 needs.
+    PRED: not a per-vector codec: the closed-loop predictive stream of ``CodedKeypoints``
+        messages (``shared.kpcodec``; keyframes are Q8 vectors, the rest residuals or nothing).
     """
 
     F16 = 0
     Q8 = 1
+    PRED = 2
 
+
+VECTOR_CODECS = (Codec.F16, Codec.Q8)  # the codecs a KeypointBatch payload can use
+PREDICTORS = ("last", "linear")  # closed-loop predictors (shared.kpcodec.predict)
+MAX_PRED_GAP = 64  # largest max_gap a Hello may announce (frames skipped in a row)
+MAX_RESIDUAL_BYTES = 4 * KP_DIM  # a residual of a keypoint vector is never longer
 
 JAC_RANGE = 16.0
 _JAC_KNEE = 0.5  # the log scale is ~linear below this magnitude
@@ -102,7 +121,11 @@ def _q8_to_jac(q: np.ndarray) -> np.ndarray:
 
 
 def frame_bytes(codec: Codec) -> int:
-    return {Codec.F16: 2 * KP_DIM, Codec.Q8: 2 * _NC + (KP_DIM - _NC)}[Codec(codec)]
+    """Bytes of one vector in a KeypointBatch payload (F16 and Q8 only)."""
+    sizes = {Codec.F16: 2 * KP_DIM, Codec.Q8: 2 * _NC + (KP_DIM - _NC)}
+    if codec not in sizes:
+        raise ValueError(f"codec {codec} does not code single vectors")
+    return sizes[Codec(codec)]
 
 
 def encode_vector(vec: np.ndarray, codec: Codec = Codec.Q8) -> bytes:
@@ -124,10 +147,9 @@ def encode_vector(vec: np.ndarray, codec: Codec = Codec.Q8) -> bytes:
 
 def decode_vectors(payload: bytes, codec: int) -> np.ndarray:
     """Payload of n frames -> (n, 60) float32. Raises ProtocolError."""
-    try:
-        codec = Codec(codec)
-    except ValueError:
-        raise ProtocolError("codec", f"unknown codec {codec}") from None
+    if codec not in VECTOR_CODECS:
+        raise ProtocolError("codec", f"codec {codec!r:.20} does not code single vectors")
+    codec = Codec(codec)
     fb = frame_bytes(codec)
     if len(payload) == 0 or len(payload) % fb:
         raise ProtocolError("length", f"payload of {len(payload)} B is not a multiple of {fb} B")
@@ -152,13 +174,34 @@ def decode_vectors(payload: bytes, codec: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class PredParams:
+    """The predictive codec's parameters, announced in the Hello so both ends share them.
+
+    The decoder needs ``predictor`` and ``coord_step`` (its predictions must equal the
+    encoder's bit for bit) and ``max_gap`` (a longer gap is a loss, not a skip);
+    ``tolerance`` is the sender's starting value (rate control may change it, the receiver
+    only reports it) and ``keyframe_interval`` tells the receiver how long a broken chain
+    can last without a request. See ``shared.kpcodec.PredictiveConfig``.
+    """
+
+    predictor: str = "last"
+    tolerance: float = 0.004
+    coord_step: float = 1.0 / 512
+    max_gap: int = 4
+    keyframe_interval: int = 90
+
+
+@dataclass(frozen=True)
 class Hello:
     model: str
     size: int
     fps: float
     codec: int = int(Codec.Q8)
-    kp_every: int = 1  # the sender sends every k-th frame's keypoints
+    kp_every: int = 1  # the sender sends every k-th frame's keypoints (KeypointBatch streams)
     num_kp: int = NUM_KP
+    # Sender clock (us) that CodedKeypoints times count from: small numbers are fewer bytes.
+    ts_base_us: int = 0
+    pred: PredParams | None = None  # exactly when codec is Codec.PRED
     version: int = PROTOCOL_VERSION
 
 
@@ -194,6 +237,29 @@ class KeypointBatch:
 
 
 @dataclass(frozen=True)
+class CodedKeypoints:
+    """One frame of the predictive stream (a ``shared.kpcodec.CodedFrame`` plus its time).
+
+    On the wire ``prev_seq`` travels as ``seq - prev_seq`` (0 before the first frame: only
+    a keyframe may have no predecessor) and the capture time as ``ts_us``, microseconds
+    after the Hello's ``ts_base_us``: both fit in one to five msgpack bytes.
+    """
+
+    seq: int
+    prev_seq: int  # the previous coded frame, -1 for none
+    key: bool  # payload is an absolute Q8 vector; else an Exp-Golomb residual
+    ts_us: int  # capture time - Hello.ts_base_us (sender clock)
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class KeyframeRequest:
+    """Receiver -> sender on the control channel: send the next frame as a keyframe."""
+
+    last_seq: int = -1  # the newest frame the receiver decoded (for the sender's log)
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     ts_us: int
 
@@ -208,18 +274,26 @@ class Bye:
     reason: str = ""
 
 
-Message = Hello | SourceChunk | KeypointBatch | Heartbeat | SourceRequest | Bye
+Message = Hello | SourceChunk | KeypointBatch | CodedKeypoints | KeyframeRequest | Heartbeat | SourceRequest | Bye
 
 
 def encode(msg: Message) -> bytes:
     """Serialise a message to bytes."""
     v = PROTOCOL_VERSION
     if isinstance(msg, Hello):
-        body = [v, MsgType.HELLO, msg.model, msg.size, float(msg.fps), msg.codec, msg.kp_every, msg.num_kp]
+        pred = None if msg.pred is None else [msg.pred.predictor, float(msg.pred.tolerance), float(msg.pred.coord_step),
+                                              msg.pred.max_gap, msg.pred.keyframe_interval]
+        body = [v, MsgType.HELLO, msg.model, msg.size, float(msg.fps), msg.codec, msg.kp_every, msg.num_kp,
+                msg.ts_base_us, pred]
     elif isinstance(msg, SourceChunk):
         body = [v, MsgType.SOURCE_CHUNK, msg.image_id, msg.index, msg.total, msg.total_bytes, msg.digest, msg.data]
     elif isinstance(msg, KeypointBatch):
         body = [v, MsgType.KEYPOINTS, msg.seq0, msg.step, msg.ts0_us, msg.interval_us, msg.codec, msg.payload]
+    elif isinstance(msg, CodedKeypoints):
+        back = 0 if msg.prev_seq < 0 else msg.seq - msg.prev_seq
+        body = [v, MsgType.CODED_KEYPOINTS, msg.seq, back, bool(msg.key), msg.ts_us, msg.payload]
+    elif isinstance(msg, KeyframeRequest):
+        body = [v, MsgType.KEYFRAME_REQUEST, msg.last_seq]
     elif isinstance(msg, Heartbeat):
         body = [v, MsgType.HEARTBEAT, msg.ts_us]
     elif isinstance(msg, SourceRequest):
@@ -249,8 +323,24 @@ def _str(x: object, max_len: int, name: str) -> str:
     return x
 
 
-_ARITY = {MsgType.HELLO: 8, MsgType.SOURCE_CHUNK: 8, MsgType.KEYPOINTS: 8, MsgType.HEARTBEAT: 3,
-          MsgType.SOURCE_REQUEST: 3, MsgType.BYE: 3}
+def _float(x: object, lo: float, hi: float, name: str) -> float:
+    if type(x) not in (int, float) or not lo <= float(x) <= hi:  # NaN fails the comparison
+        raise ProtocolError("field", f"{name} must be a number in [{lo}, {hi}], got {x!r:.40}")
+    return float(x)
+
+
+def _pred_params(x: object) -> PredParams:
+    if not isinstance(x, list) or len(x) != 5:
+        raise ProtocolError("field", "pred must be [predictor, tolerance, coord_step, max_gap, keyframe_interval]")
+    predictor = _str(x[0], 16, "predictor")
+    if predictor not in PREDICTORS:
+        raise ProtocolError("field", f"unknown predictor {predictor!r:.20}")
+    return PredParams(predictor, _float(x[1], 0.0, 1.0, "tolerance"), _float(x[2], 1e-5, 0.1, "coord_step"),
+                      _int(x[3], 0, MAX_PRED_GAP, "max_gap"), _int(x[4], 1, 100_000, "keyframe_interval"))
+
+
+_ARITY = {MsgType.HELLO: 10, MsgType.SOURCE_CHUNK: 8, MsgType.KEYPOINTS: 8, MsgType.HEARTBEAT: 3,
+          MsgType.SOURCE_REQUEST: 3, MsgType.BYE: 3, MsgType.CODED_KEYPOINTS: 7, MsgType.KEYFRAME_REQUEST: 3}
 I64 = 2 ** 62
 
 
@@ -271,7 +361,8 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     if not isinstance(obj, list) or len(obj) < 2:
         raise ProtocolError("malformed", "expected an array [version, type, ...]")
     if obj[0] != PROTOCOL_VERSION or type(obj[0]) is not int:
-        raise ProtocolError("version", f"protocol version {obj[0]!r:.20}, this end speaks {PROTOCOL_VERSION}")
+        raise ProtocolError("version", f"unsupported protocol version {obj[0]!r:.20} (this end speaks "
+                                       f"{PROTOCOL_VERSION})")
     try:
         mtype = MsgType(obj[1])
     except (ValueError, TypeError):
@@ -291,7 +382,13 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         num_kp = _int(f[5], 1, 64, "num_kp")
         if num_kp != NUM_KP:
             raise ProtocolError("field", f"num_kp {num_kp} unsupported (this end uses {NUM_KP})")
-        return Hello(model, size, float(f[2]), codec, kp_every, num_kp)
+        ts_base = _int(f[6], 0, I64, "ts_base_us")
+        pred = None if f[7] is None else _pred_params(f[7])
+        if (codec == Codec.PRED) != (pred is not None):
+            raise ProtocolError("field", "codec parameters come with the predictive codec, and only with it")
+        if codec == Codec.PRED and kp_every != 1:
+            raise ProtocolError("field", "the predictive codec decides per frame: kp_every must be 1")
+        return Hello(model, size, float(f[2]), codec, kp_every, num_kp, ts_base, pred)
     if mtype == MsgType.SOURCE_CHUNK:
         image_id = _int(f[0], 0, I64, "image_id")
         total = _int(f[2], 1, 4096, "total")
@@ -316,11 +413,55 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         if len(vecs) > MAX_FRAMES_PER_BATCH:
             raise ProtocolError("length", f"{len(vecs)} frames in one message > {MAX_FRAMES_PER_BATCH}")
         return batch
+    if mtype == MsgType.CODED_KEYPOINTS:
+        return _coded_keypoints(f)
+    if mtype == MsgType.KEYFRAME_REQUEST:
+        return KeyframeRequest(_int(f[0], -1, I64, "last_seq"))
     if mtype == MsgType.HEARTBEAT:
         return Heartbeat(_int(f[0], 0, I64, "ts_us"))
     if mtype == MsgType.SOURCE_REQUEST:
         return SourceRequest(_str(f[0], 256, "reason"))
     return Bye(_str(f[0], 256, "reason"))
+
+
+def _coded_keypoints(f: list) -> CodedKeypoints:
+    seq = _int(f[0], 0, I64, "seq")
+    back = _int(f[1], 0, seq, "seq - prev_seq")
+    if type(f[2]) is not bool:
+        raise ProtocolError("field", "key must be a bool")
+    key = f[2]
+    ts = _int(f[3], 0, I64, "ts_us")
+    payload = _bytes(f[4], MAX_RESIDUAL_BYTES, "payload")
+    if back == 0 and not key:
+        raise ProtocolError("field", "only a keyframe may have no previous frame")
+    if key:
+        decode_vectors(payload, Codec.Q8)  # exactly one Q8 vector: size, NaN/inf, ranges
+        if len(payload) != frame_bytes(Codec.Q8):
+            raise ProtocolError("length", "a keyframe carries one Q8 vector")
+    else:
+        from shared.kpcodec import decode_residual  # lazily: kpcodec builds on this module
+
+        try:
+            decode_residual(payload)  # a valid bitstream of 60 residuals (their range is the decoder's call)
+        except ValueError as e:
+            raise ProtocolError("residual", str(e)) from None
+    return CodedKeypoints(seq, seq - back if back else -1, key, ts, payload)
+
+
+def legacy_bye(data: bytes | bytearray | memoryview, reason: str) -> bytes | None:
+    """A Bye an older peer can read, when ``data`` is a message of a version we know the layout of.
+
+    ``decode`` refuses other versions; this lets the receiver tell a version-1 sender why
+    its call ends instead of leaving it to time out.
+    """
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, max_array_len=16, max_map_len=16, max_str_len=4096,
+                              max_bin_len=MAX_MESSAGE_BYTES)
+    except Exception:  # not even msgpack: nobody to answer
+        return None
+    if not isinstance(obj, list) or not obj or type(obj[0]) is not int or obj[0] not in LEGACY_VERSIONS:
+        return None
+    return msgpack.packb([obj[0], int(MsgType.BYE), reason[:256]], use_bin_type=True)
 
 
 # --------------------------------------------------------------------------- source image

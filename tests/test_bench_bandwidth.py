@@ -32,7 +32,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
     out = tmp / "b.json"
     bandwidth.main(["--data", str(data), "--weights", str(weights), "--json", str(out), "--png", str(tmp / "b.png"),
                     "--split", "all", "--call-seconds", str(CALL_S), "--decimations", "1", "2",
-                    "--batches", "1", "3"])
+                    "--batches", "1", "3", "--pred", "max:0.01:4"])
     assert (tmp / "b.png").stat().st_size > 0
     return json.loads(out.read_text()), data, weights
 
@@ -47,10 +47,12 @@ def test_json_shape(run: tuple[dict, Path, Path]) -> None:
     res = run[0]
     assert res["clips"] == 2 and res["size"] == SIZE
     assert res["overhead_bytes_per_msg"] == 95 and "aiortc" in res["overhead_note"]
-    assert len(res["configs"]) == 2 * 2 * 2  # codecs x decimations x batches
+    assert len(res["configs"]) == 2 * 2 * 2 + 2  # codecs x decimations x batches + the default and one --pred
     for c in res["configs"]:
-        assert {"kbps_wire", "payload_bytes_per_msg", "msgs_per_s", "ssim", "psnr"} <= set(c)
-    assert {"kbps_wire", "ssim", "psnr"} <= set(res["keypoints"])
+        assert {"kbps_wire", "payload_bytes_per_msg", "msgs_per_s", "ssim", "psnr", "added_delay_ms",
+                "kbps_reverse_est", "ratio_equal_ssim_wire", "ratio_equal_ssim_payload"} <= set(c)
+    assert {"kbps_wire", "ssim", "psnr", "added_delay_ms"} <= set(res["keypoints"])
+    assert {"ratio_equal_ssim", "ratio_equal_ssim_wire", "ratio_equal_ssim_payload"} <= set(res)
     assert [p["crf"] for p in res["h264_curve"]] == list(bandwidth.CRFS)
     assert res["assumptions"]
 
@@ -59,6 +61,14 @@ def test_bytes_are_the_encoded_messages(run: tuple[dict, Path, Path]) -> None:
     res, data, weights = run
     _frames, kps = clips_and_keypoints(data, weights)
     for c in res["configs"]:
+        if c["codec"] == "PRED":
+            cfg = bandwidth.PredSpec.parse(c["name"].removeprefix("PRED:")).cfg
+            msgs = [m for kp in kps for m in bandwidth.pred_stream_messages(kp, cfg)[0]]
+            assert c["msgs_total"] == len(msgs) == c["frames_sent"]
+            assert c["msg_bytes_total"] == sum(len(m) for m in msgs)
+            assert c["frames_sent"] + c["frames_skipped"] == c["frames_total"]
+            assert all(isinstance(protocol.decode(m), protocol.CodedKeypoints) for m in msgs)
+            continue
         msgs = [m for kp in kps for m in bandwidth.stream_messages(kp, Codec[c["codec"]], c["k"], c["batch"])]
         assert c["msgs_total"] == len(msgs)
         assert c["msg_bytes_total"] == sum(len(m) for m in msgs)
@@ -77,6 +87,23 @@ def test_receiver_reconstruction_follows_the_wire() -> None:
     assert not np.allclose(got[1], kp[1], atol=1e-3)  # ... which is not the true frame
 
 
+def test_predictive_reconstruction_is_the_decoded_stream() -> None:
+    """What bench.bandwidth scores for the predictive stream: every frame, within tolerance of the truth."""
+    from shared.kpcodec import PredictiveConfig
+
+    rng = np.random.default_rng(1)
+    coords = rng.uniform(-0.5, 0.5, 20) + np.cumsum(rng.normal(0, 0.002, (90, 20)), 0)  # a slow random walk
+    kp = np.concatenate([coords, np.tile([1.0, 0, 0, 1.0], (90, 10))], axis=1).astype(np.float32)
+    cfg = PredictiveConfig(tolerance=0.005, max_gap=6)
+    msgs, summary = bandwidth.pred_stream_messages(kp, cfg)
+    got = bandwidth.receive_pred(msgs, len(kp), cfg)
+    assert np.abs(got[:, :20] - kp[:, :20]).max() <= 0.005 + cfg.coord_step
+    assert summary["frames_skipped"] > 10 and len(msgs) == summary["frames_sent"] < len(kp)
+    assert protocol.decode(msgs[-1]).seq == len(kp) - 1  # the last frame is always sent
+    with pytest.raises(RuntimeError, match="decoded"):
+        bandwidth.receive_pred(msgs[:1] + msgs[2:], len(kp), cfg)  # a lost message: not a lossless stream
+
+
 def test_rates_follow_their_definitions(run: tuple[dict, Path, Path]) -> None:
     res, data, _ = run
     frames = load_frames(load_clips(data, ["face"]), SIZE)
@@ -87,13 +114,19 @@ def test_rates_follow_their_definitions(run: tuple[dict, Path, Path]) -> None:
         assert c["msgs_per_s"] == pytest.approx(c["msgs_total"] / seconds)
         # Hello + JPEG source chunks, each with transport overhead, once per call
         one_off = []
+        pred = bandwidth.PredSpec.parse(c["name"].removeprefix("PRED:")).cfg.params() if c["codec"] == "PRED" else None
         for f in frames:
             jpeg, _ = bandwidth.jpeg_source(f[0])
-            msgs = [protocol.encode(Hello("kp-" + "0" * 12, SIZE, FPS, int(Codec[c["codec"]]), c["k"]))]
+            msgs = [protocol.encode(Hello("kp-" + "0" * 12, SIZE, FPS, int(Codec[c["codec"]]), c["k"],
+                                          ts_base_us=bandwidth.TS_BASE_US, pred=pred))]
             msgs += [protocol.encode(ch) for ch in protocol.split_source(jpeg, 1)]
             one_off.append(sum(len(m) + 95 for m in msgs))
         assert c["kbps_source_amortised"] == pytest.approx(np.mean(one_off) * 8 / CALL_S / 1000)
         assert c["kbps_wire"] == pytest.approx(c["kbps_stream"] + c["kbps_source_amortised"])
+        assert c["kbps_reverse_est"] == pytest.approx(c["msgs_per_s"] * 92 * 8 / 1000)
+        # the delay a receiver adds: interpolation and batching for vector streams, none for the predictive one
+        waits = 0.0 if c["codec"] == "PRED" else (c["batch"] * c["k"] - 1) / FPS * 1000
+        assert c["added_delay_ms"] == pytest.approx(waits)
     for p in res["h264_curve"]:
         assert p["kbps"] == pytest.approx(p["steady_bytes_total"] * 8 / (p["steady_frames_total"] / FPS) / 1000)
         assert p["kbps_amortised_idr"] == pytest.approx(p["kbps"] + p["idr_bytes_mean"] * 8 / CALL_S / 1000)
@@ -123,13 +156,22 @@ def test_ratios_equal_their_definitions(run: tuple[dict, Path, Path]) -> None:
     assert res["h264_floor_used"] is floor
     assert res["h264_at_equal_ssim"]["kbps"] == pytest.approx(rate)
     assert res["ratio_equal_ssim"] == pytest.approx(res["h264_at_equal_ssim"]["kbps"] / kp["kbps_wire"])
+    rtp_rate, _ = _rate_at([{**p, "kbps": p["kbps_rtp"]} for p in res["h264_curve"]], kp["ssim"])
+    assert res["ratio_equal_ssim_wire"] == pytest.approx(rtp_rate / kp["kbps_wire"])
+    assert res["ratio_equal_ssim_payload"] == pytest.approx(rate / kp["kbps_payload"])
     assert res["ratio_vs_webrtc_h264"] == pytest.approx(res["webrtc_h264"]["min_target"]["kbps"] / kp["kbps_wire"])
     for c in res["configs"]:
         assert c["h264_kbps_at_equal_ssim"] == pytest.approx(_rate_at(res["h264_curve"], c["ssim"])[0])
         assert c["ratio_equal_ssim"] == pytest.approx(c["h264_kbps_at_equal_ssim"] / c["kbps_wire"])
         assert c["ratio_equal_ssim_rtp"] == pytest.approx(c["h264_rtp_kbps_at_equal_ssim"] / c["kbps_wire"])
-    # the headline is the sender's default stream
-    assert (kp["codec"], kp["k"], kp["batch"]) == ("Q8", 1, 1)
+        assert c["ratio_equal_ssim_wire"] == c["ratio_equal_ssim_rtp"]
+    # the headline is the sender's default stream, the previous default (Q8, every frame) beside it
+    from shared.kpcodec import DEFAULT_STREAM
+
+    assert kp["codec"] == "PRED" and kp["default"] and kp["tolerance"] == DEFAULT_STREAM.tolerance
+    assert kp["skip_rule"] == DEFAULT_STREAM.skip_rule and kp["max_gap"] == DEFAULT_STREAM.max_gap
+    prev = res["keypoints_previous_default"]
+    assert (prev["codec"], prev["k"], prev["batch"]) == ("Q8", 1, 1)
 
 
 def test_floor_flag() -> None:

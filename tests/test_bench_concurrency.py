@@ -16,7 +16,7 @@ def test_two_concurrent_calls(tmp_path: Path, tiny_weights: Path) -> None:
     r = json.loads(out.read_text())
     assert len(r["per_call"]) == 2 and len({c["call"] for c in r["per_call"]}) == 2
     assert r["total_stalls"] == sum(c["stalls"] for c in r["per_call"])
-    assert all(c["real"] + c["concealed"] + c["interpolated"] > 0.5 * 45 for c in r["per_call"])
+    assert all(c["real"] + c["predicted"] + c["concealed"] + c["interpolated"] > 0.5 * 45 for c in r["per_call"])
 
 
 def test_replay_file_must_hold_keypoints(tmp_path: Path, tiny_weights: Path, demo_clip: Path) -> None:

@@ -36,7 +36,7 @@ def test_short_real_call(tmp_path: Path, tiny_weights: Path) -> None:
     (call,) = r["calls"]
     st = call["stages_ms"]
     n = st["render"]["n"]
-    assert n == call["frames_real_timed"] > 0.5 * 40
+    assert n == call["frames_real_timed"] > 0.5 * call["frames_sent"] and call["frames_sent"] >= 1
     assert all(st[s]["n"] == n for s in STAGES)
     # glass-to-glass spans every stage after capture, so it can't be shorter than their sum's parts
     assert st["glass_to_glass"]["p50"] >= st["render"]["p50"]

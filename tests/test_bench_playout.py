@@ -91,17 +91,18 @@ def test_short_run_is_consistent(tmp_path: Path, tiny_weights: Path) -> None:
     assert "loss10%" in res.stdout  # the table was printed
     assert png.stat().st_size > 1000
     (r,) = json.loads(out.read_text())["runs"]
-    assert r["loss"] == 0.1 and r["frames_sent"] == 90
+    # the sender's default stream: the predictive codec sends what the receiver cannot predict
+    assert r["loss"] == 0.1 and r["frames_sent"] + r["frames_skipped"] == 90
     # every rendered frame is one kind, and the frames log agrees with the receiver's counters
-    assert r["real"] + r["concealed"] + r["interpolated"] == r["rendered"] == r["rendered_logged"]
+    assert r["real"] + r["predicted"] + r["concealed"] + r["interpolated"] == r["rendered"] == r["rendered_logged"]
     assert r["concealed"] == r["call_concealed"] and r["interpolated"] == r["call_interpolated"]
-    assert r["frames_lost"] > 0 and r["frames_received"] == r["frames_sent"] - r["frames_lost"]
+    assert r["frames_lost"] > 0 and r["frames_received"] <= 90
     assert r["source_sha256_match"] is True
     # kbps is the wire bytes over the media duration, and the wire bytes add 95 B per message
     assert r["kp_wire_bytes"] == r["kp_message_bytes"] + 95 * r["kp_messages"]
     assert r["media_duration_s"] == pytest.approx(90 / 30.0)
     assert r["kp_wire_kbps"] == pytest.approx(r["kp_wire_bytes"] * 8 / 1000 / r["media_duration_s"])
-    assert r["kp_wire_kbps"] == pytest.approx(estimate_kp_wire_kbps(1, 1, 30.0), rel=0.1)
+    assert r["kp_wire_kbps"] < estimate_kp_wire_kbps(1, 1, 30.0)  # below every frame in Q8
     # real frames are the truth up to Q8 quantisation, except for the fading blend after a
     # concealment (its size depends on how much was concealed, i.e. on the machine's timing)
     assert r["real_unblended_kp_error"] is not None and r["real_unblended_kp_error"] < 1e-3

@@ -14,7 +14,8 @@ from shared import protocol as P
 from tests.procs import ROOT, env
 
 KNOWN_REASONS = {"malformed", "oversized", "version", "type", "field", "codec", "length", "nonfinite", "range",
-                 "channel", "order", "duplicate", "stale", "digest", "busy", "late", "rate_limited", "source_image"}
+                 "channel", "order", "duplicate", "stale", "digest", "busy", "late", "rate_limited", "source_image",
+                 "residual"}
 
 
 async def test_fuzz_2000_messages_nothing_crashes_and_counts_add_up() -> None:
@@ -31,7 +32,8 @@ async def test_fuzz_2000_messages_nothing_crashes_and_counts_add_up() -> None:
     assert set(d["rejected_by_reason"]) | set(s["rejected_by_reason"]) <= KNOWN_REASONS
     # the mix is meaningful: plenty of both outcomes, every message type accepted somewhere
     assert d["accepted"] > 200 and d["rejected"] > 1000
-    assert set(d["accepted_by_type"]) >= {"Hello", "KeypointBatch", "SourceChunk", "Heartbeat"}
+    assert set(d["accepted_by_type"]) >= {"Hello", "KeypointBatch", "CodedKeypoints", "KeyframeRequest", "SourceChunk",
+                                          "Heartbeat"}
     # the session rejects everything the decoder rejects (and more: order, duplicates, channel...)
     assert s["accepted"] <= d["accepted"]
     assert s["frames_received"] > 0 and s["sessions"] >= 1

@@ -49,7 +49,7 @@ def test_duplicates_and_late_frames_rejected_and_counted():
     assert buf.push(1, int(US), V, 1.2) == LATE  # its slot was skipped
     assert buf.push(2, int(2 * US), V, 1.2) == DUPLICATE  # played already: a duplicate, not late
     assert buf.push(1, int(US), V, 1.3) == DUPLICATE
-    assert buf.counts == {"received": 2, "duplicates": 3, "late": 1, "evicted": 0}
+    assert buf.counts == {"received": 2, "duplicates": 3, "late": 1, "evicted": 0, "predicted": 0, "predicted_late": 0}
 
 
 def test_clock_offset_is_the_minimum_transit():
@@ -154,3 +154,26 @@ def test_frames_before_the_source_image_do_not_move_the_target():
     for i in range(15):
         ref.push(i, int(i * US), V, 0.6 + i * 0.0005)
     assert ref.target_delay_s > 0.3
+
+
+def test_skipped_frames_stay_out_of_the_timing_model():
+    """Frames the sender skipped arrive (decoded) with the next coded frame, up to max_gap frames after
+    their capture time: counted as network delay they would lift the target by that much."""
+    gap = 8
+    plain, pred = JitterBuffer(), JitterBuffer()
+    for i in range(0, 600, gap + 1):  # every 9th frame coded, 20 ms transit; the 8 before it skipped
+        arrival = 50.0 + i / 30 + 0.020
+        for b in (plain, pred):
+            b.push(i, int(i * US), V, arrival)
+        for s in range(i - gap, i):
+            if s > 0:
+                assert pred.push(s, int(s * US), V, arrival, predicted=True) == OK
+                plain.push(s, int(s * US), V, arrival)  # what not marking them would do
+        for b in (plain, pred):
+            b.release_through(i - gap - 1)
+    assert pred.target_delay_s * 1000 < 35  # the 10 ms margin and a little: no delay for the skips
+    assert plain.target_delay_s * 1000 > 200  # ... where unmarked skips would have cost ~8 frames
+    assert pred.counts["predicted"] > 0 and pred.newest.seq % (gap + 1) == 0
+    pred.release_through(10_000)
+    assert pred.push(10_000 - 1, 0, V, 99.0, predicted=True) == LATE
+    assert pred.counts["late"] == 0 and pred.counts["predicted_late"] == 1

@@ -168,3 +168,69 @@ def test_quantiser_limits() -> None:
         quantise(np.full(60, np.nan), cfg)
     with pytest.raises(ValueError):
         PredictiveConfig(predictor="oracle")
+
+
+def test_predict_at_is_what_the_encoder_assumed_for_skipped_frames() -> None:
+    """The receiver shows skipped frames before it hears of them: its prediction must be the encoder's."""
+    for predictor in ("last", "linear"):
+        cfg = PredictiveConfig(predictor=predictor, tolerance=0.01, max_gap=6)
+        enc, dec = PredictiveEncoder(cfg), PredictiveDecoder(cfg)
+        vecs = walk(200, seed=7, speed=0.002)
+        checked = 0
+        for s, v in enumerate(vecs):
+            ahead = dec.predict_at(s)  # before frame s (or the one after a skip run) arrives
+            f = enc.encode(s, v)
+            if f is None:  # skipped: the encoder's history now ends with what it assumed
+                assert ahead is not None
+                np.testing.assert_array_equal(ahead, dequantise(enc.history[-1], cfg))
+                checked += 1
+            else:
+                dec.push(f)
+        assert checked > 20
+        assert dec.predict_at(dec.last_seq) is None and dec.predict_at(dec.last_seq + cfg.max_gap + 1) is None
+
+
+def test_mean_skip_rule_bounds_every_value_by_the_cap() -> None:
+    cfg = PredictiveConfig(tolerance=0.004, skip_rule="mean", mean_cap=3.0, max_gap=30)
+    vecs = walk(300, seed=8)
+    enc, _dec, _sent, decoded = run(cfg, vecs)
+    n = max(decoded) + 1  # (frames after the last coded one decode when the next one comes)
+    assert n > 250
+    err = np.abs(np.stack([decoded[s].vector for s in range(n)]) - vecs[:n])
+    assert err[:, :NC].max() <= 3.0 * cfg.tolerance + cfg.coord_step
+    assert err[:, :NC].mean(axis=1).max() <= cfg.tolerance + cfg.coord_step
+    strict = run(PredictiveConfig(tolerance=0.004, max_gap=30), vecs)[0]
+    assert enc.counts["skipped"] > strict.counts["skipped"]  # the point of the rule: more frames skipped
+    with pytest.raises(ValueError):
+        PredictiveConfig(skip_rule="median")
+
+
+def test_tolerance_can_change_between_frames_and_force_never_skips() -> None:
+    cfg = PredictiveConfig(tolerance=1.0, max_gap=100)
+    enc = PredictiveEncoder(cfg)
+    v = walk(3)
+    assert enc.encode(0, v[0]) is not None and enc.encode(1, v[1]) is None
+    assert enc.encode(2, v[2], force=True) is not None
+    enc.tolerance = 0.0  # rate control tightened it: nothing is close any more
+    assert all(enc.encode(s, v[2] + 0.01 * s) is not None for s in range(3, 6))
+
+
+def test_a_peer_cannot_make_the_decoder_fill_or_hold_without_bound() -> None:
+    cfg = PredictiveConfig(max_gap=4)
+    enc, dec = PredictiveEncoder(cfg), PredictiveDecoder(cfg)
+    v = walk(2, speed=0.05)
+    dec.push(enc.encode(0, v[0]))
+    r = enc.encode(1, v[1])
+    with pytest.raises(ValueError, match="max_gap"):  # a residual claiming 10^12 skipped frames
+        dec.push(CodedFrame(10**12, 0, False, r.payload))
+    key = enc.encode(2, v[1], force=True)
+    assert [d.seq for d in dec.push(CodedFrame(10**12, 0, True, P_KEY(v[1])))] == [10**12]  # no fill
+    for i in range(100):  # frames whose predecessors never come: held, but only a few
+        dec.push(CodedFrame(10**12 + 10 + 2 * i, 10**12 + 5 + 2 * i, False, key.payload))
+    assert len(dec.pending) <= 16 and dec.needs_keyframe
+
+
+def P_KEY(v: np.ndarray) -> bytes:  # noqa: N802 - a keyframe payload, as on the wire
+    from shared.protocol import Codec, encode_vector
+
+    return encode_vector(v, Codec.Q8)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import protocol as P
+from shared.kpcodec import CodedFrame, PredictiveConfig, PredictiveDecoder, PredictiveEncoder, encode_residual
 
 
 def kp_vector(rng: np.random.Generator) -> np.ndarray:
@@ -55,8 +56,63 @@ def test_q8_is_smaller_than_f16() -> None:
 
 
 def test_other_messages_round_trip() -> None:
-    for msg in [P.Hello("face64", 64, 30.0, 1, 2), P.Heartbeat(123), P.SourceRequest("scene changed"), P.Bye("done")]:
+    pred = P.Hello("face64", 64, 30.0, int(P.Codec.PRED), ts_base_us=2**40,
+                   pred=P.PredParams("linear", 0.01, 1 / 256, 8, 60))
+    for msg in [P.Hello("face64", 64, 30.0, 1, 2), pred, P.Heartbeat(123), P.SourceRequest("scene changed"),
+                P.Bye("done"), P.KeyframeRequest(17), P.KeyframeRequest()]:
         assert P.decode(P.encode(msg)) == msg
+
+
+def test_coded_keypoints_round_trip_and_are_compact() -> None:
+    rng = np.random.default_rng(3)
+    cfg = PredictiveConfig(tolerance=0.0)
+    enc = PredictiveEncoder(cfg)
+    v = kp_vector(rng)
+    frames = [enc.encode(0, v), enc.encode(1, v + 0.001), enc.encode(2, v + 0.003)]
+    msgs = [P.CodedKeypoints(f.seq, f.prev_seq, f.key, 33_333 * f.seq, f.payload) for f in frames]
+    for m in msgs:
+        assert P.decode(P.encode(m)) == m
+    assert msgs[0].prev_seq == -1 and msgs[0].key and not msgs[1].key
+    # framing around the payload: array, version, type, seq, seq - prev_seq, key, time (< 2^16 us), bin header
+    assert len(P.encode(msgs[1])) - len(msgs[1].payload) <= 1 + 1 + 1 + 1 + 1 + 1 + 3 + 2
+    # deep into a call (seq past 2^16, 70 minutes of time) the framing still stays under 19 bytes
+    late = P.CodedKeypoints(100_000, 99_996, False, 4_000_000_000, msgs[1].payload)
+    assert len(P.encode(late)) - len(late.payload) <= 18 and P.decode(P.encode(late)) == late
+
+
+def test_a_version_1_peer_is_refused_and_told_in_its_own_version() -> None:
+    v1_hello = _raw(1, 1, "kp-0123456789ab", 64, 30.0, 1, 1, 10)  # exactly what a version-1 sender sends
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(v1_hello)
+    assert e.value.reason == "version" and "unsupported protocol version 1" in str(e.value)
+    bye = P.legacy_bye(v1_hello, "unsupported protocol version 1")
+    assert msgpack.unpackb(bye) == [1, 6, "unsupported protocol version 1"]  # a version-1 Bye
+    assert P.legacy_bye(_raw(V + 5, 1), "x") is None and P.legacy_bye(b"\xc1", "x") is None
+    assert P.legacy_bye(_raw("1", 1), "x") is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.floats(-0.875, 0.875, width=32), min_size=20, max_size=20), st.integers(0, 2**40),
+       st.integers(0, 2**40), st.floats(0.0, 0.02), st.sampled_from(["last", "linear"]))
+def test_coded_stream_round_trips_through_the_wire(coords: list[float], seq0: int, ts: int, tol: float,
+                                                  predictor: str) -> None:
+    """Whatever the encoder emits decodes on the wire and in the decoder to what the encoder holds."""
+    cfg = PredictiveConfig(tolerance=tol, predictor=predictor)
+    enc, dec = PredictiveEncoder(cfg), PredictiveDecoder(cfg)
+    base = np.concatenate([coords, np.tile([1.0, 0.0, 0.0, 1.0], 10)]).astype(np.float32)
+    got = {}
+    for i in range(12):
+        v = base.copy()
+        v[:20] = np.clip(v[:20] + 0.004 * i * np.sin(np.arange(20) + i), -1, 1)
+        f = enc.encode(seq0 + i, v, force=i == 11)
+        if f is None:
+            continue
+        m = P.decode(P.encode(P.CodedKeypoints(f.seq, f.prev_seq, f.key, ts + i, f.payload)))
+        assert isinstance(m, P.CodedKeypoints)
+        for d in dec.push(CodedFrame(m.seq, m.prev_seq, m.key, m.payload)):
+            got[d.seq] = d
+    assert sorted(got) == list(range(seq0, seq0 + 12))
+    assert all((a == b).all() for a, b in zip(enc.history, dec.history, strict=True))
 
 
 def test_source_image_split_and_reassembled() -> None:
@@ -93,27 +149,56 @@ def _raw(*fields: object) -> bytes:
 
 
 GOOD_PAYLOAD = P.encode_vector(np.zeros(60), P.Codec.F16)
+GOOD_Q8 = P.encode_vector(np.zeros(60), P.Codec.Q8)
+ZERO_RESIDUAL = encode_residual(np.zeros(60, np.int32))
+
+
+V = P.PROTOCOL_VERSION
+PRED = ["last", 0.004, 1 / 512, 4, 90]
 
 
 @pytest.mark.parametrize("data,reason", [
     (b"", "malformed"),
     (b"\xc1\xc1\xc1", "malformed"),
     ("text", "malformed"),
-    (_raw(2, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD), "version"),
-    (_raw(1, 99), "type"),
-    (_raw(1, 3, 0, 1, 0, 0, 0), "malformed"),  # missing a field
-    (_raw(1, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD[:-2]), "length"),  # wrong vector size
-    (_raw(1, 3, 0, 1, 0, 0, 7, GOOD_PAYLOAD), "codec"),
-    (_raw(1, 3, -5, 1, 0, 0, 0, GOOD_PAYLOAD), "field"),  # negative seq
-    (_raw(1, 3, "0", 1, 0, 0, 0, GOOD_PAYLOAD), "field"),
-    (_raw(1, 3, 0, 1, 0, 0, 0, np.full(60, np.nan, "<f2").tobytes()), "nonfinite"),
-    (_raw(1, 3, 0, 1, 0, 0, 0, np.full(60, np.inf, "<f2").tobytes()), "nonfinite"),
-    (_raw(1, 3, 0, 1, 0, 0, 0, np.full(60, 3.0, "<f2").tobytes()), "range"),  # coordinate outside [-1, 1]
-    (_raw(1, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD * 65), "length"),  # too many frames in one message
-    (_raw(1, 1, "m", 64, float("nan"), 1, 1, 10), "field"),  # NaN fps
-    (_raw(1, 1, "m", 64, 30.0, 1, 1, 12), "field"),  # wrong number of keypoints
-    (_raw(1, 2, 0, 3, 2, 10, b"x" * 16, b"abc"), "field"),  # chunk index >= total
-    (_raw(1, 2, 0, 0, 1, 10**9, b"x" * 16, b"abc"), "field"),  # oversized source image
+    (_raw(V + 1, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD), "version"),
+    (_raw(1, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD), "version"),  # a version-1 peer's keypoints
+    (_raw(V, 99), "type"),
+    (_raw(V, 3, 0, 1, 0, 0, 0), "malformed"),  # missing a field
+    (_raw(V, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD[:-2]), "length"),  # wrong vector size
+    (_raw(V, 3, 0, 1, 0, 0, 7, GOOD_PAYLOAD), "codec"),
+    (_raw(V, 3, 0, 1, 0, 0, 2, GOOD_PAYLOAD), "codec"),  # PRED is not a per-vector codec
+    (_raw(V, 3, -5, 1, 0, 0, 0, GOOD_PAYLOAD), "field"),  # negative seq
+    (_raw(V, 3, "0", 1, 0, 0, 0, GOOD_PAYLOAD), "field"),
+    (_raw(V, 3, 0, 1, 0, 0, 0, np.full(60, np.nan, "<f2").tobytes()), "nonfinite"),
+    (_raw(V, 3, 0, 1, 0, 0, 0, np.full(60, np.inf, "<f2").tobytes()), "nonfinite"),
+    (_raw(V, 3, 0, 1, 0, 0, 0, np.full(60, 3.0, "<f2").tobytes()), "range"),  # coordinate outside [-1, 1]
+    (_raw(V, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD * 65), "length"),  # too many frames in one message
+    (_raw(V, 1, "m", 64, float("nan"), 1, 1, 10, 0, None), "field"),  # NaN fps
+    (_raw(V, 1, "m", 64, 30.0, 1, 1, 12, 0, None), "field"),  # wrong number of keypoints
+    (_raw(V, 1, "m", 64, 30.0, 1, 1, 10), "malformed"),  # a version-1 Hello's fields
+    (_raw(V, 1, "m", 64, 30.0, 2, 1, 10, 0, None), "field"),  # PRED without its parameters
+    (_raw(V, 1, "m", 64, 30.0, 1, 1, 10, 0, PRED), "field"),  # parameters without PRED
+    (_raw(V, 1, "m", 64, 30.0, 2, 2, 10, 0, PRED), "field"),  # PRED with decimation
+    (_raw(V, 1, "m", 64, 30.0, 2, 1, 10, 0, ["oracle", *PRED[1:]]), "field"),
+    (_raw(V, 1, "m", 64, 30.0, 2, 1, 10, 0, ["last", float("nan"), *PRED[2:]]), "field"),
+    (_raw(V, 1, "m", 64, 30.0, 2, 1, 10, 0, ["last", 0.004, 0.0, 4, 90]), "field"),  # zero coord_step
+    (_raw(V, 1, "m", 64, 30.0, 2, 1, 10, 0, [*PRED[:3], 10_000, 90]), "field"),  # absurd max_gap
+    (_raw(V, 1, "m", 64, 30.0, 2, 1, 10, 0, PRED[:4]), "field"),
+    (_raw(V, 2, 0, 3, 2, 10, b"x" * 16, b"abc"), "field"),  # chunk index >= total
+    (_raw(V, 2, 0, 0, 1, 10**9, b"x" * 16, b"abc"), "field"),  # oversized source image
+    (_raw(V, 7, 5, 1, False, 0, b"\x00" * 9), "residual"),  # 60 zero-bit codes do not fit 72 bits of zeros
+    (_raw(V, 7, 5, 0, False, 0, ZERO_RESIDUAL), "field"),  # a residual needs a predecessor
+    (_raw(V, 7, 5, 6, False, 0, ZERO_RESIDUAL), "field"),  # predecessor before seq 0
+    (_raw(V, 7, 5, 1, 1, 0, ZERO_RESIDUAL), "field"),  # key must be a bool
+    (_raw(V, 7, 5, 1, True, 0, ZERO_RESIDUAL), "length"),  # a keyframe is one Q8 vector
+    (_raw(V, 7, 5, 1, True, 0, GOOD_Q8 + GOOD_Q8), "length"),  # two vectors
+    (_raw(V, 7, 5, 1, False, 0, b"\x01" * 241), "field"),  # longer than any residual
+    (_raw(V, 7, 5, 1, True, -1, GOOD_Q8), "field"),
+    (_raw(V, 7, 5, 1, False, 0, ZERO_RESIDUAL + b"\x00"), "residual"),  # trailing bytes
+    (_raw(V, 7, 5, 1, False, 0, b""), "residual"),
+    (_raw(V, 8, -2), "field"),
+    (_raw(V, 8, "1"), "field"),
     (b"\x00" * (P.MAX_MESSAGE_BYTES + 1), "oversized"),
 ])
 def test_bad_messages_rejected_with_reason(data: bytes, reason: str) -> None:
@@ -161,7 +246,7 @@ def test_decoder_never_raises_anything_but_protocol_error(data: bytes) -> None:
 @given(st.lists(st.one_of(st.integers(-2**63, 2**64 - 1), st.floats(), st.binary(max_size=200), st.text(max_size=20),
                           st.none(), st.booleans()), max_size=9))
 def test_decoder_survives_structured_garbage(fields: list) -> None:
-    for head in ([1, 3], [1, 1], [1, 2], []):
+    for head in ([V, 3], [V, 1], [V, 2], [V, 7], [V, 8], [V, 1, "m", 64, 30.0, 2, 1, 10, 0], []):
         try:
             P.decode(msgpack.packb(head + fields, use_bin_type=True))
         except P.ProtocolError:
@@ -229,3 +314,28 @@ def test_source_image_bombs_are_refused_from_the_header() -> None:
             P.source_image_size(blob)
         assert e.value.reason == "source_image", what
     assert P.source_image_size(_claiming(jpeg, 2048, 2048)) == (2048, 2048)  # the limit itself is fine
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**20), st.integers(0, 40), st.booleans(), st.integers(0, 2**40), st.binary(max_size=260))
+def test_any_coded_keypoints_either_decode_or_are_refused(seq: int, back: int, key: bool, ts: int,
+                                                           payload: bytes) -> None:
+    """Random payloads in a well-formed frame: decode refuses them with a reason, or the receiver's
+    decoder takes them or raises ValueError (which the session counts as "residual"), nothing else."""
+    try:
+        msg = P.decode(_raw(V, 7, seq, min(back, seq), key, ts, payload))
+    except P.ProtocolError:
+        return
+    assert isinstance(msg, P.CodedKeypoints)
+    cfg = PredictiveConfig(max_gap=64)
+    dec = PredictiveDecoder(cfg)
+    enc = PredictiveEncoder(cfg)
+    base = max(0, msg.prev_seq)
+    f = enc.encode(base, np.concatenate([np.zeros(20), np.tile([1.0, 0, 0, 1.0], 10)]))
+    dec.push(CodedFrame(f.seq, -1, True, f.payload))  # a history the random frame can build on
+    try:
+        out = dec.push(CodedFrame(msg.seq, msg.prev_seq, msg.key, msg.payload))
+    except ValueError:
+        return
+    for d in out:
+        assert d.vector.shape == (60,) and np.isfinite(d.vector).all()

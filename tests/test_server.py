@@ -17,9 +17,10 @@ import aiohttp
 import pytest
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from bench.fuzz import tiny_model
+from bench.fuzz import tiny_detector_id, tiny_model
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import SessionConfig
+from shared import protocol as P
 from shared.ice import restrict_host_addresses
 from shared.signaling import send_offer
 
@@ -155,6 +156,30 @@ async def test_a_peer_that_sends_only_junk_is_dropped_for_want_of_a_hello(make_s
     assert sum(server.finished[-1]["rejected_by_reason"].values()) > 0  # the junk, counted
     pc2, _ = await _connect(server)  # its slot is free for the next caller
     await pc2.close()
+
+
+async def test_with_every_slot_taken_a_peer_without_hello_gives_way_to_a_caller(make_server) -> None:
+    server = await make_server(max_calls=1, evict_after_s=0.3,
+                               session=SessionConfig(sink="null", playout="immediate", setup_timeout_s=60))
+    silent, _ = await _connect(server)
+    caller = None
+    try:
+        await asyncio.sleep(0.4)  # silent for longer than evict_after_s
+        assert (await _post(server, {"sdp": "v=0", "type": "offer"}))[0] == 400  # an unusable offer evicts nobody
+        assert len(server.sessions) == 1 and not server.finished
+        caller, ch = await _connect(server)  # a usable one takes the silent peer's slot
+        assert server.finished[-1]["end_reason"].startswith("evicted")
+        assert len(server.sessions) == 1 and server.offers_pending == 0
+        ch.send(P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
+        await _until(lambda: all(s.hello is not None for s in server.sessions.values()), "the caller's Hello")
+        await asyncio.sleep(0.4)
+        # a caller that said Hello is never evicted: the next offer is refused before it is read
+        assert (await _post(server, {"sdp": "v=0", "type": "offer"}))[0] == 503
+        assert len(server.sessions) == 1 and len(server.finished) == 1
+    finally:
+        await silent.close()
+        if caller is not None:
+            await caller.close()
 
 
 async def test_a_message_over_the_advertised_size_ends_the_call(make_server) -> None:

@@ -40,14 +40,118 @@ async def _send_source(session, blob: bytes, image_id: int = 0) -> None:
 async def test_wrong_protocol_version_is_a_counted_rejection(executor: ThreadPoolExecutor) -> None:
     s = make_session(executor)
     hello = msgpack.unpackb(P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
-    for version in (0, 2, 255):
+    for version in (0, P.PROTOCOL_VERSION + 1, 255):
         s.on_message("control", msgpack.packb([version, *hello[1:]]))
-    s.on_message("control", msgpack.packb([2, int(P.MsgType.HEARTBEAT), 5]))
+    s.on_message("control", msgpack.packb([P.PROTOCOL_VERSION + 1, int(P.MsgType.HEARTBEAT), 5]))
     assert s.rejects.counts == {"version": 4}
     assert s.hello is None and s.stats.messages_received == 4
     assert s.summary()["rejected_by_reason"] == {"version": 4}
     s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))  # the right version still works
     assert s.hello is not None and s.rejects.total == 4
+    await s.close("done")
+
+
+class FakeChannel:
+    """A data channel that records what the session sends on it."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.readyState, self.sent, self.handlers = label, "open", [], {}
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def on(self, event: str, handler) -> None:
+        self.handlers[event] = handler
+
+
+async def test_a_version_1_sender_is_told_in_its_own_version_and_hung_up(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor)
+    control = FakeChannel("control")
+    s.attach(control)
+    # exactly the Hello a version-1 sender sends
+    s.on_message("control", msgpack.packb([1, 1, tiny_detector_id(), 64, 30.0, 1, 1, 10]))
+    assert s.rejects.counts == {"version": 1} and s.hello is None
+    await asyncio.wait_for(s.closed.wait(), 5)
+    assert s.stats.end_reason == "unsupported protocol version"
+    (bye,) = control.sent
+    version, mtype, reason = msgpack.unpackb(bye)  # what a version-1 peer decodes as its Bye
+    assert (version, mtype) == (1, int(P.MsgType.BYE)) and "unsupported protocol version 1" in reason
+
+
+async def test_after_a_hello_an_old_version_message_is_only_a_rejection(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor)
+    control = FakeChannel("control")
+    s.attach(control)
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
+    s.on_message("control", msgpack.packb([1, 4, 5]))
+    assert s.rejects.counts == {"version": 1} and not s.closed.is_set() and control.sent == []
+    await s.close("done")
+
+
+def _pred_hello(**kw) -> P.Hello:
+    from shared.kpcodec import PredictiveConfig
+
+    cfg = PredictiveConfig(**kw)
+    return P.Hello(tiny_detector_id(), 64, 30.0, int(P.Codec.PRED), ts_base_us=10**12, pred=cfg.params())
+
+
+def _coded_stream(n: int, **kw) -> list[P.CodedKeypoints]:
+    """A real predictive stream of a face that moves now and then (many skips)."""
+    from shared.kpcodec import PredictiveConfig, PredictiveEncoder
+
+    enc = PredictiveEncoder(PredictiveConfig(**kw))
+    base = np.concatenate([np.linspace(-0.5, 0.5, 20), np.tile([1.0, 0, 0, 1.0], 10)]).astype(np.float32)
+    out = []
+    for i in range(n):
+        v = base.copy()
+        v[:20] += 0.02 * (i // 5)  # a step every 5th frame: sent; the 4 after it: skipped
+        f = enc.encode(i, v, force=i == n - 1)
+        if f is not None:
+            out.append(P.CodedKeypoints(f.seq, f.prev_seq, f.key, 33_333 * i, f.payload))
+    return out
+
+
+async def test_predictive_call_decodes_skipped_frames_and_asks_for_keyframes(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor)  # immediate playout
+    control = FakeChannel("control")
+    s.attach(control)
+    s.on_message("control", P.encode(_pred_hello(max_gap=8)))
+    msgs = _coded_stream(60, max_gap=8)
+    assert len(msgs) == 13  # one in five frames is sent, and the last one
+    for m in msgs[:5]:
+        s.on_message("kp", P.encode(m))
+    assert s.stats.frames_received == msgs[4].seq + 1 and s.stats.frames_skipped == msgs[4].seq + 1 - 5
+    assert [q[0] for q in s._queue] == list(range(msgs[4].seq + 1))  # every frame, in order
+    assert [q[3] for q in s._queue].count(True) == s.stats.frames_skipped
+    # message 5 is lost: the following ones cannot be decoded, and the receiver asks for a keyframe, once
+    for m in msgs[6:10]:
+        s.on_message("kp", P.encode(m))
+    assert s.stats.frames_received == msgs[4].seq + 1
+    requests = [P.decode(d) for d in control.sent]
+    assert requests == [P.KeyframeRequest(msgs[4].seq)] and s.stats.keyframe_requests == 1
+    # the sender answers with a keyframe: decoding resumes (the frames in the gap stay lost)
+    from shared.kpcodec import PredictiveConfig, PredictiveEncoder
+
+    key = PredictiveEncoder(PredictiveConfig(max_gap=8)).encode(msgs[10].seq, np.zeros(60, np.float32))
+    s.on_message("kp", P.encode(P.CodedKeypoints(key.seq, msgs[9].seq, True, 33_333 * key.seq, key.payload)))
+    assert s.stats.frames_received == msgs[4].seq + 2 and s.stats.keyframes_received == 2
+    assert s.kp_stream.decoder.needs_keyframe is False
+    # nothing of it was a rejection; a residual that no longer fits its history is one, and a wrong codec too
+    assert s.rejects.total == 0
+    s.on_message("kp", P.encode(msgs[4]))  # stale
+    s.on_message("kp", P.encode(P.KeypointBatch.build(500, 0, [np.zeros(60, np.float32)])))
+    s.on_message("control", P.encode(msgs[11]))
+    assert s.rejects.counts == {"stale": 1, "codec": 1, "channel": 1}
+    await s.close("done")
+
+
+async def test_a_predictive_hello_with_unusable_parameters_is_refused(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor)
+    bad = msgpack.unpackb(P.encode(_pred_hello()))
+    bad[9][2] = 0.2  # coord_step beyond what the decoder accepts
+    s.on_message("control", msgpack.packb(bad))
+    s.on_message("kp", P.encode(_coded_stream(1)[0]))
+    assert s.rejects.counts == {"field": 1, "order": 1} and s.hello is None
     await s.close("done")
 
 

@@ -29,7 +29,10 @@ def live_call(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, demo
     port = free_port()
     recv = start_receiver(["--port", str(port), "--weights", str(tiny_weights), "--token", TOKEN],
                           log_path=tmp / "receiver.log")
-    sender = start_sender(port, tiny_weights, demo_clip, "--token", TOKEN, log_path=tmp / "sender.log")
+    # --tolerance 0: the tiny random model barely moves its keypoints, and the predictive default would
+    # (rightly) show the same picture for most frames; here the viewer must show a moving call
+    sender = start_sender(port, tiny_weights, demo_clip, "--token", TOKEN, "--tolerance", "0",
+                          log_path=tmp / "sender.log")
     try:
         wait_for(lambda: any(c["frames_rendered"] > 5 for c in active_calls(port, TOKEN)), 40,
                  "the call to render frames")
@@ -137,3 +140,5 @@ def test_page_in_headless_chromium_shows_moving_video(live_call: int, tmp_path: 
             break
     assert '<div id="status">live</div>' in dom, dom[-1500:]
     assert '<td class="v" id="fps">-</td>' not in dom
+    # the predictive stream's cost (the sender's default codec) is filled in too
+    assert '<td class="v" id="msgs">-</td>' not in dom and '<td class="v" id="keys">-</td>' not in dom

@@ -1,0 +1,103 @@
+"""The sender's predictive keypoint stream: every frame encoded, only unpredictable ones sent.
+
+Per captured frame, ``PredictiveEncoder`` either skips it (nothing goes out: the receiver
+shows its own prediction, which is what the encoder assumed) or returns a keyframe or
+residual, sent at once as one ``CodedKeypoints`` message: nothing waits for a batch, so
+the stream adds no delay. Around that:
+
+- a message the peer could not send (congested channel) makes the next frame a keyframe,
+  since the receiver's chain breaks there anyway, and a ``KeyframeRequest`` does the same;
+- with a :class:`sender.rate.RateController` the skip tolerance follows the measured
+  wire rate;
+- :meth:`PredictiveSender.finish` sends the last frame of a stream if it was skipped, so
+  the receiver ends on the true last frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from sender.rate import RateController
+from shared import protocol as P
+from shared.kpcodec import CodedFrame, PredictiveConfig, PredictiveEncoder
+
+log = logging.getLogger(__name__)
+
+# send(message) -> encoded bytes sent, 0 when the message was dropped (SenderPeer.send_keypoints)
+SendFn = Callable[[P.CodedKeypoints], int]
+
+
+class PredictiveSender:
+    """Encode and send one call's keypoints (``frame`` once per captured frame, in order)."""
+
+    def __init__(self, send: SendFn, cfg: PredictiveConfig, ts_base_us: int,
+                 rate: RateController | None = None) -> None:
+        self.send = send
+        self.cfg = cfg
+        self.encoder = PredictiveEncoder(cfg)
+        self.ts_base_us = ts_base_us
+        self.rate = rate
+        self.last_seq = -1
+        self.stats = {"frames_sent": 0, "frames_skipped": 0, "keyframes_sent": 0, "messages_sent": 0,
+                      "keypoint_payload_bytes": 0, "keypoint_message_bytes": 0, "keyframe_requests": 0,
+                      "kp_dropped": 0}
+
+    def hello_params(self) -> P.PredParams:
+        return self.cfg.params()
+
+    def request_keyframe(self) -> None:
+        """The receiver lost the chain (``KeyframeRequest``)."""
+        self.stats["keyframe_requests"] += 1
+        self.encoder.request_keyframe()
+
+    def frame(self, seq: int, capture_us: int, vec: np.ndarray, now_s: float) -> int:
+        """Encode frame ``seq``; returns the bytes sent (0: skipped or dropped)."""
+        if self.rate is not None:
+            self.encoder.tolerance = self.rate.update(now_s)
+        self.last_seq = seq
+        coded = self.encoder.encode(seq, vec)
+        if coded is None:
+            self.stats["frames_skipped"] += 1
+            return 0
+        return self._send(coded, capture_us, now_s)
+
+    def finish(self, seq: int, capture_us: int, vec: np.ndarray, now_s: float) -> int:
+        """The stream ends at ``seq``: if that frame was skipped, send it (as a keyframe) after all."""
+        enc = self.encoder
+        if seq != self.last_seq or enc.last_coded == seq:
+            return 0
+        enc.request_keyframe()  # a keyframe needs no history: the receiver fills the frames before it
+        coded = enc.encode(seq, vec)
+        assert coded is not None and coded.key
+        self.stats["frames_skipped"] -= 1  # it was counted skipped when it was captured
+        return self._send(coded, capture_us, now_s)
+
+    def _send(self, coded: CodedFrame, capture_us: int, now_s: float) -> int:
+        msg = P.CodedKeypoints(coded.seq, coded.prev_seq, coded.key, max(0, capture_us - self.ts_base_us),
+                               coded.payload)
+        n = self.send(msg)
+        st = self.stats
+        if not n:
+            # the receiver will miss this frame and cannot decode the ones predicted from it
+            st["kp_dropped"] += 1
+            self.encoder.request_keyframe()
+            return 0
+        st["frames_sent"] += 1
+        st["keyframes_sent"] += int(coded.key)
+        st["messages_sent"] += 1
+        st["keypoint_payload_bytes"] += len(coded.payload)
+        st["keypoint_message_bytes"] += n
+        if self.rate is not None:
+            self.rate.sent(now_s, n)
+        return n
+
+    def summary(self) -> dict:
+        out = dict(self.stats)
+        out["tolerance_final"] = self.encoder.tolerance
+        if self.rate is not None:
+            out["rate_changes"] = self.rate.changes
+            out["rate_saturated"] = self.rate.saturated
+        return out

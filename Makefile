@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test lint bench bench-val train train-256 clean
+.PHONY: venv demo test lint bench bench-val train train-256 train-expr clean
 
 venv: .venv/.installed
 
@@ -23,6 +23,7 @@ lint: venv
 bench: venv
 	$(PY) -m bench.quality --data assets --split all --size 64 128 256 --json out/bench/quality.json --png out/bench/quality.png
 	$(PY) -m bench.bandwidth --data assets --split all --json out/bench/bandwidth.json --png out/bench/bandwidth.png
+	$(PY) -m bench.expression --data assets --split all --size 64 128 256 --json out/bench/expression.json --png out/bench/expression.png
 	$(PY) -m bench.latency --json out/bench/latency.json --png out/bench/latency.png
 	$(PY) -m bench.concurrency --calls 4 --json out/bench/concurrency.json --png out/bench/concurrency.png
 	$(PY) -m bench.fuzz --messages 100000 --json out/bench/fuzz.json
@@ -35,6 +36,7 @@ bench-val: venv
 	$(PY) -m bench.bandwidth --data ../shared/data --split val --json out/bench/bandwidth64.json --png out/bench/bandwidth64.png
 	$(PY) -m bench.bandwidth --data ../shared/data --split val --size 256 --json out/bench/bandwidth256.json --png out/bench/bandwidth256.png
 	$(PY) -m bench.forecast --data ../shared/data --json out/bench/forecast.json --png out/bench/forecast.png
+	$(PY) -m bench.expression --data ../shared/data --split val --size 64 128 256 --json out/bench/expression_val.json --png out/bench/expression_val.png
 
 train: venv
 	$(PY) -m models.fomm.train --data ../shared/data --kinds face --size 64 --out runs/face64 --minutes 60 --resume
@@ -43,6 +45,18 @@ train: venv
 train-256: venv
 	$(PY) -m models.fomm.train --data ../shared/data --kinds face --size 256 --init models/weights/fomm_face64.pt \
 	    --freeze kp_detector --out runs/face256 --minutes 70 --batch 6 --lr 1e-4 --val-every 200 --resume
+
+# The shipped models (expression campaign): one 256 run with keypoints anchored to dlib eye/mouth
+# landmarks; 64 and 128 are derived from it (one detector). Resumes from the shipped checkpoint
+# (it is the run's last.pt), so each session continues the campaign; ends after --minutes of wall time.
+train-expr: venv
+	@test -f cache/landmarks_face256.npz || $(PY) -m models.landmarks --data ../shared/data --out cache/landmarks_face256.npz
+	@mkdir -p runs/expr256 && (test -f runs/expr256/last.pt || cp models/weights/fomm_face256.pt runs/expr256/last.pt)
+	$(PY) -m models.fomm.train --data ../shared/data --kinds face --size 256 --landmarks cache/landmarks_face256.npz \
+	    --out runs/expr256 --minutes $${MINUTES:-100} --batch 6 --lr 1e-4 --val-every 500 --resume
+	cp runs/expr256/last.pt models/weights/fomm_face256.pt
+	$(PY) -m models.fomm.derive --src models/weights/fomm_face256.pt --size 64 --out models/weights/fomm_face64.pt
+	$(PY) -m models.fomm.derive --src models/weights/fomm_face256.pt --size 128 --out models/weights/fomm_face128.pt
 
 clean:
 	rm -rf out .pytest_cache

@@ -464,6 +464,11 @@ class CallSession:
             if self.first_message is not None and now - self.first_message > cfg.hello_timeout_s:
                 return "no hello"
             return "peer timeout" if now - self.created > cfg.setup_timeout_s else None
+        if not self.renderer.ready:
+            # Until the source image is in, the reliable channel may be retransmitting it (SCTP's
+            # timers are seconds on a lossy link) and holds everything behind it: a peer that said
+            # Hello is given the setup timeout to finish, not the heartbeat timeout.
+            return "peer timeout" if now - self.last_seen > cfg.setup_timeout_s else None
         return "peer timeout" if now - self.last_seen > cfg.heartbeat_timeout_s else None
 
     async def _watchdog(self) -> None:

@@ -239,4 +239,5 @@ def test_sender_call_with_face_framing(tmp_path: Path, tiny_weights: Path, clip:
     x0, _, side = sent["framing_square"]
     assert x0 + side / 2 > W / 2  # the final square is on the right, where the person went
     assert 0.40 < sent["framing_face_width_ratio"] < 0.65  # 1/1.9 = 0.53 unless clamped
-    assert got["frames_rendered"] >= 0.95 * frames_n
+    # a skipped frame predicted as the picture already shown is shown again without a render
+    assert got["frames_rendered"] + got["frames_repeated"] >= 0.95 * frames_n

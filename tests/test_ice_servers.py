@@ -104,7 +104,9 @@ class _Recording:
         return RTCPeerConnection()
 
 
-def test_sender_option_reaches_its_peer_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sender_option_reaches_its_peer_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    # async: the peer builds asyncio objects, which need a running loop (after other asyncio tests
+    # the main thread has no implicit one)
     import sender.peer
     from sender.__main__ import parse_args
 
@@ -225,7 +227,8 @@ def test_call_relayed_through_turn(tmp_path: Path, tiny_weights: Path, demo_clip
         assert stop(recv) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
     got = json.loads((tmp_path / "call_1.json").read_text())
     assert got["frames_received"] >= 0.95 * frames
-    assert got["frames_rendered"] >= 0.95 * frames
+    # a skipped frame predicted as the picture already shown is shown again without a render
+    assert got["frames_rendered"] + got["frames_repeated"] >= 0.95 * frames
     # coturn allocated a relay for each end and carried the call: its per-allocation "peer usage"
     # (logged when an allocation closes, which the peers ask for as they hang up) counts the bytes
     # relayed to and from the other end, at least the keypoints and the source image

@@ -278,7 +278,10 @@ async def test_only_valid_messages_are_signs_of_life(executor: ThreadPoolExecuto
     assert hello_at >= t0 and s._expired(hello_at + 1.0) is None
     s.last_seen = stale
     s.on_message("kp", b"\x00more junk")  # after the Hello too
-    assert s.last_seen == stale and s._expired(stale + 2.0) == "peer timeout"
+    # before the source image is in, the (possibly retransmitting) setup gets the setup timeout ...
+    assert s.last_seen == stale and s._expired(stale + 2.0) is None and s._expired(stale + 16.0) == "peer timeout"
+    s.renderer.set_source(np.zeros((64, 64, 3), np.uint8))
+    assert s._expired(stale + 2.0) == "peer timeout"  # ... and after it, the heartbeat timeout
     s.on_message("control", P.encode(P.Heartbeat(1)))
     assert s.last_seen >= t0
     await s.close("done")

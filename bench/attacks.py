@@ -399,7 +399,8 @@ async def slow_bodies(target: Target) -> Outcome:
     return out
 
 
-async def _offer_sdp() -> str:
+async def offer_sdp() -> str:
+    """A real aiortc offer with one data channel (the raw material of the SDP attacks)."""
     pc = RTCPeerConnection()
     pc.createDataChannel("control")
     await pc.setLocalDescription(await pc.createOffer())
@@ -408,21 +409,22 @@ async def _offer_sdp() -> str:
     return sdp
 
 
-def _without(sdp: str, prefix: str) -> str:
+def without_lines(sdp: str, prefix: str) -> str:
+    """``sdp`` with every line starting with ``prefix`` removed."""
     return "\r\n".join(ln for ln in sdp.split("\r\n") if not ln.startswith(prefix))
 
 
 async def unusable_sdp(target: Target) -> Outcome:
     import aiohttp
 
-    sdp = await _offer_sdp()
+    sdp = await offer_sdp()
     audio = sdp.replace("m=application", "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=rtpmap:0 PCMU/8000\r\nm=application")
     garbled = sdp.replace("a=fingerprint:sha-256 ", "a=fingerprint:sha-256 zz").replace("a=setup:", "a=setup:x")
     bodies: list[bytes] = [b"{not json", b"[1, 2]", json.dumps({"sdp": sdp, "type": "answer"}).encode(),
                            json.dumps({"sdp": "v=0" + "a" * 200_000, "type": "offer"}).encode()]
     bodies += [json.dumps({"sdp": s, "type": "offer"}).encode()
-               for s in (_without(sdp, "m="), _without(sdp, "a=candidate"), _without(sdp, "a=fingerprint"),
-                         _without(sdp, "a=ice-ufrag"), audio, garbled, "v=0\r\n" + "m=application\r\n" * 999)]
+               for s in (without_lines(sdp, "m="), without_lines(sdp, "a=candidate"),
+                         without_lines(sdp, "a=fingerprint"), without_lines(sdp, "a=ice-ufrag"), audio, garbled, "v=0\r\n" + "m=application\r\n" * 999)]
     statuses: Counter = Counter()
     headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
+from bench.attacks import offer_sdp, without_lines
 from bench.fuzz import tiny_detector_id, tiny_model
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import SessionConfig
@@ -72,19 +73,6 @@ async def _post(server: ReceiverServer, body: object, headers: dict | None = Non
         return r.status, dict(r.headers)
 
 
-async def _offer_sdp() -> str:
-    pc = RTCPeerConnection()
-    pc.createDataChannel("control")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
-
-
-def _without(sdp: str, prefix: str) -> str:
-    return "\r\n".join(ln for ln in sdp.split("\r\n") if not ln.startswith(prefix))
-
-
 async def test_offers_whose_body_is_still_arriving_hold_a_slot_until_their_read_timeout(make_server) -> None:
     server = await make_server(max_calls=2, offer_read_timeout_s=2.0)
     conns = []
@@ -109,10 +97,10 @@ async def test_offers_whose_body_is_still_arriving_hold_a_slot_until_their_read_
 
 async def test_unusable_offers_get_400_free_their_slot_and_are_not_calls(make_server) -> None:
     server = await make_server(max_calls=1, stop_after_calls=1)
-    sdp = await _offer_sdp()
+    sdp = await offer_sdp()
     audio = sdp.replace("m=application", "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=rtpmap:0 PCMU/8000\r\nm=application")
-    for bad in (_without(sdp, "m="), _without(sdp, "a=candidate"), _without(sdp, "a=fingerprint"),
-                _without(sdp, "a=ice-ufrag"), audio):
+    for bad in (without_lines(sdp, "m="), without_lines(sdp, "a=candidate"), without_lines(sdp, "a=fingerprint"),
+                without_lines(sdp, "a=ice-ufrag"), audio):
         status, _ = await _post(server, {"sdp": bad, "type": "offer"})
         assert status == 400
         assert not server.sessions and server.offers_pending == 0

@@ -424,7 +424,8 @@ async def unusable_sdp(target: Target) -> Outcome:
                            json.dumps({"sdp": "v=0" + "a" * 200_000, "type": "offer"}).encode()]
     bodies += [json.dumps({"sdp": s, "type": "offer"}).encode()
                for s in (without_lines(sdp, "m="), without_lines(sdp, "a=candidate"),
-                         without_lines(sdp, "a=fingerprint"), without_lines(sdp, "a=ice-ufrag"), audio, garbled, "v=0\r\n" + "m=application\r\n" * 999)]
+                         without_lines(sdp, "a=fingerprint"), without_lines(sdp, "a=ice-ufrag"), audio, garbled,
+                         "v=0\r\n" + "m=application\r\n" * 999)]
     statuses: Counter = Counter()
     headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:

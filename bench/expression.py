@@ -6,12 +6,21 @@ Usage:
   python -m bench.expression --data ../shared/data --weights old/fomm_face256.pt models/weights/fomm_face256.pt \\
       --labels old256 new256 --json out/bench/expression_old_new.json    # side by side
   python -m bench.expression --data assets --split all --stride 10        # the bundled clip, quick
+  python -m bench.expression --data ../shared/data --size 256 --streams q8 pred --crf 48 45 43 40 \
+      --json out/bench/expression_streams.json                              # what the wire keeps
 
 Every ``--stride``-th frame of each clip (source = the clip's first frame) is rendered by
 each model from its own keypoints, and scored against its driving frame at 256x256
 (lower sizes are upscaled: what a viewer would see). Rows beside the models: the static
 source (the first frame shown throughout) and libx264 (veryfast, zerolatency) at
 ``--crf`` rates, decoded, on the same frames.
+
+``--streams``: rows for the first model's keypoints *as a call delivers them*: ``q8`` (every
+frame, the Q8 codec) and ``pred`` (the sender's default predictive stream,
+``shared.kpcodec.DEFAULT_STREAM``: skipped frames shown as the receiver predicts them), with
+their kbps on the wire (messages + 95 B each, as bench.bandwidth) and ``h264_kbps_at_mouth_corr``:
+the libx264 rate that gives the same mouth-opening correlation (interpolated over the CRF
+rows; H.264 here is payload only, no packet headers).
 
 Definitions (fixed, so numbers compare from one model version to the next):
 - face box: dlib's HOG detector on the *driving* frame (largest face, no upsampling),
@@ -41,15 +50,40 @@ import cv2
 import numpy as np
 
 from bench import common
-from bench.bandwidth import FPS, h264_encode
+from bench.bandwidth import FPS, h264_encode, pred_stream_messages, receive, receive_pred, stream_messages, wire_kbps
 from models.fomm.io import weights_for_size
 from models.landmarks import LANDMARK_SIZE, FaceLandmarks
+from shared import protocol
+from shared.kpcodec import DEFAULT_STREAM
 
 log = logging.getLogger(__name__)
 
 MOUTH_PAIRS = ((61, 67), (62, 66), (63, 65))
 EYE_PAIRS = ((37, 41), (38, 40), (43, 47), (44, 46))
 METRICS = ("akd", "mouth_err", "eye_err", "mouth_corr", "eye_corr", "aed", "l1", "ssim")
+STREAMS = ("q8", "pred")
+
+
+def delivered(kp: np.ndarray, stream: str) -> tuple[np.ndarray, int, int]:
+    """Keypoints (T,60) as the receiver decodes them from ``stream``, with message bytes and count."""
+    if stream == "q8":
+        msgs = stream_messages(kp, protocol.Codec.Q8, 1, 1)
+        got = receive(msgs, len(kp))
+    elif stream == "pred":
+        msgs, _summary = pred_stream_messages(kp, DEFAULT_STREAM)
+        got = receive_pred(msgs, len(kp), DEFAULT_STREAM)
+    else:
+        raise ValueError(f"unknown stream {stream!r}; known: {STREAMS}")
+    return got.astype(np.float32), sum(len(m) for m in msgs), len(msgs)
+
+
+def kbps_at(points: list[tuple[float, float]], target: float) -> float | None:
+    """Rate at which a (kbps, score) curve reaches ``target`` (log-rate interpolation), None outside it."""
+    pts = sorted(points, key=lambda p: p[1])
+    scores = np.array([p[1] for p in pts])
+    if len(pts) < 2 or not scores[0] <= target <= scores[-1]:
+        return None
+    return float(np.exp(np.interp(target, scores, np.log([p[0] for p in pts]))))
 
 
 def inter_ocular(lm: np.ndarray) -> float:
@@ -152,7 +186,8 @@ def h264_kbps(streams: list[bytes]) -> float:
 
 
 def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | Path]], crfs: list[int],
-        stride: int, aed_every: int, max_frames: int, max_clips: int | None) -> dict[str, Any]:
+        stride: int, aed_every: int, max_frames: int, max_clips: int | None,
+        stream_names: list[str] = ()) -> dict[str, Any]:
     fl = FaceLandmarks(descriptors=True)
     clips = common.select_clips(data, kinds, split)[:max_clips]
     loaded_models = []
@@ -160,6 +195,10 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
         model, meta, path = common.load_model(w)
         loaded_models.append((label, model, meta, path))
     rows = [Row(label, "model", weights=str(path), size=m.config.size) for label, m, _meta, path in loaded_models]
+    first = loaded_models[0]
+    rows += [Row(f"{first[0]} {st}", "stream", weights=str(first[3]), size=first[1].config.size)
+             for st in stream_names]
+    stream_bits = {st: [0, 0, 0] for st in stream_names}  # message bytes, messages, frames
     rows.append(Row("static source", "static"))
     rows += [Row(f"libx264 CRF {c}", "h264") for c in crfs]
     h264_bits = {c: [0, 0] for c in crfs}  # bytes, frames
@@ -181,6 +220,17 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
             kp = common.detect_keypoints(model, frames[idx])
             pred = common.render_vectors(model, common.prepare(model, frames[0]), kp)
             shown[label] = upscale(pred)
+        if stream_names:
+            label, model = first[0], first[1]
+            frames = decoded[model.config.size]
+            kp_all = common.detect_keypoints(model, frames)  # a stream is sequential: every frame
+            cache = common.prepare(model, frames[0])
+            for st in stream_names:
+                got, nbytes, nmsgs = delivered(kp_all, st)
+                stream_bits[st][0] += nbytes
+                stream_bits[st][1] += nmsgs
+                stream_bits[st][2] += len(kp_all)
+                shown[f"{label} {st}"] = upscale(common.render_vectors(model, cache, got[idx]))
         shown["static source"] = np.broadcast_to(clip256[0], (len(idx), *clip256.shape[1:]))
         for c in crfs:
             streams, dec, _kf = h264_encode(clip256, c)
@@ -196,6 +246,9 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
         if r.kind == "h264":
             c = int(r.name.rsplit(" ", 1)[1])
             r.kbps = h264_bits[c][0] * 8 / max(1, h264_bits[c][1]) * FPS / 1000
+        elif r.kind == "stream":
+            b, n, f = stream_bits[r.name.rsplit(" ", 1)[1]]
+            r.kbps = wire_kbps(b, n, f / FPS) if f else None
     summary = {}
     for r in rows:
         vals = [c["rows"][r.name] for c in per_clip if c["rows"].get(r.name)]
@@ -205,6 +258,13 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
     for r in rows:
         s = summary[r.name]
         s["l1_vs_static"] = s["l1"] / static["l1"] if static["l1"] else float("nan")
+    h264_pts = [(summary[r.name]["kbps"], summary[r.name]["mouth_corr"]) for r in rows if r.kind == "h264"]
+    for r in rows:
+        if r.kind == "stream":
+            s = summary[r.name]
+            s["h264_kbps_at_mouth_corr"] = kbps_at(h264_pts, s["mouth_corr"])
+            s["ratio_equal_mouth_corr"] = (s["h264_kbps_at_mouth_corr"] / s["kbps"]
+                                           if s["h264_kbps_at_mouth_corr"] and s["kbps"] else None)
     return {"data": data, "split": split, "kinds": kinds, "stride": stride, "aed_every": aed_every,
             "max_frames": max_frames, "clips": len(per_clip), "persons": len({c["person"] for c in per_clip}),
             "frames_scored": sum(c["scored"] for c in per_clip), "no_face": sum(c["no_face"] for c in per_clip),
@@ -260,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--weights", nargs="+", default=None, help="model checkpoints instead of --size")
     p.add_argument("--labels", nargs="+", default=None, help="row names for --weights")
     p.add_argument("--crf", type=int, nargs="+", default=[45, 40], help="libx264 rows (CRF 45 ~ 23 kbps, 40 ~ 37)")
+    p.add_argument("--streams", nargs="*", choices=STREAMS, default=[],
+                   help="rows for the first model's keypoints as a call delivers them")
     p.add_argument("--stride", type=int, default=5, help="score every Nth frame")
     p.add_argument("--aed-every", type=int, default=2, help="identity descriptor on every Nth scored frame")
     p.add_argument("--max-frames", type=int, default=150)
@@ -284,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(str(e))
     if a.stride < 1 or a.aed_every < 1:
         p.error("--stride and --aed-every must be >= 1")
-    res = run(a.data, a.split, a.kinds, models, a.crf, a.stride, a.aed_every, a.max_frames, a.max_clips)
+    res = run(a.data, a.split, a.kinds, models, a.crf, a.stride, a.aed_every, a.max_frames, a.max_clips,
+              a.streams)
     print(table(res))
     if a.json:
         common.write_json(a.json, res)

@@ -36,6 +36,7 @@ What is reported per condition (JSON keys in brackets):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -265,6 +266,8 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
             wait_ready(recv, 60)
             send_args = [sys.executable, "-m", "sender", "--receiver", f"http://{link.addr_a}:{PORT}",
                          "--ice-address", link.addr_b, "--video", str(a.clip), "--loop",
+                         # a pre-cropped clip: the whole frame is the picture (bench.call_picture scores it)
+                         "--framing", "centre",
                          "--max-frames", str(a.frames), "--fps", str(a.fps), "--weights", str(a.weights),
                          "--threads", str(a.extract_threads),
                          # decimation is a q8 stream's option (the predictive default decides per frame)
@@ -299,10 +302,29 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
     with np.load(work / "truth.npz") as f:
         truth = {k: f[k] for k in f.files}
     res = analyse(frames, truth, call, sender, cond, float(sender.get("fps") or a.fps))
+    if a.ssim_size:
+        res.update(picture(a, frames, truth))
     res["wall_s"] = time.monotonic() - t0
     # e.g. the clip stopped decoding: the numbers describe a shorter call than asked for
     res["complete"] = res["frames_captured"] == a.frames
     return res
+
+
+@functools.lru_cache(maxsize=1)  # one model and clip for every condition
+def _picture_inputs(clip: str, size: int) -> tuple[Any, np.ndarray]:
+    from bench.call_picture import read_clip
+    from bench.common import load_model
+    from models.fomm.io import weights_for_size
+
+    return load_model(weights_for_size(size))[0], read_clip(clip, size)
+
+
+def picture(a: argparse.Namespace, frames: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The call's picture re-rendered offline at ``--ssim-size`` (bench.call_picture)."""
+    from bench.call_picture import score_call
+
+    model, clip = _picture_inputs(str(a.clip), a.ssim_size)
+    return score_call(model, clip, frames, truth)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -337,6 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default="out/bench/playout_work", help="per-condition logs and raw files")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write a plot here")
+    p.add_argument("--ssim-size", type=int, default=256, choices=[0, 64, 128, 256],
+                   help="score the call's picture offline at this size (bench.call_picture); 0: off")
     p.add_argument("--sweep", action="store_true", help="loss 0/5/10%%, then k=2 and lookahead 40 ms at 10%%")
     a = p.parse_args(argv)
     if not 0.0 <= a.loss <= 1.0:
@@ -354,7 +378,7 @@ TABLE_COLS = [
     ("rnd_ms", "render_ms_p50"), ("err_conc", "concealed_kp_error_paired"), ("err_rep", "repeat_last_kp_error"),
     ("err_c5", "concealed_kp_error_short"), ("err_r5", "repeat_last_kp_error_short"),
     ("err_intp", "interpolated_kp_error"), ("err_la", "lookahead_kp_error"), ("err_stale", "lookahead_stale_kp_error"),
-    ("kbps", "kp_wire_kbps")]
+    ("kbps", "kp_wire_kbps"), ("ssim", "ssim"), ("d_ssim", "ssim_vs_lossless"), ("ssim_kp", "ssim_truth_kp")]
 
 
 def plot(runs: list[dict[str, Any]], path: str) -> None:
@@ -419,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
             res = {"error": str(e)}
             failed += 1
         runs.append({**asdict(cond), **res})
+    lossless = next((r.get("ssim") for r in runs if r.get("loss") == 0.0 and r.get("ssim") is not None), None)
+    for r in runs:  # the picture's cost of the impairment: SSIM minus the lossless call's
+        if lossless is not None and r.get("ssim") is not None:
+            r["ssim_vs_lossless"] = r["ssim"] - lossless
     cols = [c for c in TABLE_COLS if any(r.get(c[1]) is not None for r in runs)]
     print(f"\nplayout over an impaired link ({a.frames} frames at {a.fps:g} fps, delay {a.delay_ms:g} ms, "
           f"jitter {a.jitter_ms:g} ms, weights {a.weights})")

@@ -25,6 +25,7 @@ No torch and no I/O here; ``shared.protocol`` carries the frames on the wire.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +150,16 @@ def predict(history: list[np.ndarray], cfg: PredictiveConfig) -> np.ndarray:
     return p
 
 
+# A closed-loop predictor other than the announced ones (bench.closed_loop tries learned
+# forecasters): the decoded integer history, newest last -> the next integer vector. Both ends
+# must run the same one; only the built-in integer predictors are bit-exact across machines.
+Predictor = Callable[[list[np.ndarray]], np.ndarray]
+
+
+def _builtin(cfg: PredictiveConfig) -> Predictor:
+    return lambda history: predict(history, cfg)
+
+
 # --------------------------------------------------------------------------- entropy coding
 
 
@@ -253,8 +264,10 @@ class CodedFrame:
 class PredictiveEncoder:
     """Sender side. ``encode`` returns the frame to send, or None when it is skipped."""
 
-    def __init__(self, cfg: PredictiveConfig) -> None:
+    def __init__(self, cfg: PredictiveConfig, predictor: Predictor | None = None, history_len: int = 2) -> None:
         self.cfg = cfg
+        self.predictor = predictor or _builtin(cfg)
+        self.history_len = max(2, int(history_len))  # frames the predictor sees
         # The skip threshold is the one parameter the receiver does not need, so rate control
         # (sender.rate) may change it between frames.
         self.tolerance = cfg.tolerance
@@ -278,7 +291,7 @@ class PredictiveEncoder:
         q = quantise(vec, cfg)
         if self._want_key or not self.history or seq - self.last_key >= cfg.keyframe_interval:
             return self._emit(seq, q, key=True)
-        p = predict(self.history, cfg)
+        p = self.predictor(self.history)
         if not force and self.gap < cfg.max_gap and self._close(p, vec):
             self._push(p)
             self.gap += 1
@@ -317,7 +330,7 @@ class PredictiveEncoder:
         return frame
 
     def _push(self, q: np.ndarray) -> None:
-        self.history = (self.history + [q])[-2:]
+        self.history = (self.history + [q])[-self.history_len:]
 
 
 @dataclass(frozen=True)
@@ -336,8 +349,11 @@ class PredictiveDecoder:
     so the picture can freeze on a concealment but never drift.
     """
 
-    def __init__(self, cfg: PredictiveConfig, max_pending: int = 3) -> None:
+    def __init__(self, cfg: PredictiveConfig, max_pending: int = 3, predictor: Predictor | None = None,
+                 history_len: int = 2) -> None:
         self.cfg = cfg
+        self.predictor = predictor or _builtin(cfg)
+        self.history_len = max(2, int(history_len))
         self.history: list[np.ndarray] = []
         self.last_seq = -1  # newest decoded seq (coded or skipped)
         self.last_coded = -1
@@ -348,7 +364,7 @@ class PredictiveDecoder:
 
     def predict_next(self) -> np.ndarray | None:
         """What the encoder predicts for the frame after the newest decoded one (concealment)."""
-        return dequantise(predict(self.history, self.cfg), self.cfg) if self.history else None
+        return dequantise(self.predictor(self.history), self.cfg) if self.history else None
 
     def predict_at(self, seq: int) -> np.ndarray | None:
         """What the receiver shows for ``seq`` before (or instead of) hearing about it.
@@ -362,8 +378,8 @@ class PredictiveDecoder:
             return None
         h = list(self.history)
         for _ in range(k):
-            q = predict(h, self.cfg)
-            h = (h + [q])[-2:]
+            q = self.predictor(h)
+            h = (h + [q])[-self.history_len:]
         return dequantise(q, self.cfg)
 
     def push(self, frame: CodedFrame) -> list[Decoded]:
@@ -385,7 +401,7 @@ class PredictiveDecoder:
             self.needs_keyframe = False
         elif self.history and frame.prev_seq == self.last_coded:
             r = decode_residual(frame.payload)
-            q = predict(self._filled_history(frame.seq), self.cfg) + r
+            q = self.predictor(self._filled_history(frame.seq)) + r
             lv = self.cfg.coord_levels
             if np.abs(q[:NC]).max() > lv or np.abs(q[NC:]).max() > 127:
                 raise ValueError("residual decodes outside the quantiser's range")
@@ -414,22 +430,22 @@ class PredictiveDecoder:
         """The history as it will be once the skipped frames before ``seq`` are filled (no side effects)."""
         h = list(self.history)
         for _ in range(self.last_seq + 1, seq):
-            h = (h + [predict(h, self.cfg)])[-2:]
+            h = (h + [self.predictor(h)])[-self.history_len:]
         return h
 
     def _fill(self, seq: int) -> list[Decoded]:
         """The skipped frames between the last coded frame and ``seq``, by prediction."""
         out = []
         for s in range(self.last_seq + 1, seq):
-            q = predict(self.history, self.cfg)
-            self.history = (self.history + [q])[-2:]
+            q = self.predictor(self.history)
+            self.history = (self.history + [q])[-self.history_len:]
             self.last_seq = s
             self.counts["skipped"] += 1
             out.append(Decoded(s, dequantise(q, self.cfg), "skipped"))
         return out
 
     def _take(self, seq: int, q: np.ndarray, kind: str) -> Decoded:
-        self.history = (self.history + [q])[-2:]
+        self.history = (self.history + [q])[-self.history_len:]
         self.last_seq = self.last_coded = seq
         self.counts[kind] += 1
         return Decoded(seq, dequantise(q, self.cfg), kind)

@@ -60,3 +60,24 @@ def test_run_on_the_bundled_clip(tiny_weights: Path, tmp_path: Path, capsys: pyt
         assert row["aed"] is not None and row["aed"] >= 0
     assert png.stat().st_size > 10_000
     assert "AKD px@256" in capsys.readouterr().out
+
+
+def test_streams_deliver_what_the_receiver_decodes_and_rates_interpolate() -> None:
+    rng = np.random.default_rng(1)
+    t = np.arange(60)[:, None]
+    kp = np.concatenate([0.05 * np.sin(t / 15 + rng.uniform(0, 6, 20)),
+                         np.tile([1.0, 0.0, 0.0, 1.0], 10) + 0.02 * np.sin(t / 9 + rng.uniform(0, 6, 40))],
+                        axis=1).astype(np.float32)
+    q8, q8_bytes, q8_msgs = expression.delivered(kp, "q8")
+    pred, pred_bytes, pred_msgs = expression.delivered(kp, "pred")
+    assert q8.shape == pred.shape == kp.shape and q8_msgs == 60
+    assert np.abs(q8 - kp)[:, :20].max() < 1e-4  # Q8: coordinates near exact, Jacobians on a log scale
+    assert (np.abs(q8 - kp)[:, 20:] / np.maximum(np.abs(kp[:, 20:]), 0.5)).max() < 0.03
+    assert pred_msgs < q8_msgs and pred_bytes < q8_bytes  # the predictive stream skips frames
+    assert np.abs(pred[:, :20] - kp[:, :20]).mean() < 0.008  # within the default tolerance on average
+    with pytest.raises(ValueError, match="unknown stream"):
+        expression.delivered(kp, "f32")
+    curve = [(10.0, 0.5), (20.0, 0.7), (40.0, 0.9)]
+    assert expression.kbps_at(curve, 0.7) == pytest.approx(20.0)
+    assert 10.0 < expression.kbps_at(curve, 0.6) < 20.0
+    assert expression.kbps_at(curve, 0.95) is None and expression.kbps_at(curve[:1], 0.5) is None

@@ -85,7 +85,8 @@ def test_short_run_is_consistent(tmp_path: Path, tiny_weights: Path) -> None:
     out, png = tmp_path / "playout.json", tmp_path / "playout.png"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-m", "bench.playout", "--weights", str(tiny_weights), "--frames", "90",
-                          "--loss", "0.1", "--json", str(out), "--png", str(png), "--workdir", str(tmp_path / "w")],
+                          "--loss", "0.1", "--ssim-size", "64", "--json", str(out), "--png", str(png),
+                          "--workdir", str(tmp_path / "w")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=55)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "loss10%" in res.stdout  # the table was printed
@@ -117,3 +118,5 @@ def test_short_run_is_consistent(tmp_path: Path, tiny_weights: Path) -> None:
         assert r[k] is not None and r[k] > 0, k
     # glass-to-glass includes the link's 40 ms one-way delay
     assert r["latency_ms_p50"] > 40
+    # the picture, re-rendered offline (bench.call_picture): every shown seq scored once
+    assert 0 < r["ssim_frames"] <= r["rendered_logged"] and 0 < r["ssim"] <= 1 and 0 < r["ssim_truth_kp"] <= 1

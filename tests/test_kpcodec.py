@@ -234,3 +234,44 @@ def P_KEY(v: np.ndarray) -> bytes:  # noqa: N802 - a keyframe payload, as on the
     from shared.protocol import Codec, encode_vector
 
     return encode_vector(v, Codec.Q8)
+
+
+def test_a_custom_closed_loop_predictor_decodes_exactly_and_only_with_the_same_predictor() -> None:
+    from shared.kpcodec import PredictiveConfig, PredictiveDecoder, PredictiveEncoder, predict
+
+    cfg = PredictiveConfig(tolerance=0.01, max_gap=4, skip_rule="mean")
+
+    def damped(history: list[np.ndarray]) -> np.ndarray:  # sees three frames: history_len=3
+        if len(history) < 3:
+            return history[-1].copy()
+        return history[-1] + (history[-1] - history[-3]) // 4
+
+    rng = np.random.default_rng(3)
+    t = np.arange(120)[:, None]
+    kp = np.concatenate([0.3 * np.sin(t / 9 + rng.uniform(0, 6, 20)), 1 + 0.1 * np.cos(t / 7 + rng.uniform(0, 6, 40))],
+                        axis=1).astype(np.float32)
+    enc = PredictiveEncoder(cfg, damped, history_len=3)
+    coded, shown = [], []
+    for i, v in enumerate(kp):
+        f = enc.encode(i, v)
+        shown.append(enc.history[-1].copy())
+        assert len(enc.history) <= 3
+        if f is not None:
+            coded.append(f)
+    assert enc.counts["skipped"] > 10  # the test means something only if frames were predicted
+
+    def decode(predictor, history_len):
+        dec = PredictiveDecoder(cfg, predictor=predictor, history_len=history_len)
+        out = {}
+        for f in coded:
+            for d in dec.push(f):
+                out[d.seq] = d.vector
+        return np.stack([out[i] for i in sorted(out)])
+
+    from shared.kpcodec import dequantise
+
+    want = np.stack([dequantise(q, cfg) for q in shown])[: len(decode(damped, 3))]
+    np.testing.assert_array_equal(decode(damped, 3), want)
+    # the receiver running a different predictor than the sender does not reproduce the stream
+    other = decode(lambda h: predict(h, cfg), 2)
+    assert not np.array_equal(other, want[: len(other)])

@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         "ssim": float(np.mean(ssim_m)), "psnr": float(np.mean(psnr_m)),
         "ssim_static_source": float(np.mean(ssim_s)), "psnr_static_source": float(np.mean(psnr_s)),
         "duration_s": duration, "wall_s": time.monotonic() - t0,
+        # the tier the receiver rendered at (frames leave at the display size whatever it is)
+        "render_size_start": (call["tier_changes"][0]["from"] if call.get("tier_changes") else call.get("render_size")),
+        "render_size_end": call.get("render_size"), "tier_changes": call.get("tier_changes", []),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     rows = [("frames sent / received / rendered", f"{report['frames_sent']} / {report['frames_received']} / "
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             ("wire (all, sender->receiver)", f"{report['wire_kbps']:.1f} kbps"),
             ("wire (keypoint messages)", f"{report['keypoint_wire_kbps']:.1f} kbps"),
             ("render fps (renderer throughput)", f"{report['render_fps']:.1f}"),
+            ("render tier start / end (changes)", f"{report['render_size_start']} / {report['render_size_end']} "
+             f"({len(report['tier_changes'])})"),
             ("latency p50 / p95", f"{report['latency_ms_p50']:.1f} / {report['latency_ms_p95']:.1f} ms"),
             ("SSIM model / static source", f"{report['ssim']:.3f} / {report['ssim_static_source']:.3f}"),
             ("PSNR model / static source", f"{report['psnr']:.2f} / {report['psnr_static_source']:.2f} dB")]

@@ -2,7 +2,7 @@
 
 Usage:
   python -m receiver                                   # 127.0.0.1:8080, bundled weights, no output
-  python -m receiver --size 128                        # a fixed output size (default: auto)
+  python -m receiver --size 128                        # a fixed output size (default: auto, adapting)
   python -m receiver --sink file:out/call.mp4 --stats-dir out/stats
   python -m receiver --host 0.0.0.0 --port 8080 --token SECRET --sink window
 """
@@ -17,11 +17,12 @@ import signal
 import sys
 
 from models.checkpoint import CheckpointError
-from models.fomm.io import SHIPPED_SIZES, load_motion_model
+from models.fomm.io import SHIPPED_SIZES, load_motion_model, weights_for_size
 from receiver.render import choose_model, measure_render_fps, pick_device
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import DEFAULT_FORECASTER, SessionConfig
 from receiver.sinks import SinkError, check_sink_spec
+from receiver.tiers import load_tiers
 from shared.ice import addresses_for_host, restrict_host_addresses
 from shared.ice_servers import IceServerError, add_ice_server_arguments, options_from_args
 
@@ -37,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="output size: the shipped model of that size; auto (default) = the largest that renders "
                         "at >= 36 fps on this machine (always the largest on a GPU)")
     p.add_argument("--weights", default=None, help="a motion model checkpoint (overrides --size)")
+    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
+                   help="change each call's render tier during the call when rendering cannot hold its frame rate "
+                        "(receiver.adapt; default: on with --size auto on a CPU, off otherwise); --size N --adapt "
+                        "starts at N")
     p.add_argument("--sink", default="null", help="null | window | vcam[:DEVICE] (needs pyvirtualcam) | file:PATH")
     p.add_argument("--token", default=os.environ.get("KPCAST_TOKEN"), help="shared secret (or $KPCAST_TOKEN)")
     p.add_argument("--playout", choices=["clock", "immediate"], default="clock",
@@ -76,19 +81,27 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     device = a.device or pick_device()
+    adapt = a.adapt if a.adapt is not None else (a.size == "auto" and device == "cpu")
+    tiers = None
     if a.weights:
         model, meta = load_motion_model(a.weights, device)
         weights = a.weights
+    elif adapt:
+        tiers = load_tiers(device, fast=cfg.fast_render, start=None if a.size == "auto" else int(a.size))
+        model, weights = tiers.models[tiers.start], weights_for_size(tiers.start)
+        log.info("render tiers %s, calls start at %dx%d and adapt", {s: round(f) for s, f in tiers.fps.items()},
+                 tiers.start, tiers.start)
     else:
         model, meta, weights = choose_model(a.size, device, fast=cfg.fast_render)
-    fps = measure_render_fps(model, frames=10, fast=cfg.fast_render)  # also traces the graph before any call
+    # also traces the graph before any call (the tiers were measured already)
+    fps = tiers.fps[tiers.start] if tiers else measure_render_fps(model, frames=10, fast=cfg.fast_render)
     if cfg.session.playout == "clock":
         from models.forecast import load_forecaster
         load_forecaster(cfg.session.forecaster)  # fail now, not at the first call
     log.info("model %s (%dx%d) on %s, %.0f fps at batch 1", weights, model.config.size, model.config.size, device,
              fps)
     restrict_host_addresses(a.ice_address or addresses_for_host(cfg.host))
-    server = ReceiverServer(model, cfg)
+    server = ReceiverServer(model, cfg, tiers)
     await server.start()
     print(f"receiver ready on http://{cfg.host}:{cfg.port}", flush=True)
     stop = asyncio.Event()

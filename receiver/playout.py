@@ -161,6 +161,22 @@ class Playout:
             self._pending.clear()
             self._truth.clear()
 
+    def forget_before(self, seq: int) -> np.ndarray | None:
+        """Frames before ``seq`` no longer count for concealment, interpolation or blending.
+
+        For a new source image: keypoints of another framing must not be extrapolated or blended
+        into this one's. The clock and the buffer are kept. Returns the vector of ``seq`` without
+        blend correction when it was the last one played, else None.
+        """
+        self._hist = deque(((s, v) for s, v in self._hist if s >= seq), maxlen=self._hist.maxlen)
+        clean = self._clean[1] if self._clean is not None and self._clean[0] == seq else None
+        if self._clean is not None and self._clean[0] < seq:
+            self._clean = None
+        if clean is not None and self._hist and self._hist[-1][0] == seq:
+            self._hist[-1] = (seq, clean)
+        self._corr, self._blend_left, self._conceal_run = None, 0, 0
+        return clean
+
     def pending(self) -> int:
         """Received frames buffered and not yet played (e.g. to drain before hanging up)."""
         return len(self.buffer)

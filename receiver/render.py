@@ -6,6 +6,7 @@ import io
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,16 @@ def onnx_render(model: MotionModel, cache: SourceCache) -> OnnxRender | None:
     return fast
 
 
+@dataclass(frozen=True)
+class PreparedSource:
+    """An encoded source image (``Renderer.prepare``), ready to be switched to."""
+
+    image: np.ndarray  # (size, size, 3) uint8 RGB
+    cache: SourceCache
+    args: tuple[torch.Tensor, ...]
+    fast: OnnxRender | None
+
+
 class Renderer:
     """Holds one call's source encoding (computed once) and renders frames from keypoints.
 
@@ -103,14 +114,19 @@ class Renderer:
 
     def set_source(self, image: np.ndarray) -> None:
         """(H, W, 3) uint8 RGB of any size; cropped to a square and resized to the model size."""
+        self.use(self.prepare(image))
+
+    def prepare(self, image: np.ndarray) -> PreparedSource:
+        """Encode a source image without using it yet (a call switches to it when its keypoints are due)."""
         img = center_square(image, self.size)
         x = torch.from_numpy(img).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         cache = self.model.prepare_source(x)
-        self._args = cache_tensors(cache)
-        if self.fast:
-            self._fast = onnx_render(self.model, cache)
-        self.cache = cache
-        self.source = img
+        fast = onnx_render(self.model, cache) if self.fast else None
+        return PreparedSource(img, cache, cache_tensors(cache), fast)
+
+    def use(self, prepared: PreparedSource) -> None:
+        """Render from now on with ``prepared`` (between two renders: nothing is computed here)."""
+        self._args, self._fast, self.cache, self.source = prepared.args, prepared.fast, prepared.cache, prepared.image
 
     @property
     def ready(self) -> bool:

@@ -36,7 +36,9 @@ from models.fomm.model import MotionModel
 from receiver.cors import Cors
 from receiver.render import Renderer
 from receiver.sctp_limits import ADVERTISED_MAX_MESSAGE_BYTES, limit_inbound
+from receiver.sendpage import SendPage
 from receiver.session import CallSession, SessionConfig
+from receiver.tiers import TierSet
 from receiver.viewer import ViewerHub, handle_index
 from shared.ice_servers import IceServerOptions, check_relay, rtc_configuration
 from shared.signaling import MAX_SDP_BYTES, OFFER_PATH, check_token, offer_problem, parse_description
@@ -62,9 +64,10 @@ class ServerConfig:
 
 
 class ReceiverServer:
-    def __init__(self, model: MotionModel, config: ServerConfig) -> None:
+    def __init__(self, model: MotionModel, config: ServerConfig, tiers: TierSet | None = None) -> None:
         self.model = model
         self.config = config
+        self.tiers = tiers  # each call adapts its render tier (receiver.adapt) when set
         # One worker: torch already uses every core for one render; two renders at once only thrash.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         self.sessions: dict[str, CallSession] = {}
@@ -82,6 +85,7 @@ class ReceiverServer:
         self.app.router.add_get("/health", self.handle_health)
         self.app.router.add_get("/", handle_index)
         self.app.router.add_get("/video.mjpg", self.handle_video)
+        SendPage(model).install(self.app)  # GET /send: the browser sender (receiver.sendpage)
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -201,7 +205,8 @@ class ReceiverServer:
         call_id = uuid.uuid4().hex[:8]
         index = self.calls_started
         self.calls_started += 1
-        renderer = Renderer(self.model, self.config.fast_render)
+        renderer = (self.tiers.renderer(self.config.fast_render) if self.tiers is not None
+                    else Renderer(self.model, self.config.fast_render))
         session = CallSession(call_id, index, pc, renderer, self.executor, self.config.session,
                               on_closed=self._on_closed)
         self.sessions[call_id] = session

@@ -7,6 +7,12 @@ A peer holds its slot only while it behaves like a caller: a valid Hello within
 ``hello_timeout_s`` of its first message (``setup_timeout_s`` when it sends nothing at all),
 then a valid message at least every ``heartbeat_timeout_s``. Rejected messages never count
 as a sign of life, so junk cannot keep a call open.
+
+Source images: a keypoint message may name the image it refers to (``image_id``); such a frame
+is rendered only against that image (``receiver.sources``). A new image is decoded and encoded
+as soon as it is complete but used only from its first frame on; until it is complete its frames
+wait with the last picture held (``frames_source_wait``), and frames of an image already replaced
+are dropped (``frames_old_image``).
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ import cv2
 import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection
 
+from receiver.adapt import TierChange
 from receiver.kpstream import PredictiveStream, StreamFrame
 from receiver.render import Renderer
 from receiver.sinks import Sink, make_sink
+from receiver.sources import SourceRouter
 from receiver.stats import CallStats
+from receiver.tiers import TieredRenderer
 from shared import protocol as P
 
 log = logging.getLogger(__name__)
@@ -82,6 +91,7 @@ class CallSession:
         self.stats = CallStats(call_id)
         self.hello: P.Hello | None = None
         self.assembler = P.SourceAssembler()
+        self.sources = SourceRouter()  # which image each frame is rendered against
         self.seq_filter = P.SequenceFilter()
         self.rejects = P.RejectCounter(counts=self.stats.rejected)
         self.sink: Sink | None = None
@@ -89,6 +99,7 @@ class CallSession:
         self._channels: set[str] = set()
         self.created = time.monotonic()
         self.last_seen = self.created  # last *valid* message
+        self._lag_since_seen = 0.0  # how late the event loop ran since then (the receiver's own stall)
         self.first_message: float | None = None  # when the peer first sent anything
         self.closed = asyncio.Event()
         # immediate playout: (seq, capture_us, vector, skipped by the sender)
@@ -97,6 +108,7 @@ class CallSession:
         self._wake = asyncio.Event()
         self._rate_window: collections.deque[float] = collections.deque()
         self._source_task: asyncio.Task | None = None
+        self._next_source: tuple[bytes, int] | None = None  # complete while another image was decoding
         self._tasks: list[asyncio.Task] = []
         self.playout = None
         self._last_rendered_seq = -1
@@ -165,13 +177,19 @@ class CallSession:
             blob = self.assembler.add(msg)
             if blob is not None:
                 if self._source_task is not None and not self._source_task.done():
-                    raise P.ProtocolError("busy", "source image while the previous one is still decoding")
-                self._source_task = asyncio.ensure_future(self._set_source(blob))
+                    # decoded when the current one is done (a re-frame right after a refresh must not be
+                    # lost: its keypoints wait for it); only the newest waits, so a flood costs nothing more
+                    replaced, self._next_source = self._next_source, (blob, msg.image_id)
+                    if replaced is not None:
+                        raise P.ProtocolError("busy", "source image superseded while the previous one was decoding")
+                else:
+                    self._source_task = asyncio.ensure_future(self._set_sources(blob, msg.image_id))
         elif isinstance(msg, P.Bye):
             log.info("call %s: peer said bye (%s)", self.call_id, msg.reason)
             asyncio.ensure_future(self._drain_and_close(f"bye: {msg.reason}"))
         # Heartbeat: nothing but liveness; SourceRequest and KeyframeRequest are for senders.
         self.last_seen = now  # reached only by a message that decoded and passed the call's checks
+        self._lag_since_seen = 0.0
 
     def _refuse_version(self, data: bytes | str, err: P.ProtocolError) -> None:
         """A peer of an older protocol version: tell it, in its own version, and hang up.
@@ -207,12 +225,16 @@ class CallSession:
             self.stats.hello["pred"] = dataclasses.asdict(hello.pred)
         if not first:  # the sender restarted its stream: its sequence numbers start over
             self.seq_filter.reset()
+            self.sources.restart()
             self._queue.clear()
             self._last_rendered_seq = -1
             if self.playout is not None:
                 self.playout.reset()
         if first:
             self.sink = make_sink(self.config.sink, hello.fps, self.renderer.size, self.index)
+            if isinstance(self.renderer, TieredRenderer):
+                self.renderer.set_fps(hello.fps)  # the render budget is one frame of this call
+            self.stats.render_size = getattr(self.renderer, "tier", self.renderer.size)
             if self.config.playout == "clock":
                 from models.forecast import load_forecaster
                 from receiver.playout import Playout, PlayoutConfig
@@ -237,6 +259,9 @@ class CallSession:
         for seq, capture_us, vec in batch.frames():
             try:
                 self.seq_filter.check(seq)
+                if not self.sources.admit(seq, batch.image_id):
+                    self.stats.frames_old_image += 1  # its image was replaced: never shown on the new one
+                    continue
             except P.ProtocolError as e:
                 self.rejects.reject(e)
                 continue
@@ -255,6 +280,10 @@ class CallSession:
         st.keypoint_messages += 1
         st.keypoint_message_bytes += nbytes
         st.keypoint_payload_bytes += len(msg.payload)
+        if not self.sources.admit(msg.seq, msg.image_id):
+            # a frame of a replaced image: the new image's chain starts at a keyframe and needs none of it
+            st.frames_old_image += 1
+            return
         try:
             frames: list[StreamFrame] = self.kp_stream.push(msg)
         finally:  # a broken chain asks for a keyframe whatever this message was
@@ -264,6 +293,9 @@ class CallSession:
                 st.keyframe_requests += 1
         st.keyframes_received += int(msg.key)
         for f in frames:
+            if self.sources.is_old(f.seq):  # e.g. skipped frames before the new image's keyframe, filled in late
+                st.frames_old_image += 1
+                continue
             st.frames_received += 1
             st.frames_skipped += int(f.skipped)
             if self._frames_log is not None:
@@ -282,7 +314,15 @@ class CallSession:
             self.stats.frames_dropped += 1
         self._queue.append((seq, capture_us, vec, skipped))
 
-    async def _set_source(self, blob: bytes) -> None:
+    async def _set_sources(self, blob: bytes, image_id: int) -> None:
+        """Decode this image, then any that completed meanwhile (the newest only)."""
+        while True:
+            await self._set_source(blob, image_id)
+            if self._next_source is None or self.closed.is_set():
+                return
+            (blob, image_id), self._next_source = self._next_source, None
+
+    async def _set_source(self, blob: bytes, image_id: int = 0) -> None:
         try:
             P.source_image_size(blob)  # from the header: a decoder allocates what it claims
         except P.ProtocolError as e:
@@ -297,7 +337,16 @@ class CallSession:
             self.rejects.reject(P.ProtocolError("source_image", "source image does not decode to a sane picture"))
             return
         rgb = np.ascontiguousarray(img[..., ::-1])
-        await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.set_source, rgb)
+        prepared = await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.prepare, rgb)
+        if self.closed.is_set():
+            return
+        router = self.sources
+        if not self.renderer.ready or not router.tagged:
+            # the first image (nothing else to show), or a sender that does not name images: use it now
+            self.renderer.use(prepared)
+            router.switch(image_id)
+        else:  # used from its first frame on: frames of the image in use may still be in the buffer
+            router.add_ready(image_id, prepared)
         self.stats.source_image_bytes += len(blob)
         self.stats.source_sha256 = hashlib.sha256(blob).hexdigest()
         self.stats.source_images += 1
@@ -322,6 +371,10 @@ class CallSession:
         image = await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.render, vec)
         t1 = time.perf_counter()
         self.stats.render_ms.append((t1 - t0) * 1000)
+        if isinstance(self.renderer, TieredRenderer):
+            change = self.renderer.observe(time.monotonic(), (t1 - t0) * 1000)
+            if change is not None:
+                self._tasks.append(asyncio.ensure_future(self._change_tier(change)))
         if self.sink is not None:
             self.sink.write(image, seq)
         if self.on_frame is not None:
@@ -379,6 +432,13 @@ class CallSession:
             self._wake.clear()
             while self._queue and self.renderer.ready and not self.closed.is_set():
                 seq, capture_us, vec, skipped = self._queue[0]
+                route = self._route(seq, switch_ok=True)
+                if route == "old":
+                    self._queue.popleft()
+                    self.stats.frames_old_image += 1
+                    continue
+                if route == "wait":  # its image is not complete: wait (the queue is bounded) for it
+                    break
                 if skipped and seq > self._last_rendered_seq and self._shows(vec):
                     # a skipped frame predicted as the picture already shown ("last"): the same image,
                     # shown again without rendering, so skipping frames never costs shown frames
@@ -422,7 +482,20 @@ class CallSession:
                 # the playout holds a frame to let the buffer refill: show it again, don't re-render
                 self._repeat(frame.seq, frame.capture_us, frame.vector, frame)
                 continue
-            await self._render(frame.seq, frame.capture_us, frame.vector, frame)
+            vector = frame.vector
+            held = self.sources.held
+            route = self._route(frame.seq, switch_ok=frame.kind == "real")
+            if route != "ok":
+                # a frame of an image not complete yet (or made up from the old image's frames): hold the
+                # last picture rather than draw these keypoints on a picture they do not belong to
+                self.stats.frames_source_wait += 1
+                if self._last_image is not None:
+                    self._repeat(frame.seq, frame.capture_us, frame.vector, frame)
+                continue
+            if self.sources.held != held:  # switched: the old image's frames must not shape this one's
+                clean = self.playout.forget_before(frame.seq)
+                vector = clean if clean is not None else vector
+            await self._render(frame.seq, frame.capture_us, vector, frame)
             # counted once rendered, like frames_rendered: a render cut off by the hang-up counts in neither
             if frame.kind == "concealed":
                 self.stats.frames_concealed += 1
@@ -432,6 +505,43 @@ class CallSession:
                 self.stats.frames_predicted += 1
             else:
                 self.stats.frames_real += 1
+
+    def _route(self, seq: int, switch_ok: bool) -> str:
+        """Whether frame ``seq`` can be rendered now: "ok" (switching images if it starts a new one),
+        "wait" (its image is not ready, or ``switch_ok`` is False for the frame that would switch),
+        "old" (its image was replaced)."""
+        router = self.sources
+        need = router.image_for(seq)
+        if need is None or router.held is None or need == router.held:
+            return "ok"
+        if need < router.held:
+            return "old"
+        prepared = router.ready(need)
+        if prepared is None or not switch_ok:
+            return "wait"
+        self.renderer.use(prepared)
+        router.switch(need)
+        self.stats.source_switches += 1
+        return "ok"
+
+    async def _change_tier(self, change: TierChange) -> None:
+        """Encode the source at the new tier on the render worker, then switch between two frames."""
+        r = self.renderer
+        assert isinstance(r, TieredRenderer)
+        for _ in range(2):  # a new source image may have been switched to meanwhile: once more
+            if r.current is not None and r.current.size == change.to_size:
+                break
+            prepared = await asyncio.get_running_loop().run_in_executor(self.executor, r.prepare_tier,
+                                                                        change.to_size)
+            if self.closed.is_set():
+                return
+            if r.switch_tier(prepared):
+                break
+        self.stats.render_size = r.current.size if r.current is not None else change.to_size
+        self.stats.tier_changes.append({"t_s": round(time.time() - self.stats.started, 3), "from": change.from_size,
+                                        "to": change.to_size, "reason": change.reason, "load": round(change.load, 3),
+                                        "frames_rendered": self.stats.frames_rendered})
+        log.info("call %s: rendering at %dx%d (%s)", self.call_id, change.to_size, change.to_size, change.reason)
 
     def _shows(self, vec: np.ndarray) -> bool:
         """Whether the last shown image is exactly the rendering of ``vec``."""
@@ -469,15 +579,22 @@ class CallSession:
             # timers are seconds on a lossy link) and holds everything behind it: a peer that said
             # Hello is given the setup timeout to finish, not the heartbeat timeout.
             return "peer timeout" if now - self.last_seen > cfg.setup_timeout_s else None
-        return "peer timeout" if now - self.last_seen > cfg.heartbeat_timeout_s else None
+        silent = now - self.last_seen - self._lag_since_seen
+        return "peer timeout" if silent > cfg.heartbeat_timeout_s else None
 
     async def _watchdog(self) -> None:
+        period = 0.1  # a dead peer is noticed within heartbeat_timeout_s + 0.1 s
         while not self.closed.is_set():
-            await asyncio.sleep(0.1)  # a dead peer is noticed within heartbeat_timeout_s + 0.1 s
+            t = time.monotonic()
+            await asyncio.sleep(period)
+            # A receiver starved of CPU runs this late and reads the peer's packets late too: time
+            # the event loop was stalled is not the peer's silence (receiver.adapt relieves the load).
+            self._lag_since_seen += max(0.0, time.monotonic() - t - period - 0.01)
             reason = self._expired(time.monotonic())
             if reason is not None:
-                log.warning("call %s: %s (%d messages, %d rejected), hanging up", self.call_id, reason,
-                            self.stats.messages_received, self.rejects.total)
+                log.warning("call %s: %s (%d messages, %d rejected; silent %.1f s, of which the receiver "
+                            "itself stalled %.1f s), hanging up", self.call_id, reason, self.stats.messages_received,
+                            self.rejects.total, time.monotonic() - self.last_seen, self._lag_since_seen)
                 await self.close(reason)
                 return
 

@@ -43,6 +43,11 @@ class CallStats:
     keyframe_requests: int = 0
     source_image_bytes: int = 0
     source_images: int = 0
+    # source images in use after the first (receiver.sources): frames of a replaced image dropped,
+    # and frames held back (the last picture shown again) because their image was not complete yet
+    source_switches: int = 0
+    frames_old_image: int = 0
+    frames_source_wait: int = 0
     source_sha256: str = ""
     rejected: Counter = field(default_factory=Counter)
     latency_ms: list[float] = field(default_factory=list)  # capture (sender clock) -> rendered
@@ -53,6 +58,9 @@ class CallStats:
     end_reason: str = ""
     playout: dict[str, Any] = field(default_factory=dict)
     codec: dict[str, Any] = field(default_factory=dict)  # the predictive decoder's counts
+    # render tier adaptation (receiver.adapt): the size rendered at now, and every change made
+    render_size: int | None = None
+    tier_changes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         end = self.ended or time.time()
@@ -91,6 +99,9 @@ class CallStats:
             "rejected_by_reason": dict(self.rejected),
             "source_image_bytes": self.source_image_bytes,
             "source_images": self.source_images,
+            "source_switches": self.source_switches,
+            "frames_old_image": self.frames_old_image,
+            "frames_source_wait": self.frames_source_wait,
             "source_sha256": self.source_sha256,
             "latency_ms_p50": percentile(self.latency_ms, 50),
             "latency_ms_p95": percentile(self.latency_ms, 95),
@@ -108,4 +119,6 @@ class CallStats:
             "end_reason": self.end_reason,
             "playout": self.playout,
             "codec": self.codec,
+            "render_size": self.render_size,
+            "tier_changes": list(self.tier_changes),
         }

@@ -32,6 +32,7 @@ from sender.inputs import format_cameras, list_cameras, read_source_image
 from sender.kpsend import PredictiveSender
 from sender.peer import SenderPeer
 from sender.rate import RateConfig, RateController
+from sender.refresh import REFRESH_MODES, RefreshConfig, RefreshMonitor
 from shared import protocol as P
 from shared.ice import addresses_for_receiver, restrict_host_addresses
 from shared.ice_servers import IceServerError, IceServerOptions, add_ice_server_arguments, rtc_configuration
@@ -45,6 +46,10 @@ WIRE_OVERHEAD_BYTES_PER_MESSAGE = 95
 # --target-kbps may batch frames, but never so many that batching alone delays a frame by more.
 TARGET_MAX_BATCH_DELAY_MS = 100.0
 HEARTBEAT_S = 0.5  # a heartbeat goes out only when no keypoint message did for this long
+# A refreshed source image frames the face exactly as the one it replaces, so the keypoints fit
+# both: they go on naming the old image this long, while the new one travels and the receiver
+# decodes and encodes it, so the switch never waits for it (a re-frame switches at once).
+REFRESH_SWITCH_S = 0.3
 
 
 @dataclass
@@ -83,6 +88,11 @@ class SenderConfig:
     # leaves it; "centre": the frame's centre square (input that is already a face crop). Face is the
     # default for files too: on a pre-cropped clip the face square covers the whole frame anyway.
     framing: str = "face"
+    # render: rebuild the receiver's picture at 64x64 once a second and send a new source image when
+    # it has drifted (sender.refresh); keypoints: the cheaper keypoint-distance estimate; off: never.
+    # Always off with --source-image (the picture is not the camera's).
+    refresh: str = "render"
+    refresh_min_interval: float = RefreshConfig.min_interval_s
     stats_json: str | None = None
     truth_out: str | None = None  # save every frame's true keypoints (npz) for evaluation
     source_quality: int = 90
@@ -142,6 +152,12 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p.add_argument("--framing", choices=FRAMING_MODES, default=SenderConfig.framing,
                    help="face: crop the square the models were trained on around the detected face, re-framed "
                         "(with a new source image) when the face leaves it; centre: the centre square (default face)")
+    p.add_argument("--refresh", choices=REFRESH_MODES, default=SenderConfig.refresh,
+                   help="send a new source image when the receiver's picture drifts from the camera's: render "
+                        "(default: the picture rebuilt at 64x64 once a second, by SSIM), keypoints (distance from "
+                        "the source frame's keypoints), off")
+    p.add_argument("--refresh-min-interval", type=float, default=SenderConfig.refresh_min_interval,
+                   help="seconds between two refreshes at least (default %(default)s)")
     p.add_argument("--stats-json", help="write sender stats here at the end")
     p.add_argument("--truth-out", help="write every frame's keypoints to this .npz")
     p.add_argument("--source-quality", type=int, default=90, help="JPEG quality of the source image")
@@ -160,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
         p.error("--size must be in 32..1024")
     if cfg.target_kbps is not None and cfg.target_kbps <= 0:
         p.error("--target-kbps must be > 0")
+    if cfg.refresh_min_interval <= 0:
+        p.error("--refresh-min-interval must be > 0")
     if cfg.codec == "pred":
         if cfg.kp_every != 1 or cfg.batch != 1:
             p.error("--kp-every and --batch are for --codec q8|f16: the predictive codec decides per frame")
@@ -207,6 +225,24 @@ def choose_rate(target_kbps: float, fps: float, codec: P.Codec = P.Codec.Q8,
     return (*cheapest, False)
 
 
+def make_refresh(cfg: SenderConfig, model) -> RefreshMonitor:  # noqa: ANN001 - the sender's MotionModel
+    """The --refresh stage: off with --source-image; the keypoint estimate when the render one cannot run."""
+    mode = "off" if cfg.source_image else cfg.refresh
+    rc = RefreshConfig(mode=mode, min_interval_s=cfg.refresh_min_interval)
+    if mode != "render":
+        return RefreshMonitor(rc)
+    try:
+        monitor = RefreshMonitor(rc, model)
+    except Exception as e:  # noqa: BLE001 - missing weights or a broken model: refresh from keypoints instead
+        log.warning("source refresh by rendering unavailable (%s): using the keypoint estimate", e)
+        return RefreshMonitor(RefreshConfig(mode="keypoints", min_interval_s=cfg.refresh_min_interval))
+    if detector_id(monitor._render.model) != detector_id(model):
+        log.warning("the 64x64 estimate model has another keypoint detector: refresh from keypoints instead")
+        monitor.close()
+        return RefreshMonitor(RefreshConfig(mode="keypoints", min_interval_s=cfg.refresh_min_interval))
+    return monitor
+
+
 def make_framer(cfg: SenderConfig) -> Framer:
     """The --framing stage; face framing falls back to the centre square when dlib is missing."""
     try:
@@ -243,6 +279,7 @@ async def run(cfg: SenderConfig) -> dict:
             source.fps, k, b, est, "" if fits else ", does NOT fit: cheapest setting")
         cfg.kp_every, cfg.batch = k, b
     latest: dict[str, np.ndarray] = {}
+    refresh = make_refresh(cfg, model)
     source_requests: list[str] = []
     pred: PredictiveSender | None = None
 
@@ -255,7 +292,8 @@ async def run(cfg: SenderConfig) -> dict:
 
     peer = SenderPeer(on_message, rtc_configuration(cfg.ice_options()))
     stats = {"frames_captured": 0, "frames_sent": 0, "messages_sent": 0, "keypoint_payload_bytes": 0,
-             "source_image_bytes": 0, "source_images_sent": 0, "heartbeats_sent": 0, "extract_ms": []}
+             "source_image_bytes": 0, "source_images_sent": 0, "heartbeats_sent": 0, "extract_ms": [],
+             "refresh_images_sent": 0, "refresh_bytes": 0}
     truth_seq, truth_vec = [], []
     timing: dict[int, list[float]] = {}
     t_start = time.monotonic()
@@ -269,34 +307,79 @@ async def run(cfg: SenderConfig) -> dict:
                                   kp_every=cfg.kp_every, ts_base_us=ts_base_us,
                                   pred=pred.hello_params() if pred is not None else None))
         pending: list[tuple[int, int, np.ndarray]] = []
-        image_id = 0
+        image_id = -1  # the source image sent last (SourceChunk.image_id)
+        kp_image_id = -1  # the one keypoint messages name: image_id, or the previous one just after a refresh
+        switch_at: float | None = None  # when keypoints start naming a refreshed image
         framing_sent = 0  # the framing generation of the source image the receiver holds
         kp_sent_at = time.monotonic()  # the last keypoint message (or heartbeat): liveness for the receiver
         last: tuple[int, int, np.ndarray] | None = None
+        refresh_due = False
+
+        def flush() -> None:
+            """Send the batched frames (q8/f16), named after the image they were captured for."""
+            nonlocal pending, kp_sent_at
+            if not pending:
+                return
+            t_enc = time.perf_counter()
+            batch = P.KeypointBatch.build(pending[0][0], pending[0][1], [v for _, _, v in pending], codec,
+                                          step=cfg.kp_every, interval_us=int(1e6 * cfg.kp_every / source.fps),
+                                          image_id=kp_image_id)
+            sent = peer.send_keypoints(batch)
+            if cfg.truth_out:
+                enc_ms, sent_us = (time.perf_counter() - t_enc) * 1000, time.time_ns() // 1000
+                for seq, _, _ in pending:
+                    timing[seq][2], timing[seq][4] = enc_ms, sent_us if sent else 0
+            if sent:
+                stats["frames_sent"] += len(pending)
+                stats["messages_sent"] += 1
+                stats["keypoint_payload_bytes"] += len(batch.payload)
+                kp_sent_at = time.monotonic()
+            pending = []
+
         async for frame in source.frames():
             stats["frames_captured"] += 1
             latest["image"] = frame.image
             # a new framing moves the picture under the keypoints: the receiver needs its source image
             reframed = frame.framing != framing_sent and chosen is None
-            if frame.seq == 0 or source_requests or reframed:
-                reason = source_requests.pop() if source_requests else "start" if frame.seq == 0 else "re-framed"
+            if frame.seq == 0 or source_requests or reframed or refresh_due:
+                reason = (source_requests.pop() if source_requests else "start" if frame.seq == 0
+                          else "re-framed" if reframed else "refresh")
                 ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, cfg.source_quality])
                 if chosen is not None:  # --source-image: that file instead of the frame
                     jpeg = np.frombuffer(chosen, np.uint8)
+                flush()  # frames captured for the old image go out named after it
+                image_id += 1
                 await peer.send_source(jpeg.tobytes(), image_id)
+                if reason == "refresh" and kp_image_id >= 0:
+                    switch_at = time.monotonic() + REFRESH_SWITCH_S
+                else:
+                    switch_at = time.monotonic()
+                refresh.source_sent(frame.image, None, time.monotonic())
                 stats["source_image_bytes"] += len(jpeg)
                 stats["source_sha256"] = hashlib.sha256(jpeg.tobytes()).hexdigest()
                 stats["source_images_sent"] += 1
+                if reason == "refresh":
+                    stats["refresh_images_sent"] += 1
+                    stats["refresh_bytes"] += len(jpeg)
                 log.info("sent source image %d (%d B, %s)", image_id, len(jpeg), reason)
-                image_id += 1
                 framing_sent = frame.framing
                 source_requests.clear()
+                refresh_due = False
+            if switch_at is not None and time.monotonic() >= switch_at:
+                # keypoint messages name the new image from here on; the predictive stream restarts at it
+                # with a keyframe, so no residual predicts across two pictures
+                flush()
+                kp_image_id, switch_at = image_id, None
+                if pred is not None:
+                    pred.new_source(kp_image_id)
             t0 = time.perf_counter()
             if replay is not None:
                 vec = replay[frame.seq % len(replay)]
             else:
                 vec = await asyncio.to_thread(extractor, frame.image)
             stats["extract_ms"].append((time.perf_counter() - t0) * 1000)
+            # off the hot path: a due estimate goes to a worker, the decision applies to a later frame
+            refresh_due = refresh.observe(frame.image, vec, time.monotonic())
             if cfg.truth_out:
                 truth_seq.append(frame.seq)
                 truth_vec.append(vec)
@@ -315,20 +398,7 @@ async def run(cfg: SenderConfig) -> dict:
                 if frame.seq % cfg.kp_every == 0:
                     pending.append((frame.seq, frame.capture_us, vec))
                 if len(pending) >= cfg.batch:
-                    t_enc = time.perf_counter()
-                    batch = P.KeypointBatch.build(pending[0][0], pending[0][1], [v for _, _, v in pending], codec,
-                                                  step=cfg.kp_every, interval_us=int(1e6 * cfg.kp_every / source.fps))
-                    sent = peer.send_keypoints(batch)
-                    if cfg.truth_out:
-                        enc_ms, sent_us = (time.perf_counter() - t_enc) * 1000, time.time_ns() // 1000
-                        for seq, _, _ in pending:
-                            timing[seq][2], timing[seq][4] = enc_ms, sent_us if sent else 0
-                    if sent:
-                        stats["frames_sent"] += len(pending)
-                        stats["messages_sent"] += 1
-                        stats["keypoint_payload_bytes"] += len(batch.payload)
-                        kp_sent_at = time.monotonic()
-                    pending = []
+                    flush()
             # heartbeats ride on keypoint messages: one goes out only after a silence (congestion,
             # or a stream with nothing to send), so the receiver never takes the sender for gone
             if time.monotonic() - kp_sent_at > HEARTBEAT_S:
@@ -346,6 +416,8 @@ async def run(cfg: SenderConfig) -> dict:
         stats.update(peer.wire_stats())
         stats["keypoint_message_bytes"] = peer.bytes_sent["kp"]
         stats.update(source.framer.stats())
+        stats.update(refresh.stats())
+        refresh.close()
         stats["kp_dropped_congestion"] = peer.kp_dropped_congestion
         if pred is not None:
             stats.update(pred.summary())

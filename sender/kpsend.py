@@ -9,6 +9,9 @@ the stream adds no delay. Around that:
   since the receiver's chain breaks there anyway, and a ``KeyframeRequest`` does the same;
 - with a :class:`sender.rate.RateController` the skip tolerance follows the measured
   wire rate;
+- a new source image (:meth:`PredictiveSender.new_source`: re-frame, refresh, request) makes
+  the next frame a keyframe and every message after it names the image (``image_id``), so
+  no residual predicts across two pictures and the receiver renders each frame on its own;
 - :meth:`PredictiveSender.finish` sends the last frame of a stream if it was skipped, so
   the receiver ends on the true last frame.
 """
@@ -41,6 +44,7 @@ class PredictiveSender:
         self.ts_base_us = ts_base_us
         self.rate = rate
         self.last_seq = -1
+        self.image_id: int | None = None  # the source image the frames refer to (None: untagged)
         self.stats = {"frames_sent": 0, "frames_skipped": 0, "keyframes_sent": 0, "messages_sent": 0,
                       "keypoint_payload_bytes": 0, "keypoint_message_bytes": 0, "keyframe_requests": 0,
                       "kp_dropped": 0}
@@ -52,6 +56,12 @@ class PredictiveSender:
         """The receiver lost the chain (``KeyframeRequest``)."""
         self.stats["keyframe_requests"] += 1
         self.encoder.request_keyframe()
+
+    def new_source(self, image_id: int) -> None:
+        """A new source image went out: later frames refer to it, starting with a keyframe."""
+        if image_id != self.image_id:
+            self.image_id = image_id
+            self.encoder.request_keyframe()
 
     def frame(self, seq: int, capture_us: int, vec: np.ndarray, now_s: float) -> int:
         """Encode frame ``seq``; returns the bytes sent (0: skipped or dropped)."""
@@ -77,7 +87,7 @@ class PredictiveSender:
 
     def _send(self, coded: CodedFrame, capture_us: int, now_s: float) -> int:
         msg = P.CodedKeypoints(coded.seq, coded.prev_seq, coded.key, max(0, capture_us - self.ts_base_us),
-                               coded.payload)
+                               coded.payload, self.image_id)
         n = self.send(msg)
         st = self.stats
         if not n:

@@ -20,6 +20,27 @@ Messages
 - ``KeyframeRequest`` (receiver -> sender, control channel): the predictive chain broke.
 - ``Heartbeat``, ``SourceRequest``, ``Bye``: liveness and control.
 
+Source image ids on keypoint messages
+-------------------------------------
+``KeypointBatch`` and ``CodedKeypoints`` may end with one optional field, ``image_id``: the
+``SourceChunk.image_id`` of the source image the keypoints were captured for (the sender sends
+a new image when it re-frames or refreshes; keypoints of a new framing are meaningless against
+the old picture). It is an optional *trailing* field rather than a version bump: a message
+without it decodes as before (``image_id=None``: "whatever source image the receiver holds"),
+so version-2 peers that do not tag keep working. When present it must be an int in
+``[0, 2**62]`` (msgpack nil, bools, floats, negatives: ``ProtocolError("field")``). Arrays are::
+
+    [2, 3, seq0, step, ts0_us, interval_us, codec, payload(, image_id)]   # KeypointBatch
+    [2, 7, seq, seq - prev_seq, key, ts_us, payload(, image_id)]          # CodedKeypoints
+
+The receiver renders a tagged frame only against the image it names: frames for an image that
+is not complete yet wait (the last picture is held), frames for an image older than the one in
+use are dropped. Ids grow with the capture sequence, and the sender makes the first frame that
+names a new image a keyframe, so the predictive chain never predicts across two images. After a
+re-frame the keypoints must name the new image at once; after a refresh (same framing, so the
+keypoints fit both pictures) the Python sender keeps naming the previous one for 0.3 s, so the
+receiver has the new image ready before the first frame that needs it.
+
 Version 2 added the predictive stream; a peer speaking another version is refused
 with ``ProtocolError("version")`` ("unsupported protocol version"), and
 :func:`legacy_bye` says so to a version-1 peer in a form it can read.
@@ -117,7 +138,10 @@ def _jac_to_q8(j: np.ndarray) -> np.ndarray:
 
 def _q8_to_jac(q: np.ndarray) -> np.ndarray:
     q = q.astype(np.float32)
-    return (np.sign(q) * _JAC_KNEE * np.expm1(np.abs(q) / 127 * _JAC_NORM)).astype(np.float32)
+    j = (np.sign(q) * _JAC_KNEE * np.expm1(np.abs(q) / 127 * _JAC_NORM)).astype(np.float32)
+    # float32 rounding puts +-127 at 16.000002, past JACOBIAN_LIMIT: the decoder would refuse a
+    # sender's own keyframe whenever a Jacobian entry reached 15.78. The scale ends at JAC_RANGE.
+    return np.clip(j, -JAC_RANGE, JAC_RANGE)
 
 
 def frame_bytes(codec: Codec) -> int:
@@ -223,6 +247,7 @@ class KeypointBatch:
     interval_us: int  # capture time between consecutive vectors
     codec: int
     payload: bytes
+    image_id: int | None = None  # the source image these keypoints refer to (None: untagged)
 
     def frames(self) -> list[tuple[int, int, np.ndarray]]:
         """(seq, capture time in us, vector) for each frame; raises ProtocolError."""
@@ -231,9 +256,9 @@ class KeypointBatch:
 
     @staticmethod
     def build(seq0: int, ts0_us: int, vectors: list[np.ndarray], codec: Codec = Codec.Q8,
-              step: int = 1, interval_us: int = 0) -> KeypointBatch:
+              step: int = 1, interval_us: int = 0, image_id: int | None = None) -> KeypointBatch:
         payload = b"".join(encode_vector(v, codec) for v in vectors)
-        return KeypointBatch(seq0, step, ts0_us, interval_us, int(codec), payload)
+        return KeypointBatch(seq0, step, ts0_us, interval_us, int(codec), payload, image_id)
 
 
 @dataclass(frozen=True)
@@ -250,6 +275,7 @@ class CodedKeypoints:
     key: bool  # payload is an absolute Q8 vector; else an Exp-Golomb residual
     ts_us: int  # capture time - Hello.ts_base_us (sender clock)
     payload: bytes
+    image_id: int | None = None  # the source image these keypoints refer to (None: untagged)
 
 
 @dataclass(frozen=True)
@@ -289,9 +315,13 @@ def encode(msg: Message) -> bytes:
         body = [v, MsgType.SOURCE_CHUNK, msg.image_id, msg.index, msg.total, msg.total_bytes, msg.digest, msg.data]
     elif isinstance(msg, KeypointBatch):
         body = [v, MsgType.KEYPOINTS, msg.seq0, msg.step, msg.ts0_us, msg.interval_us, msg.codec, msg.payload]
+        if msg.image_id is not None:  # optional trailing field: absent means "any source"
+            body.append(msg.image_id)
     elif isinstance(msg, CodedKeypoints):
         back = 0 if msg.prev_seq < 0 else msg.seq - msg.prev_seq
         body = [v, MsgType.CODED_KEYPOINTS, msg.seq, back, bool(msg.key), msg.ts_us, msg.payload]
+        if msg.image_id is not None:
+            body.append(msg.image_id)
     elif isinstance(msg, KeyframeRequest):
         body = [v, MsgType.KEYFRAME_REQUEST, msg.last_seq]
     elif isinstance(msg, Heartbeat):
@@ -341,6 +371,8 @@ def _pred_params(x: object) -> PredParams:
 
 _ARITY = {MsgType.HELLO: 10, MsgType.SOURCE_CHUNK: 8, MsgType.KEYPOINTS: 8, MsgType.HEARTBEAT: 3,
           MsgType.SOURCE_REQUEST: 3, MsgType.BYE: 3, MsgType.CODED_KEYPOINTS: 7, MsgType.KEYFRAME_REQUEST: 3}
+# Messages that may carry one more, optional, trailing field (image_id).
+_OPTIONAL_TRAILING = {MsgType.KEYPOINTS, MsgType.CODED_KEYPOINTS}
 I64 = 2 ** 62
 
 
@@ -367,9 +399,11 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         mtype = MsgType(obj[1])
     except (ValueError, TypeError):
         raise ProtocolError("type", f"unknown message type {obj[1]!r:.20}") from None
-    if len(obj) != _ARITY[mtype]:
-        raise ProtocolError("malformed", f"{mtype.name} needs {_ARITY[mtype]} fields, got {len(obj)}")
+    n = _ARITY[mtype]
+    if len(obj) != n and not (mtype in _OPTIONAL_TRAILING and len(obj) == n + 1):
+        raise ProtocolError("malformed", f"{mtype.name} needs {n} fields, got {len(obj)}")
     f = obj[2:]
+    image_id = _int(f[n - 2], 0, I64, "image_id") if len(obj) > n else None
     if mtype == MsgType.HELLO:
         model = _str(f[0], 128, "model")
         size = _int(f[1], 16, 4096, "size")
@@ -408,13 +442,13 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         interval = _int(f[3], 0, 10_000_000, "interval_us")
         codec = _int(f[4], 0, 255, "codec")
         payload = _bytes(f[5], max_bytes, "payload")
-        batch = KeypointBatch(seq0, step, ts0, interval, codec, payload)
+        batch = KeypointBatch(seq0, step, ts0, interval, codec, payload, image_id)
         vecs = decode_vectors(payload, codec)  # validates size, NaN/inf, ranges
         if len(vecs) > MAX_FRAMES_PER_BATCH:
             raise ProtocolError("length", f"{len(vecs)} frames in one message > {MAX_FRAMES_PER_BATCH}")
         return batch
     if mtype == MsgType.CODED_KEYPOINTS:
-        return _coded_keypoints(f)
+        return _coded_keypoints(f, image_id)
     if mtype == MsgType.KEYFRAME_REQUEST:
         return KeyframeRequest(_int(f[0], -1, I64, "last_seq"))
     if mtype == MsgType.HEARTBEAT:
@@ -424,7 +458,7 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     return Bye(_str(f[0], 256, "reason"))
 
 
-def _coded_keypoints(f: list) -> CodedKeypoints:
+def _coded_keypoints(f: list, image_id: int | None) -> CodedKeypoints:
     seq = _int(f[0], 0, I64, "seq")
     back = _int(f[1], 0, seq, "seq - prev_seq")
     if type(f[2]) is not bool:
@@ -445,7 +479,7 @@ def _coded_keypoints(f: list) -> CodedKeypoints:
             decode_residual(payload)  # a valid bitstream of 60 residuals (their range is the decoder's call)
         except ValueError as e:
             raise ProtocolError("residual", str(e)) from None
-    return CodedKeypoints(seq, seq - back if back else -1, key, ts, payload)
+    return CodedKeypoints(seq, seq - back if back else -1, key, ts, payload, image_id)
 
 
 def legacy_bye(data: bytes | bytearray | memoryview, reason: str) -> bytes | None:

@@ -339,3 +339,12 @@ def test_any_coded_keypoints_either_decode_or_are_refused(seq: int, back: int, k
         return
     for d in out:
         assert d.vector.shape == (60,) and np.isfinite(d.vector).all()
+
+
+def test_q8_round_trips_jacobians_at_the_end_of_its_range() -> None:
+    v = np.zeros(P.KP_DIM, np.float32)
+    v[P.NUM_KP * 2:] = np.linspace(-16.0, 16.0, 4 * P.NUM_KP)  # 15.78 and beyond quantise to +-127
+    msg = P.KeypointBatch.build(seq0=0, ts0_us=0, vectors=[v], codec=P.Codec.Q8)
+    (_seq, _ts, got), = P.decode(P.encode(msg)).frames()
+    assert np.abs(got[20:]).max() == P.JAC_RANGE  # exactly the range's end, not 16.000002
+    assert np.allclose(got[20:], v[20:], rtol=0.03, atol=0.02)

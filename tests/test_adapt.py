@@ -1,0 +1,63 @@
+"""receiver.adapt: the render tier steps down under overuse, back up with headroom, never flaps."""
+
+from __future__ import annotations
+
+import pytest
+
+from receiver.adapt import AdaptConfig, TierAdapter
+
+COST = {64: 1.0, 128: 1.5, 256: 2.6}  # relative render time per tier (the start-up measurement's shape)
+
+
+def _run(adapter: TierAdapter, t0: float, seconds: float, ms_at: dict[int, float], fps: float = 30.0) -> float:
+    """Feed one render per frame; the render time depends on the tier the adapter has chosen."""
+    t = t0
+    while t < t0 + seconds:
+        adapter.process(t, ms_at[adapter.size])
+        t += 1 / fps
+    return t
+
+
+def test_steps_down_under_overuse_one_tier_at_a_time_and_stays_when_it_fits() -> None:
+    a = TierAdapter(COST, 256)
+    slow = {256: 40.0, 128: 31.0, 64: 14.0}  # 256 and 128 over 85 % of 33 ms, 64 fits
+    t = _run(a, 0.0, 20.0, slow)
+    assert [(c.from_size, c.to_size, c.reason) for c in a.changes] == [(256, 128, "overuse"), (128, 64, "overuse")]
+    # no change within the cooldown, and no decision before the window has enough renders
+    assert a.changes[1].t - a.changes[0].t >= a.config.cooldown_s
+    assert a.changes[0].t >= a.config.down_after_s
+    assert a.changes[0].load > a.config.high_load
+    # 64 at 14 ms: 128 is predicted at 21 ms = 63 % of the budget: no room to step up
+    _run(a, t, 5.0, slow)
+    assert a.size == 64
+
+
+def test_steps_back_up_after_sustained_headroom_and_backs_off_when_it_fails() -> None:
+    a = TierAdapter(COST, 128)
+    fast = {256: 20.0, 128: 8.0, 64: 5.0}
+    t = _run(a, 0.0, 12.0, fast)
+    assert a.size == 256 and a.changes[-1].reason == "headroom"
+    assert a.changes[-1].t >= a.config.up_after_s  # hysteresis: up waits much longer than down
+    # at the edge: the predicted time fits, the real one does not -> down, and the next try waits longer
+    edge = {256: 30.0, 128: 9.0, 64: 5.0}
+    t = _run(a, t, 30.0, edge)
+    downs = [c for c in a.changes if c.reason == "overuse"]
+    ups = [c for c in a.changes if c.reason == "headroom"]
+    assert downs and len(ups) >= 2
+    gaps = [u.t - d.t for d, u in zip(downs, ups[1:], strict=False)]
+    assert gaps[0] >= 2 * a.config.up_after_s - 0.1  # doubled back-off
+    assert len(a.changes) <= 6  # no flapping: at most a few changes in 42 s
+
+
+def test_bounds_and_validation() -> None:
+    a = TierAdapter(COST, 64)
+    _run(a, 0.0, 5.0, {64: 100.0, 128: 100.0, 256: 100.0})
+    assert a.size == 64 and not a.changes  # nothing below the lowest tier
+    b = TierAdapter(COST, 256)
+    _run(b, 0.0, 30.0, {64: 1.0, 128: 1.0, 256: 1.0})
+    assert b.size == 256 and not b.changes  # nothing above the highest
+    assert TierAdapter(COST, 256).load() is None
+    with pytest.raises(ValueError):
+        TierAdapter(COST, 96)
+    with pytest.raises(ValueError):
+        AdaptConfig(low_load=0.9, high_load=0.8)

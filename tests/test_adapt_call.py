@@ -1,0 +1,47 @@
+"""A live call whose receiver loses most of its CPU mid-call steps its render tier down, without stopping.
+
+The receiver process is moved into a cgroup with a CPU quota (half of one core) once the call
+renders; the quota, not a fake renderer, slows the real ONNX Runtime renders. Behaviour only: the
+tier goes down from 256 with reason "overuse", frames keep coming, stats list the change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import cpuquota
+from bench.calls import free_port, start_receiver, stop
+from tests.live import active_calls, kill, start_sender, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not cpuquota.available(), reason="needs root and a writable cpu cgroup controller")
+def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> None:
+    port = free_port()
+    recv = start_receiver(["--port", str(port), "--size", "256", "--adapt", "--max-calls", "1",
+                           "--stats-dir", str(tmp_path)], log_path=tmp_path / "receiver.log", timeout_s=180)
+    send = start_sender(port, ROOT / "models/weights/fomm_face64.pt", ROOT / "assets/demo_face.mp4",
+                        log_path=tmp_path / "sender.log")
+    try:
+        call = wait_for(lambda: [c for c in active_calls(port) if c["frames_rendered"] > 20], 90,
+                        "the call to render")[0]
+        assert call["render_size"] == 256 and call["tier_changes"] == []
+        with cpuquota.cpu_quota(recv.pid, 0.5):
+            call = wait_for(lambda: [c for c in active_calls(port) if c["tier_changes"]], 90,
+                            "a tier change under the CPU quota")[0]
+            first = call["tier_changes"][0]
+            assert (first["from"], first["to"], first["reason"]) == (256, 128, "overuse")
+            assert first["load"] > 0.85
+            # the call goes on rendering at the lower tier (nothing stalls for good)
+            wait_for(lambda: [c for c in active_calls(port)
+                              if c["frames_rendered"] > first["frames_rendered"] + 20], 90,
+                     "frames after the tier change")
+        assert active_calls(port)[0]["render_size"] in (64, 128)
+    finally:
+        kill(send)
+        stop(recv, 30)
+    log = (tmp_path / "receiver.log").read_text()
+    assert "render tier 256 -> 128 (overuse" in log, log[-2000:]

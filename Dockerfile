@@ -1,5 +1,12 @@
 # kpcast image: one image for both ends (python -m receiver / python -m sender).
 #   docker compose up --build        (see docker-compose.yml)
+
+# the browser sender's npm packages (GET /send), exactly as locked; the test driver (a dev dependency) stays out
+FROM node:20-slim AS web
+WORKDIR /web
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
+
 FROM python:3.11-slim
 
 # opencv-python needs libGL and glib even headless
@@ -21,6 +28,7 @@ RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" -r requirement
 
 # the code (and models/weights/ when present; otherwise mount weights and pass --weights)
 COPY . .
+COPY --from=web /web/node_modules ./node_modules
 
 EXPOSE 8080
 CMD ["python", "-m", "receiver", "--host", "0.0.0.0", "--port", "8080"]

@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY := PASSIVE
 
 venv: .venv/.installed
 
-.venv/.installed: requirements.txt
+.venv/.installed: requirements.txt package-lock.json
 	bash .ci/setup.sh
 	touch $@
 
@@ -30,6 +30,8 @@ bench: venv
 	$(PY) -m bench.hostile --json out/bench/hostile.json --png out/bench/hostile.png
 	@if [ "$$(id -u)" = 0 ]; then $(PY) -m bench.playout --sweep --json out/bench/playout.json --png out/bench/playout.png; \
 	else echo "bench.playout skipped: it creates network namespaces and needs root"; fi
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -m bench.browser --json out/bench/browser.json --png out/bench/browser.png \
+	    --screenshot out/bench/browser_call.png; else echo "bench.browser skipped: it creates network namespaces and needs root"; fi
 
 bench-val: venv
 	$(PY) -m bench.quality --data ../shared/data --split val --size 64 128 256 --json out/bench/quality_sizes.json --png out/bench/quality256.png

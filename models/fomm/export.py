@@ -2,6 +2,11 @@
 
 Usage:
   python -m models.fomm.export --weights models/weights/fomm_face256.pt --out out/detector.onnx
+  python -m models.fomm.export --weights models/weights/fomm_face256.pt --cache-dir cache/web
+
+``--cache-dir`` writes ``detector-<fingerprint>.onnx`` there, the file the receiver's browser
+sender page (``receiver.sendpage``) serves; the receiver makes it itself on the first request
+when the set-up has not.
 
 Input ``frame``: (1, 3, 64, 64) float32 RGB in [0, 1] (the detector's own size; shrink
 the capture first, with an area filter as the training frames were). Output
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -47,6 +53,24 @@ def detector_onnx(model: MotionModel) -> bytes:
     return buf.getvalue()
 
 
+def cached_detector_onnx(model: MotionModel, cache_dir: str | Path) -> Path:
+    """``cache_dir/detector-<fingerprint>.onnx`` for the model's detector, exported once.
+
+    Named by ``models.fomm.io.detector_id``, so a file can never be served for the wrong
+    detector; written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    from models.fomm.io import detector_id
+
+    path = Path(cache_dir) / f"detector-{detector_id(model)}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(detector_onnx(model))
+        tmp.replace(path)
+        log.info("exported the keypoint detector to %s", path)
+    return path
+
+
 def onnx_session(onnx_bytes: bytes, threads: int = 1):  # noqa: ANN201 (onnxruntime.InferenceSession)
     """A CPU ONNX Runtime session that does not spin (the sender shares its cores with aiortc)."""
     import onnxruntime as ort
@@ -64,14 +88,22 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="models/weights/fomm_face256.pt")
-    p.add_argument("--out", required=True)
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="write the ONNX file here")
+    out.add_argument("--cache-dir", help="write detector-<fingerprint>.onnx here (what the receiver serves)")
     p.add_argument("--check-clip", default="assets/demo_face.mp4")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="fail when ONNX Runtime and PyTorch differ by more than this on the check frames")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, _ = load_motion_model(a.weights)
-    blob = detector_onnx(model)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_bytes(blob)
+    if a.cache_dir:
+        a.out = str(cached_detector_onnx(model, a.cache_dir))
+        blob = Path(a.out).read_bytes()
+    else:
+        blob = detector_onnx(model)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_bytes(blob)
     sess = onnx_session(blob)
     size = model.config.motion_size
     frames = read_clip(a.check_clip, max_frames=60)
@@ -85,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         got = sess.run(None, {"frame": t.numpy()})[0]
         worst = max(worst, float(np.abs(ref - got).max()))
     print(f"wrote {a.out} ({len(blob)} B); largest difference vs PyTorch on {len(frames)} frames: {worst:.2e}")
+    if not worst <= a.tolerance:
+        raise SystemExit(f"the ONNX detector differs from PyTorch by {worst:.2e} > {a.tolerance:.0e}")
 
 
 if __name__ == "__main__":

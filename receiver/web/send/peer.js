@@ -1,0 +1,166 @@
+// The browser sender's WebRTC peer: sender/peer.py's channels and options, and shared/signaling.py's
+// offer/answer over HTTP.
+//
+// - "control": ordered, reliable (Hello, source image, heartbeats, Bye);
+// - "kp": unordered, maxRetransmits 0 (a late keypoint is worth nothing); above 32 KiB buffered the
+//   link is congested and keypoints are dropped, not queued;
+// - no trickle ICE: the offer is POSTed once every candidate is in it, as the receiver requires.
+
+import * as P from "./protocol.js";
+
+export const CONTROL_LABEL = "control";
+export const KEYPOINT_LABEL = "kp";
+export const MAX_BUFFERED_BYTES = 32 * 1024;
+const CONTROL_HIGH_WATER = 256 * 1024;
+
+/** A failure the page explains to a person; `kind` picks the message. */
+export class CallError extends Error {
+  constructor(kind, message) {
+    super(message);
+    this.kind = kind;
+  }
+}
+
+function gathered(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === "complete") { clearTimeout(t); resolve(); } };
+    const t = setTimeout(resolve, timeoutMs); // send what has been gathered by then
+    pc.addEventListener("icegatheringstatechange", done);
+  });
+}
+
+function opened(channel) {
+  if (channel.readyState === "open") return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    channel.addEventListener("open", resolve, { once: true });
+    channel.addEventListener("close", () => reject(new CallError("connect", "the data channel closed while opening")), { once: true });
+  });
+}
+
+export class SenderPeer {
+  constructor({ onMessage = () => {}, onClosed = () => {}, iceServers = [] } = {}) {
+    this.pc = new RTCPeerConnection({ iceServers });
+    this.control = this.pc.createDataChannel(CONTROL_LABEL, { ordered: true });
+    this.kp = this.pc.createDataChannel(KEYPOINT_LABEL, { ordered: false, maxRetransmits: 0 });
+    this.control.binaryType = "arraybuffer";
+    this.kp.binaryType = "arraybuffer";
+    this.bytesSent = { control: 0, kp: 0 };
+    this.messagesSent = { control: 0, kp: 0 };
+    this.kpDroppedCongestion = 0;
+    this.rejected = {};
+    this.closed = false;
+    this.control.addEventListener("message", (ev) => {
+      let msg;
+      try {
+        msg = P.decode(new Uint8Array(ev.data));
+      } catch (e) {
+        const reason = e instanceof P.ProtocolError ? e.reason : "malformed";
+        this.rejected[reason] = (this.rejected[reason] || 0) + 1;
+        return;
+      }
+      onMessage(msg);
+    });
+    this.pc.addEventListener("connectionstatechange", () => {
+      if (["failed", "closed"].includes(this.pc.connectionState) && !this.closed) {
+        this.closed = true;
+        onClosed(`connection ${this.pc.connectionState}`);
+      }
+    });
+  }
+
+  /** Offer, POST it to the receiver, take the answer, wait for both channels. Throws CallError. */
+  async connect(receiverUrl, token, { gatherMs = 5000, openMs = 15000 } = {}) {
+    await this.pc.setLocalDescription(await this.pc.createOffer());
+    await gathered(this.pc, gatherMs);
+    const url = new URL("offer", receiverUrl.endsWith("/") ? receiverUrl : receiverUrl + "/").href;
+    const headers = { "Content-Type": "application/json" };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    let resp;
+    try {
+      resp = await fetch(url, { method: "POST", headers, body: JSON.stringify({ sdp: this.pc.localDescription.sdp, type: "offer" }) });
+    } catch (e) {
+      throw new CallError("unreachable", `cannot reach the receiver at ${receiverUrl} (${e.message})`);
+    }
+    if (resp.status === 401) throw new CallError("token", "the receiver refused the call: wrong or missing token");
+    if (resp.status === 503) throw new CallError("busy", "the receiver is busy (every call slot is taken)");
+    if (!resp.ok) {
+      const text = (await resp.text()).slice(0, 200);
+      throw new CallError("refused", `the receiver answered HTTP ${resp.status}: ${text}`);
+    }
+    await this.pc.setRemoteDescription(await resp.json());
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new CallError("connect",
+        "the connection did not come up (ICE/DTLS): is a firewall between you and the receiver?")), openMs);
+    });
+    try {
+      await Promise.race([Promise.all([opened(this.control), opened(this.kp)]), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** The largest message the receiver takes (its SDP's max-message-size). */
+  maxMessageSize() {
+    const s = this.pc.sctp && this.pc.sctp.maxMessageSize;
+    return s && Number.isFinite(s) ? s : P.MAX_MESSAGE_BYTES;
+  }
+
+  sendControl(msg) {
+    const data = P.encode(msg);
+    this.control.send(data);
+    this.bytesSent.control += data.length;
+    this.messagesSent.control += 1;
+    return data.length;
+  }
+
+  /** The source image in chunks under the receiver's max message size, without flooding SCTP. */
+  async sendSource(image, imageId) {
+    const chunk = Math.min(16 * 1024, this.maxMessageSize() - 256);
+    let total = 0;
+    for (const part of await P.splitSource(image, imageId, chunk)) {
+      total += this.sendControl(part);
+      while (this.control.bufferedAmount > CONTROL_HIGH_WATER) await new Promise((r) => setTimeout(r, 5));
+    }
+    return total;
+  }
+
+  /** Encoded size sent, or 0 when dropped (channel not open, or congested). */
+  sendKeypoints(msg) {
+    if (this.kp.readyState !== "open") return 0;
+    if (this.kp.bufferedAmount > MAX_BUFFERED_BYTES) {
+      this.kpDroppedCongestion += 1;
+      return 0;
+    }
+    const data = P.encode(msg);
+    this.kp.send(data);
+    this.bytesSent.kp += data.length;
+    this.messagesSent.kp += 1;
+    return data.length;
+  }
+
+  /** Bytes through the DTLS transport (every channel and handshake), from the browser's own stats. */
+  async transportStats() {
+    const out = { bytesSent: 0, packetsSent: 0 };
+    const report = await this.pc.getStats();
+    report.forEach((s) => {
+      if (s.type === "transport") { out.bytesSent += s.bytesSent || 0; out.packetsSent += s.packetsSent || 0; }
+    });
+    return out;
+  }
+
+  async close(reason = "done") {
+    if (this.control.readyState === "open") {
+      try {
+        this.sendControl({ type: "Bye", reason });
+        // let the Bye leave before the transport goes (sender/peer.py waits up to a second too)
+        const t0 = performance.now();
+        while (this.control.bufferedAmount > 0 && performance.now() - t0 < 1000) await new Promise((r) => setTimeout(r, 20));
+        await new Promise((r) => setTimeout(r, 200));
+      } catch { /* a dead transport must not stop the hang-up */ }
+    }
+    this.closed = true;
+    this.pc.close();
+  }
+}

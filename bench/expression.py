@@ -17,7 +17,8 @@ source (the first frame shown throughout) and libx264 (veryfast, zerolatency) at
 
 ``--streams``: rows for the first model's keypoints *as a call delivers them*: ``q8`` (every
 frame, the Q8 codec) and ``pred`` (the sender's default predictive stream,
-``shared.kpcodec.DEFAULT_STREAM``: skipped frames shown as the receiver predicts them), with
+``shared.kpcodec.DEFAULT_STREAM``: skipped frames shown as the receiver predicts them; ``pred:T``
+the same at tolerance T), with
 their kbps on the wire (messages + 95 B each, as bench.bandwidth) and ``h264_kbps_at_mouth_corr``:
 the libx264 rate that gives the same mouth-opening correlation (interpolated over the CRF
 rows; H.264 here is payload only, no packet headers).
@@ -40,6 +41,7 @@ Definitions (fixed, so numbers compare from one model version to the next):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -69,9 +71,11 @@ def delivered(kp: np.ndarray, stream: str) -> tuple[np.ndarray, int, int]:
     if stream == "q8":
         msgs = stream_messages(kp, protocol.Codec.Q8, 1, 1)
         got = receive(msgs, len(kp))
-    elif stream == "pred":
-        msgs, _summary = pred_stream_messages(kp, DEFAULT_STREAM)
-        got = receive_pred(msgs, len(kp), DEFAULT_STREAM)
+    elif stream == "pred" or stream.startswith("pred:"):
+        cfg = DEFAULT_STREAM if stream == "pred" else dataclasses.replace(DEFAULT_STREAM,
+                                                                          tolerance=float(stream.split(":")[1]))
+        msgs, _summary = pred_stream_messages(kp, cfg)
+        got = receive_pred(msgs, len(kp), cfg)
     else:
         raise ValueError(f"unknown stream {stream!r}; known: {STREAMS}")
     return got.astype(np.float32), sum(len(m) for m in msgs), len(msgs)
@@ -320,8 +324,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--weights", nargs="+", default=None, help="model checkpoints instead of --size")
     p.add_argument("--labels", nargs="+", default=None, help="row names for --weights")
     p.add_argument("--crf", type=int, nargs="+", default=[45, 40], help="libx264 rows (CRF 45 ~ 23 kbps, 40 ~ 37)")
-    p.add_argument("--streams", nargs="*", choices=STREAMS, default=[],
-                   help="rows for the first model's keypoints as a call delivers them")
+    p.add_argument("--streams", nargs="*", default=[],
+                   help="rows for the first model's keypoints as a call delivers them: q8, pred (the sender's "
+                        "default) or pred:TOLERANCE")
     p.add_argument("--stride", type=int, default=5, help="score every Nth frame")
     p.add_argument("--aed-every", type=int, default=2, help="identity descriptor on every Nth scored frame")
     p.add_argument("--max-frames", type=int, default=150)

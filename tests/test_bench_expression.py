@@ -74,7 +74,7 @@ def test_streams_deliver_what_the_receiver_decodes_and_rates_interpolate() -> No
     assert np.abs(q8 - kp)[:, :20].max() < 1e-4  # Q8: coordinates near exact, Jacobians on a log scale
     assert (np.abs(q8 - kp)[:, 20:] / np.maximum(np.abs(kp[:, 20:]), 0.5)).max() < 0.03
     assert pred_msgs < q8_msgs and pred_bytes < q8_bytes  # the predictive stream skips frames
-    assert np.abs(pred[:, :20] - kp[:, :20]).mean() < 0.008  # within the default tolerance on average
+    assert np.abs(pred[:, :20] - kp[:, :20]).mean() < 0.008  # within twice the default tolerance on average
     with pytest.raises(ValueError, match="unknown stream"):
         expression.delivered(kp, "f32")
     curve = [(10.0, 0.5), (20.0, 0.7), (40.0, 0.9)]

@@ -38,7 +38,9 @@ class AdaptConfig:
     fps: the call's frame rate; the render budget is 1000 / fps ms per frame.
     high_load: share of the budget the p90 render time may take before stepping down (rendering
         is not all a frame costs: decoding, playout and the sink need the rest).
-    low_load: the tier above must be predicted under this share of the budget to step up.
+    low_load: the tier above must be predicted under this share of the budget to step up (the
+        prediction already scales by that tier's measured cost; the gap to ``high_load`` is the
+        hysteresis, and the back-off handles a prediction that was wrong).
     window_frames: the last renders a decision looks at (a count, not a time: an overloaded
         renderer makes few renders, and those must still decide).
     min_frames: fewer renders than this since the start or the last change decide nothing.
@@ -50,7 +52,7 @@ class AdaptConfig:
 
     fps: float = 30.0
     high_load: float = 0.85
-    low_load: float = 0.55
+    low_load: float = 0.7
     window_frames: int = 30
     min_frames: int = 10
     down_after_s: float = 1.0

@@ -5,7 +5,8 @@ Wraps ``shared.kpcodec.PredictiveDecoder`` with what a call needs around it:
 - capture times: a coded frame carries its own (``CodedKeypoints.ts_us`` after the Hello's
   ``ts_base_us``); a frame the sender skipped gets the coded frame's time minus whole frame
   periods (it was never sent, so it has no arrival that could say anything about the network);
-- loss recovery: when the decoder's chain is broken (``needs_keyframe``) a
+- loss recovery: a message carrying its predecessor (``P.RedundantFrame``, sent after a loss was
+  reported) repairs a single lost message; when the decoder's chain is broken (``needs_keyframe``) a
   ``KeyframeRequest`` is due, at most one per ``request_interval_s`` (the sender answers
   within a round trip; asking again each frame would only turn every frame into a keyframe);
 - the closed-loop prediction for playout (:meth:`PredictiveStream.predict_at`): what the
@@ -56,7 +57,8 @@ class PredictiveStream:
         self.request_interval_s = request_interval_s
         self._times: OrderedDict[int, int] = OrderedDict()  # seq -> capture time of a coded frame
         self._last_request_s = float("-inf")
-        self.counts = {"coded": 0, "keyframes": 0, "residuals": 0, "skipped": 0, "keyframe_requests": 0}
+        self.counts = {"coded": 0, "keyframes": 0, "residuals": 0, "skipped": 0, "keyframe_requests": 0,
+                       "recovered": 0}
 
     @staticmethod
     def from_hello(hello: P.Hello) -> PredictiveStream:
@@ -71,6 +73,21 @@ class PredictiveStream:
 
     def push(self, msg: P.CodedKeypoints) -> list[StreamFrame]:
         """Decode one message; returns the frames it completes, in order (possibly none)."""
+        out: list[StreamFrame] = []
+        r = msg.redundant
+        if r is not None and msg.prev_seq > self.decoder.last_seq and msg.prev_seq not in self._times:
+            # its predecessor never arrived (or not yet): decode it from the copy first. Its capture
+            # time is not on the wire; whole frame periods before this frame's is what the sender had.
+            prev = P.CodedKeypoints(msg.prev_seq, r.prev_seq, r.key,
+                                    max(0, round(msg.ts_us - (msg.seq - msg.prev_seq) * self.frame_us)), r.payload)
+            try:
+                out = self._push(prev)
+                self.counts["recovered"] += int(any(f.seq == msg.prev_seq for f in out))
+            except P.ProtocolError:
+                out = []  # a bad copy must not lose the frame that carried it
+        return out + self._push(msg)
+
+    def _push(self, msg: P.CodedKeypoints) -> list[StreamFrame]:
         dec = self.decoder
         dropped = dec.counts["dropped"]
         self._times[msg.seq] = self.ts_base_us + msg.ts_us

@@ -6,7 +6,9 @@ residual, sent at once as one ``CodedKeypoints`` message: nothing waits for a ba
 the stream adds no delay. Around that:
 
 - a message the peer could not send (congested channel) makes the next frame a keyframe,
-  since the receiver's chain breaks there anyway, and a ``KeyframeRequest`` does the same;
+  since the receiver's chain breaks there anyway, and a ``KeyframeRequest`` does the same and
+  turns on redundancy for a while: each message also carries the coded frame before it
+  (``shared.protocol.RedundantFrame``), so a single lost message no longer breaks the chain;
 - with a :class:`sender.rate.RateController` the skip tolerance follows the measured
   wire rate;
 - a new source image (:meth:`PredictiveSender.new_source`: re-frame, refresh, request) makes
@@ -29,6 +31,10 @@ from shared.kpcodec import CodedFrame, PredictiveConfig, PredictiveEncoder
 
 log = logging.getLogger(__name__)
 
+# After a KeyframeRequest, this many messages (~10 s at the default stream's 16 messages/s) repeat
+# the frame before them: a path that lost one message is likely to lose more.
+PROTECT_MESSAGES = 160
+
 # send(message) -> encoded bytes sent, 0 when the message was dropped (SenderPeer.send_keypoints)
 SendFn = Callable[[P.CodedKeypoints], int]
 
@@ -47,15 +53,20 @@ class PredictiveSender:
         self.image_id: int | None = None  # the source image the frames refer to (None: untagged)
         self.stats = {"frames_sent": 0, "frames_skipped": 0, "keyframes_sent": 0, "messages_sent": 0,
                       "keypoint_payload_bytes": 0, "keypoint_message_bytes": 0, "keyframe_requests": 0,
-                      "kp_dropped": 0}
+                      "kp_dropped": 0, "redundant_frames": 0}
+        self._protect = 0  # messages still to carry their predecessor (after a reported loss)
+        self._last_sent: CodedFrame | None = None
 
     def hello_params(self) -> P.PredParams:
         return self.cfg.params()
 
     def request_keyframe(self) -> None:
-        """The receiver lost the chain (``KeyframeRequest``)."""
+        """The receiver lost the chain (``KeyframeRequest``): a keyframe now, and redundancy for a while."""
         self.stats["keyframe_requests"] += 1
         self.encoder.request_keyframe()
+        # the path loses messages: repeat each frame in the next one (P.RedundantFrame) so that one
+        # loss no longer costs a round trip of concealed frames; off again after a quiet spell
+        self._protect = PROTECT_MESSAGES
 
     def new_source(self, image_id: int) -> None:
         """A new source image went out: later frames refer to it, starting with a keyframe."""
@@ -86,10 +97,18 @@ class PredictiveSender:
         return self._send(coded, capture_us, now_s)
 
     def _send(self, coded: CodedFrame, capture_us: int, now_s: float) -> int:
+        last = self._last_sent
+        redundant = None
+        if (self._protect > 0 and not coded.key and self.image_id is not None and last is not None
+                and last.seq == coded.prev_seq):
+            redundant = P.RedundantFrame(last.prev_seq, last.key, last.payload)
         msg = P.CodedKeypoints(coded.seq, coded.prev_seq, coded.key, max(0, capture_us - self.ts_base_us),
-                               coded.payload, self.image_id)
+                               coded.payload, self.image_id, redundant)
         n = self.send(msg)
+        self._protect = max(0, self._protect - 1)
+        self._last_sent = coded if n else None
         st = self.stats
+        st["redundant_frames"] += int(bool(n) and redundant is not None)
         if not n:
             # the receiver will miss this frame and cannot decode the ones predicted from it
             st["kp_dropped"] += 1

@@ -41,6 +41,18 @@ re-frame the keypoints must name the new image at once; after a refresh (same fr
 keypoints fit both pictures) the Python sender keeps naming the previous one for 0.3 s, so the
 receiver has the new image ready before the first frame that needs it.
 
+Redundancy on coded keypoints
+-----------------------------
+A ``CodedKeypoints`` message may carry, after its ``image_id``, the frame it follows (the coded
+frame ``prev_seq``) once more: ``[seq - prev_seq of that frame, key, payload]``. One lost message
+otherwise breaks the closed-loop chain until a requested keyframe arrives (a round trip of
+concealed frames); with the previous frame inside the next message, a single loss is repaired one
+message later, usually inside the jitter buffer. It costs its payload bytes (~25 B) but no message
+(each costs ~95 B of transport), and the sender adds it only after a loss was reported
+(``sender.kpsend``)::
+
+    [2, 7, seq, seq - prev_seq, key, ts_us, payload, image_id, [back, key, payload]]
+
 Version 2 added the predictive stream; a peer speaking another version is refused
 with ``ProtocolError("version")`` ("unsupported protocol version"), and
 :func:`legacy_bye` says so to a version-1 peer in a form it can read.
@@ -51,6 +63,7 @@ Keypoint vector layout (60 = 10 keypoints x (x, y) + 10 Jacobians x 4):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -276,6 +289,16 @@ class CodedKeypoints:
     ts_us: int  # capture time - Hello.ts_base_us (sender clock)
     payload: bytes
     image_id: int | None = None  # the source image these keypoints refer to (None: untagged)
+    redundant: RedundantFrame | None = None  # the coded frame ``prev_seq`` once more (needs image_id)
+
+
+@dataclass(frozen=True)
+class RedundantFrame:
+    """The previous coded frame, repeated inside a ``CodedKeypoints`` (its seq is the carrier's ``prev_seq``)."""
+
+    prev_seq: int  # that frame's own previous coded frame, -1 for none
+    key: bool
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -322,6 +345,11 @@ def encode(msg: Message) -> bytes:
         body = [v, MsgType.CODED_KEYPOINTS, msg.seq, back, bool(msg.key), msg.ts_us, msg.payload]
         if msg.image_id is not None:
             body.append(msg.image_id)
+        if msg.redundant is not None:
+            r = msg.redundant
+            if msg.image_id is None or msg.prev_seq < 0:
+                raise ValueError("a redundant frame needs image_id and a previous frame")
+            body.append([0 if r.prev_seq < 0 else msg.prev_seq - r.prev_seq, bool(r.key), r.payload])
     elif isinstance(msg, KeyframeRequest):
         body = [v, MsgType.KEYFRAME_REQUEST, msg.last_seq]
     elif isinstance(msg, Heartbeat):
@@ -400,7 +428,8 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     except (ValueError, TypeError):
         raise ProtocolError("type", f"unknown message type {obj[1]!r:.20}") from None
     n = _ARITY[mtype]
-    if len(obj) != n and not (mtype in _OPTIONAL_TRAILING and len(obj) == n + 1):
+    extra = 2 if mtype == MsgType.CODED_KEYPOINTS else 1  # image_id, then the redundant frame
+    if len(obj) != n and not (mtype in _OPTIONAL_TRAILING and n < len(obj) <= n + extra):
         raise ProtocolError("malformed", f"{mtype.name} needs {n} fields, got {len(obj)}")
     f = obj[2:]
     image_id = _int(f[n - 2], 0, I64, "image_id") if len(obj) > n else None
@@ -448,7 +477,16 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             raise ProtocolError("length", f"{len(vecs)} frames in one message > {MAX_FRAMES_PER_BATCH}")
         return batch
     if mtype == MsgType.CODED_KEYPOINTS:
-        return _coded_keypoints(f, image_id)
+        msg = _coded_keypoints(f, image_id)
+        if len(obj) == n + 2:
+            r = f[n - 1]
+            if not isinstance(r, list) or len(r) != 3:
+                raise ProtocolError("field", "the redundant frame must be [back, key, payload]")
+            if msg.prev_seq < 0:
+                raise ProtocolError("field", "a frame without a previous one carries no redundant frame")
+            prev = _coded_keypoints([msg.prev_seq, r[0], r[1], 0, r[2]], None)  # validated like any frame
+            msg = dataclasses.replace(msg, redundant=RedundantFrame(prev.prev_seq, prev.key, prev.payload))
+        return msg
     if mtype == MsgType.KEYFRAME_REQUEST:
         return KeyframeRequest(_int(f[0], -1, I64, "last_seq"))
     if mtype == MsgType.HEARTBEAT:

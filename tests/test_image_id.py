@@ -61,7 +61,8 @@ def test_malformed_image_ids_are_rejected(bad: object) -> None:
 
 
 def test_only_one_optional_field_and_only_on_keypoints() -> None:
-    for raw in ([V, 3, 0, 1, 0, 0, 1, Q8, 1, 2], [V, 7, 5, 0, True, 0, Q8, 1, 2],
+    # (a CodedKeypoints may carry image_id and then a redundant frame: one field more than that)
+    for raw in ([V, 3, 0, 1, 0, 0, 1, Q8, 1, 2], [V, 7, 5, 0, True, 0, Q8, 1, [1, False, b""], 2],
                 [V, 4, 5, 1], [V, 5, "why", 1], [V, 2, 0, 0, 1, 3, b"x" * 16, b"abc", 1]):
         with pytest.raises(P.ProtocolError) as e:
             P.decode(msgpack.packb(raw, use_bin_type=True))

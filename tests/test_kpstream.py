@@ -31,7 +31,8 @@ def test_skipped_frames_get_capture_times_whole_frames_before_the_coded_one() ->
     assert [f.skipped for f in frames] == [i % 5 != 0 for i in range(11)]
     for f in frames:  # coded frames carry their own time; skipped ones are counted back from the next
         assert f.capture_us == pytest.approx(7_000_000 + FRAME_US * f.seq + 1000, abs=2)
-    assert st.counts == {"coded": 3, "keyframes": 1, "residuals": 2, "skipped": 8, "keyframe_requests": 0}
+    assert st.counts == {"coded": 3, "keyframes": 1, "residuals": 2, "skipped": 8, "keyframe_requests": 0,
+                         "recovered": 0}
 
 
 def test_a_broken_chain_asks_for_a_keyframe_at_most_every_interval() -> None:
@@ -74,3 +75,43 @@ def _residual_of(r: np.ndarray) -> bytes:
     from shared.kpcodec import encode_residual
 
     return encode_residual(r)
+
+
+def test_after_a_reported_loss_a_lost_message_is_repaired_by_the_next_one() -> None:
+    from sender.kpsend import PredictiveSender
+
+    cfg = PredictiveConfig(max_gap=8)
+    sent: list[bytes] = []
+
+    def send(msg: P.CodedKeypoints) -> int:
+        sent.append(P.encode(msg))
+        return len(sent[-1])
+
+    ps = PredictiveSender(send, cfg, ts_base_us=0)
+    ps.new_source(0)
+    vecs = [BASE + 0.02 * ((i // 3) % 12) for i in range(120)]  # steps, within the coordinate range
+    for i in range(40):
+        ps.frame(i, FRAME_US * i, vecs[i], i / 30)
+    plain = len(sent)
+    assert all(P.decode(m).redundant is None for m in sent)  # a clean path pays nothing
+    ps.request_keyframe()  # the receiver reported a loss
+    for i in range(40, 120):
+        ps.frame(i, FRAME_US * i, vecs[i], i / 30)
+    ps.finish(119, FRAME_US * 119, vecs[119], 4.0)
+    protected = [P.decode(m) for m in sent[plain:]]
+    assert protected[0].key and protected[0].redundant is None  # the keyframe needs no predecessor
+    assert all(m.redundant is not None for m in protected[1:] if not m.key)
+    assert ps.stats["redundant_frames"] == sum(not m.key for m in protected)
+    # a receiver that loses every third protected message still decodes every frame, asking for nothing
+    st = PredictiveStream(cfg, fps=30)
+    got = {}
+    for k, data in enumerate(sent):
+        if k > plain and k % 3 == 0:
+            continue
+        for f in st.push(P.decode(data)):
+            got[f.seq] = f.vector
+        assert st.keyframe_request(k * 0.1) is None
+    assert sorted(got) == list(range(120))
+    assert st.counts["recovered"] == sum(1 for k in range(plain + 1, len(sent)) if k % 3 == 0)
+    for i in range(120):  # what the sender's own decoder holds, frame by frame
+        assert np.abs(got[i][:20] - vecs[i][:20]).max() <= cfg.tolerance + cfg.coord_step

@@ -348,3 +348,26 @@ def test_q8_round_trips_jacobians_at_the_end_of_its_range() -> None:
     (_seq, _ts, got), = P.decode(P.encode(msg)).frames()
     assert np.abs(got[20:]).max() == P.JAC_RANGE  # exactly the range's end, not 16.000002
     assert np.allclose(got[20:], v[20:], rtol=0.03, atol=0.02)
+
+
+def test_coded_keypoints_carry_their_predecessor_once_more_when_asked() -> None:
+    r = encode_residual(np.arange(60, dtype=np.int32) % 3 - 1)
+    m = P.CodedKeypoints(10, 8, False, 1234, r, 0, P.RedundantFrame(5, False, r))
+    assert P.decode(P.encode(m)) == m
+    key = P.encode_vector(np.zeros(P.KP_DIM, np.float32))
+    first = P.CodedKeypoints(3, 0, False, 99, r, 2, P.RedundantFrame(-1, True, key))  # its predecessor is the keyframe
+    assert P.decode(P.encode(first)) == first
+    with pytest.raises(ValueError):
+        P.encode(P.CodedKeypoints(10, 8, False, 1, r, None, P.RedundantFrame(5, False, r)))  # needs an image_id
+    base = [P.PROTOCOL_VERSION, int(P.MsgType.CODED_KEYPOINTS), 10, 2, False, 1234, r, 0]
+    for bad, reason in (([3, False], "field"), ([3, 1, r], "field"), ([0, False, r], "field"),
+                        ([3, False, b"\x00" * 300], "field"), ([3, True, r], "length"), ("x", "field")):
+        with pytest.raises(P.ProtocolError) as e:
+            P.decode(msgpack.packb(base + [bad], use_bin_type=True))
+        assert e.value.reason == reason, (bad, e.value)
+    with pytest.raises(P.ProtocolError) as e:  # a keyframe with no predecessor has nothing to repeat
+        P.decode(msgpack.packb([P.PROTOCOL_VERSION, 7, 10, 0, True, 1, key, 0, [1, False, r]], use_bin_type=True))
+    assert e.value.reason == "field"
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode(msgpack.packb(base + [[3, False, r], 1], use_bin_type=True))
+    assert e.value.reason == "malformed"

@@ -68,6 +68,8 @@ def _spec(msg: P.Message) -> dict:
             val = {"hex": val.hex()}
         elif isinstance(val, P.PredParams):
             val = dataclasses.asdict(val)
+        elif isinstance(val, P.RedundantFrame):
+            val = {"prev_seq": val.prev_seq, "key": val.key, "payload": {"hex": val.payload.hex()}}
         d[f.name] = val
     d.pop("version", None)
     return d
@@ -75,8 +77,12 @@ def _spec(msg: P.Message) -> dict:
 
 def _from_js(d: dict) -> dict:
     """A message the JavaScript decoder returned, as the dataclass fields Python compares."""
-    return {k: bytes.fromhex(v["hex"]) if isinstance(v, dict) and "hex" in v else v
-            for k, v in d.items() if k != "type"}
+    out = {k: bytes.fromhex(v["hex"]) if isinstance(v, dict) and "hex" in v else v
+           for k, v in d.items() if k != "type"}
+    if isinstance(out.get("redundant"), dict):  # as dataclasses.asdict nests it
+        r = out["redundant"]
+        out["redundant"] = {"prev_seq": r["prev_seq"], "key": r["key"], "payload": bytes.fromhex(r["payload"]["hex"])}
+    return out
 
 
 MESSAGES: list[P.Message] = [
@@ -90,6 +96,8 @@ MESSAGES: list[P.Message] = [
     P.CodedKeypoints(0, -1, True, 0, P.encode_vector(np.zeros(P.KP_DIM), P.Codec.Q8)),
     P.CodedKeypoints(2**40, 2**40 - 3, False, 2**33, encode_residual(np.arange(-30, 30))),
     P.CodedKeypoints(9, 8, False, 300_000, encode_residual(np.zeros(P.KP_DIM, int)), image_id=2),
+    P.CodedKeypoints(12, 9, False, 400_000, encode_residual(np.arange(-30, 30)), 2,
+                     P.RedundantFrame(8, False, encode_residual(np.zeros(P.KP_DIM, int)))),
     P.KeypointBatch.build(3, 7, [np.zeros(P.KP_DIM, np.float32)], P.Codec.Q8, image_id=0),
     P.KeyframeRequest(41), P.KeyframeRequest(),
     P.Heartbeat(1_764_000_000_000_000),
@@ -113,7 +121,9 @@ BAD: list[bytes] = [
     msgpack.packb([2, 2, 0, 0, 1, 10, b"short", b"x"]),  # digest not 16 bytes
     msgpack.packb([2, 4, -1]),  # negative time
     msgpack.packb([2, 7, 5, 0, True, 0, b"\x00" * 80, None]),  # image_id nil
-    msgpack.packb([2, 7, 5, 0, True, 0, b"\x00" * 80, 1, 2]),  # two trailing fields
+    msgpack.packb([2, 7, 5, 0, True, 0, b"\x00" * 80, 1, 2]),  # a redundant frame that is not [back, key, payload]
+    msgpack.packb([2, 7, 5, 1, False, 0, b"\x00", 1, [2, False, b"\x00" * 3]]),  # its payload is not a residual
+    msgpack.packb([2, 7, 5, 1, False, 0, b"\x00", 1, [1, False, b"\x00"], 3]),  # one more after it
     msgpack.packb([2, 4, 1, 2]),  # only keypoint messages take a trailing field
 ]
 

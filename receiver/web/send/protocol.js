@@ -211,6 +211,11 @@ export function encode(msg) {
       const back = msg.prev_seq < 0 ? 0 : msg.seq - msg.prev_seq;
       body = [v, MsgType.CODED_KEYPOINTS, msg.seq, back, !!msg.key, msg.ts_us, msg.payload];
       if (msg.image_id != null) body.push(msg.image_id);
+      if (msg.redundant != null) {
+        const r = msg.redundant;
+        if (msg.image_id == null || msg.prev_seq < 0) throw new Error("a redundant frame needs image_id and a previous frame");
+        body.push([r.prev_seq < 0 ? 0 : msg.prev_seq - r.prev_seq, !!r.key, r.payload]);
+      }
       break;
     }
     case "KeyframeRequest": body = [v, MsgType.KEYFRAME_REQUEST, msg.last_seq ?? -1]; break;
@@ -250,6 +255,25 @@ function num(x, lo, hi, name) {
   return x;
 }
 
+/** The fields of one coded frame, validated as shared.protocol._coded_keypoints does. */
+function codedFrame(f) {
+  const seq = int(f[0], 0, I64, "seq");
+  const back = int(f[1], 0, seq, "seq - prev_seq");
+  if (typeof f[2] !== "boolean") throw new ProtocolError("field", "key must be a bool");
+  const key = f[2];
+  const ts_us = int(f[3], 0, I64, "ts_us");
+  const payload = bin(f[4], MAX_RESIDUAL_BYTES, "payload");
+  if (back === 0 && !key) throw new ProtocolError("field", "only a keyframe may have no previous frame");
+  if (key) {
+    if (payload.length !== frameBytes(Codec.Q8)) throw new ProtocolError("length", "a keyframe carries one Q8 vector");
+    decodeVectors(payload, Codec.Q8);
+  } else {
+    try { decodeResidualBits(payload); } catch (e) { throw new ProtocolError("residual", e.message); }
+  }
+  return { type: "CodedKeypoints", seq, prev_seq: back ? seq - back : -1, key, ts_us, payload, image_id: null,
+    redundant: null };
+}
+
 /** Parse and validate one message (protocol.decode); throws ProtocolError, never anything else. */
 export function decode(data, maxBytes = MAX_MESSAGE_BYTES) {
   if (typeof data === "string") throw new ProtocolError("malformed", "text message on a binary protocol");
@@ -267,7 +291,9 @@ export function decode(data, maxBytes = MAX_MESSAGE_BYTES) {
   const t = obj[1];
   if (!(t in ARITY) || typeof t !== "number") throw new ProtocolError("type", `unknown message type ${String(t).slice(0, 20)}`);
   const n = ARITY[t];
-  if (obj.length !== n && !(OPTIONAL_TRAILING.includes(t) && obj.length === n + 1)) {
+  // image_id; CodedKeypoints may then carry its predecessor once more (shared.protocol.RedundantFrame)
+  const extra = t === MsgType.CODED_KEYPOINTS ? 2 : 1;
+  if (obj.length !== n && !(OPTIONAL_TRAILING.includes(t) && obj.length > n && obj.length <= n + extra)) {
     throw new ProtocolError("malformed", `message type ${t} needs ${n} fields, got ${obj.length}`);
   }
   const f = obj.slice(2);
@@ -315,20 +341,16 @@ export function decode(data, maxBytes = MAX_MESSAGE_BYTES) {
       return msg;
     }
     case MsgType.CODED_KEYPOINTS: {
-      const seq = int(f[0], 0, I64, "seq");
-      const back = int(f[1], 0, seq, "seq - prev_seq");
-      if (typeof f[2] !== "boolean") throw new ProtocolError("field", "key must be a bool");
-      const key = f[2];
-      const ts_us = int(f[3], 0, I64, "ts_us");
-      const payload = bin(f[4], MAX_RESIDUAL_BYTES, "payload");
-      if (back === 0 && !key) throw new ProtocolError("field", "only a keyframe may have no previous frame");
-      if (key) {
-        if (payload.length !== frameBytes(Codec.Q8)) throw new ProtocolError("length", "a keyframe carries one Q8 vector");
-        decodeVectors(payload, Codec.Q8);
-      } else {
-        try { decodeResidualBits(payload); } catch (e) { throw new ProtocolError("residual", e.message); }
+      const msg = codedFrame(f);
+      msg.image_id = image_id;
+      if (obj.length === n + 2) {
+        const r = f[n - 1];
+        if (!Array.isArray(r) || r.length !== 3) throw new ProtocolError("field", "the redundant frame must be [back, key, payload]");
+        if (msg.prev_seq < 0) throw new ProtocolError("field", "a frame without a previous one carries no redundant frame");
+        const prev = codedFrame([msg.prev_seq, r[0], r[1], 0, r[2]]);
+        msg.redundant = { prev_seq: prev.prev_seq, key: prev.key, payload: prev.payload };
       }
-      return { type: "CodedKeypoints", seq, prev_seq: back ? seq - back : -1, key, ts_us, payload, image_id };
+      return msg;
     }
     case MsgType.KEYFRAME_REQUEST: return { type: "KeyframeRequest", last_seq: int(f[0], -1, I64, "last_seq") };
     case MsgType.HEARTBEAT: return { type: "Heartbeat", ts_us: int(f[0], 0, I64, "ts_us") };

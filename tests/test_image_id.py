@@ -173,15 +173,21 @@ async def test_immediate_playout_renders_each_frame_on_the_image_it_names(execut
     await s.close("done")
 
 
-async def test_clock_playout_never_mixes_images(executor: ThreadPoolExecutor) -> None:
-    """Frames stream at 30 fps; at seq 20 the sender switches to image 1, whose JPEG arrives only after
-    its first 10 frames. Every frame is shown on its own image, the old image's frames still buffered
-    when the new one completes are shown on the old one, and a late old frame is dropped."""
+async def _clock_call(executor: ThreadPoolExecutor):
+    """A clock-playout session showing the dark image 0, and the spy on what it renders."""
     s = make_session(executor, playout="clock")
     shown = _spy(s)
     s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
     await _send_image(s, DARK, 0)
     s.start()
+    return s, shown
+
+
+async def test_clock_playout_never_mixes_images(executor: ThreadPoolExecutor) -> None:
+    """Frames stream at 30 fps; at seq 20 the sender switches to image 1, whose JPEG arrives only after
+    its first 10 frames. Every frame is shown on its own image, the old image's frames still buffered
+    when the new one completes are shown on the old one, and a late old frame is dropped."""
+    s, shown = await _clock_call(executor)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     for seq in range(50):
@@ -209,11 +215,7 @@ async def test_clock_playout_never_mixes_images(executor: ThreadPoolExecutor) ->
 async def test_a_refresh_that_arrives_before_its_keypoints_costs_no_frame(executor: ThreadPoolExecutor) -> None:
     """The usual case: the image goes out on the reliable channel ahead of its keypoints. Frames of the
     old image still buffered are shown on it, the new one takes over at its first frame, none waits."""
-    s = make_session(executor, playout="clock")
-    shown = _spy(s)
-    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
-    await _send_image(s, DARK, 0)
-    s.start()
+    s, shown = await _clock_call(executor)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     seq = 0

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test lint bench bench-val train train-256 train-expr clean
+.PHONY: venv demo test lint bench bench-val train train-256 train-expr quantize clean
 
 venv: .venv/.installed
 
@@ -59,6 +59,13 @@ train-expr: venv
 	cp runs/expr256/last.pt models/weights/fomm_face256.pt
 	$(PY) -m models.fomm.derive --src models/weights/fomm_face256.pt --size 64 --out models/weights/fomm_face64.pt
 	$(PY) -m models.fomm.derive --src models/weights/fomm_face256.pt --size 128 --out models/weights/fomm_face128.pt
+	$(MAKE) quantize
+
+# int8 calibration ranges of the shipped render graphs (models/weights/*.int8.json), measured on
+# training clips; the receiver finds them by the weights' fingerprint. Re-run after any retraining.
+quantize: venv
+	$(PY) -m models.fomm.quantize --data ../shared/data --weights models/weights/fomm_face256.pt \
+	    models/weights/fomm_face128.pt models/weights/fomm_face64.pt
 
 clean:
 	rm -rf out .pytest_cache

@@ -20,7 +20,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from models.data import ClipInfo, load_clips, load_frames, split_by_group
 from models.fomm.io import DEFAULT_WEIGHTS, load_motion_model
-from models.fomm.model import MotionModel, SourceCache
+from models.fomm.model import MotionModel, SourceCache, cache_tensors
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,31 @@ def detect_keypoints(model: MotionModel, frames: np.ndarray, batch: int = 32) ->
     return torch.cat([model.keypoints(t[i:i + batch]) for i in range(0, len(t), batch)]).numpy()
 
 
+RENDERS = ("eager", "fp32", "int8")  # eager PyTorch; the receiver's CPU graph (FastRender) in fp32 / int8
+
+
 @torch.no_grad()
-def render_vectors(model: MotionModel, cache: SourceCache, vectors: np.ndarray, batch: int = 16) -> np.ndarray:
-    """Render one frame per keypoint vector -> float32 (N,H,W,3) in [0, 1]."""
-    v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    outs = [model.render(cache, v[i:i + batch]) for i in range(0, len(v), batch)]
-    return to_float(torch.cat(outs))
+def render_vectors(model: MotionModel, cache: SourceCache, vectors: np.ndarray, batch: int = 16,
+                   render: str = "eager") -> np.ndarray:
+    """Render one frame per keypoint vector -> float32 (N,H,W,3) in [0, 1].
+
+    ``render``: ``eager`` (batched PyTorch) or the receiver's CPU renderer, ``fp32`` / ``int8``
+    (``receiver.render.FastRender``, batch 1 as in a call), so a bench scores what a call shows.
+    """
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    if render == "eager":
+        t = torch.from_numpy(v)
+        return to_float(torch.cat([model.render(cache, t[i:i + batch]) for i in range(0, len(t), batch)]))
+    if render not in RENDERS:
+        raise ValueError(f"render must be one of {RENDERS}, got {render!r}")
+    from receiver.render import fast_render
+
+    fast = fast_render(model, cache, int8=render == "int8")
+    if fast is None or (render == "int8" and not fast.int8):
+        raise SystemExit(f"no {render} ONNX Runtime renderer for this model (int8 needs its calibration ranges)")
+    bound = fast.bind(cache_tensors(cache))
+    out = np.concatenate([fast(bound, v[i:i + 1]) for i in range(len(v))])
+    return np.clip(out, 0.0, 1.0).transpose(0, 2, 3, 1)
 
 
 def prepare(model: MotionModel, source: np.ndarray) -> SourceCache:

@@ -191,14 +191,18 @@ def h264_kbps(streams: list[bytes]) -> float:
 
 def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | Path]], crfs: list[int],
         stride: int, aed_every: int, max_frames: int, max_clips: int | None,
-        stream_names: list[str] = ()) -> dict[str, Any]:
+        stream_names: list[str] = (), renders: list[str] = ("eager",)) -> dict[str, Any]:
     fl = FaceLandmarks(descriptors=True)
     clips = common.select_clips(data, kinds, split)[:max_clips]
     loaded_models = []
     for label, w in models:
         model, meta, path = common.load_model(w)
         loaded_models.append((label, model, meta, path))
-    rows = [Row(label, "model", weights=str(path), size=m.config.size) for label, m, _meta, path in loaded_models]
+    def row_name(label: str, render: str) -> str:
+        return label if render == "eager" else f"{label} {render}"
+
+    rows = [Row(row_name(label, r), "model", weights=str(path), size=m.config.size)
+            for label, m, _meta, path in loaded_models for r in renders]
     first = loaded_models[0]
     rows += [Row(f"{first[0]} {st}", "stream", weights=str(first[3]), size=first[1].config.size)
              for st in stream_names]
@@ -222,8 +226,9 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
         for label, model, _meta, _p in loaded_models:
             frames = decoded[model.config.size]
             kp = common.detect_keypoints(model, frames[idx])
-            pred = common.render_vectors(model, common.prepare(model, frames[0]), kp)
-            shown[label] = upscale(pred)
+            cache = common.prepare(model, frames[0])
+            for r in renders:
+                shown[row_name(label, r)] = upscale(common.render_vectors(model, cache, kp, render=r))
         if stream_names:
             label, model = first[0], first[1]
             frames = decoded[model.config.size]
@@ -330,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--stride", type=int, default=5, help="score every Nth frame")
     p.add_argument("--aed-every", type=int, default=2, help="identity descriptor on every Nth scored frame")
     p.add_argument("--max-frames", type=int, default=150)
+    p.add_argument("--render", nargs="+", choices=common.RENDERS, default=["eager"],
+                   help="how model rows are rendered: eager PyTorch, or the receiver's CPU graph in fp32 / int8 "
+                        "(several: side by side, rows named '<label> <render>')")
     p.add_argument("--max-clips", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.stride < 1 or a.aed_every < 1:
         p.error("--stride and --aed-every must be >= 1")
     res = run(a.data, a.split, a.kinds, models, a.crf, a.stride, a.aed_every, a.max_frames, a.max_clips,
-              a.streams)
+              a.streams, a.render)
     print(table(res))
     if a.json:
         common.write_json(a.json, res)

@@ -6,9 +6,12 @@ Usage:
 
 Absolute times differ between machines of the same kind (1.7x seen here) and with
 whatever else runs, so every model is timed in the same run, round-robin: each round
-renders ``--frames`` frames with each model in turn (ONNX Runtime, as the receiver does on
-CPU, and eager PyTorch), so a burst of other work hits all of them alike. Batch 1, the
-source encoding cached, the keypoints of real frames of the bundled clip.
+renders ``--frames`` frames with each model and each way of rendering in turn, so a burst of
+other work hits all of them alike. The ways: ``int8`` (the receiver's CPU renderer,
+``receiver.render.FastRender``: the graph cut at its warps, the source's share once, int8
+convolutions), ``split`` (the same in float32), ``whole`` (the whole graph in one ONNX Runtime
+session, the receiver's renderer before), ``eager`` (PyTorch). Batch 1, the source encoding
+cached, the keypoints of real frames of the bundled clip.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ log = logging.getLogger(__name__)
 CLIP = Path(__file__).resolve().parents[1] / "assets" / "demo_face.mp4"
 
 
+WAYS = ("int8", "split", "whole", "eager")
+
+
 def _onnx_frame(fast: Any, args: tuple[torch.Tensor, ...], vecs: torch.Tensor, i: int) -> None:
     fast(vecs[i % len(vecs)][None], *args)
+
+
+def _fast_frame(fast: Any, bound: dict[str, np.ndarray], vecs: np.ndarray, i: int) -> None:
+    fast(bound, vecs[i % len(vecs)][None])
 
 
 def _eager_frame(model: Any, args: tuple[torch.Tensor, ...], vecs: torch.Tensor, i: int) -> None:
@@ -40,7 +50,7 @@ def _eager_frame(model: Any, args: tuple[torch.Tensor, ...], vecs: torch.Tensor,
 
 
 def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads: int) -> dict[str, Any]:
-    from receiver.render import onnx_render
+    from receiver.render import fast_render, onnx_render
 
     clip = read_clip(CLIP, max_frames=frames + 1)
     fns: dict[tuple[str, str], Any] = {}
@@ -53,10 +63,15 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
         cache = common.prepare(model, f[0])
         args = cache_tensors(cache)
         vecs = torch.from_numpy(common.detect_keypoints(model, f[1:]))
-        fast = onnx_render(model, cache)
-        if fast is None:
-            raise SystemExit(f"cannot build the ONNX Runtime renderer for {w}")
-        fns[(label, "onnx")] = partial(_onnx_frame, fast, args, vecs)
+        whole = onnx_render(model, cache)
+        split, int8 = fast_render(model, cache, int8=False), fast_render(model, cache, int8=True)
+        if whole is None or split is None or int8 is None:
+            raise SystemExit(f"cannot build the ONNX Runtime renderers for {w}")
+        if not int8.int8:
+            log.warning("%s: no int8 calibration ranges, the int8 column is float32", w)
+        fns[(label, "int8")] = partial(_fast_frame, int8, int8.bind(args), vecs.numpy())
+        fns[(label, "split")] = partial(_fast_frame, split, split.bind(args), vecs.numpy())
+        fns[(label, "whole")] = partial(_onnx_frame, whole, args, vecs)
         fns[(label, "eager")] = partial(_eager_frame, model, args, vecs)
     spent = {k: [] for k in fns}
     with torch.no_grad():
@@ -71,32 +86,37 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
                 spent[k].append(frames / (time.perf_counter() - t0))
     rows = {}
     for label in labels:
-        rows[label] = {"size": sizes[label], "weights": weights[labels.index(label)],
-                       "fps_onnx": float(np.median(spent[(label, "onnx")])),
-                       "fps_eager": float(np.median(spent[(label, "eager")])),
-                       "rounds_onnx": spent[(label, "onnx")], "rounds_eager": spent[(label, "eager")]}
+        rows[label] = {"size": sizes[label], "weights": weights[labels.index(label)]}
+        for way in WAYS:
+            rows[label][f"fps_{way}"] = float(np.median(spent[(label, way)]))
+            rows[label][f"rounds_{way}"] = spent[(label, way)]
+        # per round, so a slow round slows both sides of the ratio alike
+        rows[label]["int8_vs_whole"] = float(np.median(np.divide(spent[(label, "int8")], spent[(label, "whole")])))
+        rows[label]["split_vs_whole"] = float(np.median(np.divide(spent[(label, "split")],
+                                                                  spent[(label, "whole")])))
     base = rows[labels[0]]
     for r in rows.values():
-        r["onnx_vs_first"] = r["fps_onnx"] / base["fps_onnx"]
-        r["eager_vs_first"] = r["fps_eager"] / base["fps_eager"]
+        r["int8_vs_first"] = r["fps_int8"] / base["fps_int8"]
     return {"rounds": rounds, "frames_per_round": frames, "threads": threads, "models": rows}
 
 
 def table(res: dict[str, Any]) -> str:
-    rows = [[k, r["size"], r["fps_onnx"], r["fps_eager"], r["onnx_vs_first"], r["eager_vs_first"]]
-            for k, r in res["models"].items()]
+    rows = [[k, r["size"], r["fps_int8"], r["fps_split"], r["fps_whole"], r["fps_eager"], r["int8_vs_whole"],
+             r["split_vs_whole"], r["int8_vs_first"]] for k, r in res["models"].items()]
     return (f"render fps, median of {res['rounds']} alternating rounds of {res['frames_per_round']} frames, "
             f"{res['threads']} threads\n"
-            + common.format_table(["model", "size", "fps ONNX RT", "fps eager", "ONNX vs first", "eager vs first"],
-                                  rows))
+            + common.format_table(["model", "size", "fps int8", "fps split fp32", "fps whole ONNX", "fps eager",
+                                   "int8 / whole", "split / whole", "int8 vs first"], rows))
 
 
 def plot(res: dict[str, Any], path: str | Path) -> None:
     fig, ax = common.new_figure(7, 4)
     names = list(res["models"])
     x = np.arange(len(names))
-    ax.bar(x - 0.2, [res["models"][n]["fps_onnx"] for n in names], 0.4, label="ONNX Runtime")
-    ax.bar(x + 0.2, [res["models"][n]["fps_eager"] for n in names], 0.4, label="eager PyTorch")
+    labels = {"int8": "int8 split graph (receiver)", "split": "float32 split graph", "whole": "whole ONNX graph",
+              "eager": "eager PyTorch"}
+    for k, way in enumerate(WAYS):
+        ax.bar(x + (k - 1.5) * 0.2, [res["models"][n][f"fps_{way}"] for n in names], 0.2, label=labels[way])
     ax.axhline(30, color="k", lw=0.8, ls="--")
     ax.set_xticks(x, names)
     ax.set_ylabel("frames per second (batch 1)")

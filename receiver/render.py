@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 
 from models.checkpoint import CheckpointError
 from models.data import center_square
+from models.fomm import fastgraph
 from models.fomm.io import SHIPPED_SIZES, detector_id, load_motion_model, weights_for_size
 from models.fomm.model import MotionModel, SourceCache, cache_tensors
 
@@ -25,39 +24,18 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class _RenderGraph(torch.nn.Module):
-    def __init__(self, model: MotionModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model.render_tensors(*args)
-
-
 class OnnxRender:
-    """``model.render`` exported to ONNX and run by ONNX Runtime (CPU), batch 1.
+    """``model.render`` exported to ONNX and run whole by ONNX Runtime (CPU), batch 1.
 
-    Measured on 2 CPU cores (``bench.quality``): 256x256 renders 1.4-1.5x faster than eager
-    PyTorch and ~1.35x faster than a frozen TorchScript trace; 64x64 about 1.5x. Shapes are fixed
-    by the model's size, so one session per model serves every call (it is kept on the model).
-    Spinning is off: the sender, aiortc and the event loop share the same cores.
+    The receiver's fast path until ``FastRender`` (kept as the baseline ``bench.render_speed``
+    compares against): 256x256 rendered 1.4-1.5x faster than eager PyTorch. One session per
+    model serves every call (it is kept on the model). Spinning is off: the sender, aiortc and
+    the event loop share the same cores.
     """
 
     def __init__(self, model: MotionModel, example: tuple[torch.Tensor, ...], threads: int) -> None:
-        import onnxruntime as ort
-
+        self.session = fastgraph.session(fastgraph.export_render(model, example), threads)
         names = [f"in{i}" for i in range(len(example))]
-        buf = io.BytesIO()
-        with torch.no_grad(), warnings.catch_warnings():
-            # Shape checks become constants in the graph: right, since a model's shapes never change.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_RenderGraph(model).eval(), example, buf, opset_version=17, dynamo=False,
-                              input_names=names, output_names=["frame"])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
         used = {i.name for i in self.session.get_inputs()}  # unused inputs are pruned from the graph
         self._keep = [i for i, n in enumerate(names) if n in used]
         self._names = [names[i] for i in self._keep]
@@ -69,8 +47,8 @@ class OnnxRender:
 
 
 def onnx_render(model: MotionModel, cache: SourceCache) -> OnnxRender | None:
-    """The model's shared ONNX Runtime renderer, built on first use; None if it cannot be built
-    (then rendering stays eager)."""
+    """The model's shared whole-graph ONNX Runtime renderer, built on first use; None if it cannot
+    be built."""
     if "_kpcast_onnx" in model.__dict__:
         return model.__dict__["_kpcast_onnx"]
     example = (model.keypoints(cache.image), *cache_tensors(cache))
@@ -79,9 +57,56 @@ def onnx_render(model: MotionModel, cache: SourceCache) -> OnnxRender | None:
         for _ in range(2):
             fast(*example)
     except Exception as e:  # noqa: BLE001 - any exporter/runtime failure must leave eager rendering working
-        log.warning("ONNX Runtime renderer unavailable (%s); rendering with eager PyTorch", e)
+        log.warning("ONNX Runtime renderer unavailable (%s)", e)
         fast = None
     object.__setattr__(model, "_kpcast_onnx", fast)  # not a registered submodule: no state_dict entry
+    return fast
+
+
+class FastRender:
+    """The receiver's CPU renderer: ``models.fomm.fastgraph.SplitGraph`` of the model's render graph.
+
+    ONNX Runtime runs everything but the warps (PyTorch's ``grid_sample`` is 5-7x faster than
+    ONNX Runtime's), the source's share of the graph runs once per source (``bind``), and with the
+    shipped calibration ranges of these exact weights (``models/weights/*.int8.json``, found by
+    the weights' fingerprint) the convolutions run in int8. ``bench.render_speed`` measures it
+    against ``OnnxRender`` side by side; ``bench.quality`` / ``bench.expression`` its cost.
+    """
+
+    def __init__(self, model: MotionModel, example: tuple[torch.Tensor, ...], threads: int, int8: bool) -> None:
+        ranges = fastgraph.find_ranges(model) if int8 else None
+        if int8 and ranges is None:
+            log.info("no int8 calibration ranges for these %dx%d weights: float32 render graph",
+                     model.config.size, model.config.size)
+        self.graph = fastgraph.SplitGraph(fastgraph.export_render(model, example), threads, ranges)
+        self.int8 = self.graph.int8
+
+    def bind(self, args: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+        """A source's share of the graph (``cache_tensors``), computed once per source image."""
+        return self.graph.bind({f"in{i + 1}": a.detach().cpu().numpy() for i, a in enumerate(args)})
+
+    def __call__(self, bound: dict[str, np.ndarray], keypoints: np.ndarray) -> np.ndarray:
+        """(1, 6K) float32 keypoints -> (1, 3, H, W) float32."""
+        return self.graph.run(bound, keypoints)
+
+
+def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> FastRender | None:
+    """The model's shared ``FastRender`` (one per model and ``int8``), built on first use; None if it
+    cannot be built (then rendering stays eager)."""
+    key = f"_kpcast_fast_{int(int8)}"
+    if key in model.__dict__:
+        return model.__dict__[key]
+    args = cache_tensors(cache)
+    example = (model.keypoints(cache.image), *args)
+    try:
+        fast: FastRender | None = FastRender(model, example, torch.get_num_threads(), int8)
+        bound = fast.bind(args)
+        for _ in range(2):
+            fast(bound, example[0].numpy())
+    except Exception as e:  # noqa: BLE001 - any exporter/runtime failure must leave eager rendering working
+        log.warning("ONNX Runtime renderer unavailable (%s); rendering with eager PyTorch", e)
+        fast = None
+    object.__setattr__(model, key, fast)  # not a registered submodule: no state_dict entry
     return fast
 
 
@@ -92,16 +117,18 @@ class PreparedSource:
     image: np.ndarray  # (size, size, 3) uint8 RGB
     cache: SourceCache
     args: tuple[torch.Tensor, ...]
-    fast: OnnxRender | None
+    fast: FastRender | None
+    bound: dict[str, np.ndarray] | None  # the source's share of the fast graph (FastRender.bind)
 
 
 class Renderer:
     """Holds one call's source encoding (computed once) and renders frames from keypoints.
 
-    ``fast`` (CPU only): render through ONNX Runtime (``onnx_render``) instead of eager PyTorch.
+    ``fast`` (CPU only): render through ONNX Runtime (``FastRender``) instead of eager PyTorch;
+    ``int8``: with the shipped int8 calibration ranges when these weights have them.
     """
 
-    def __init__(self, model: MotionModel, fast: bool = False) -> None:
+    def __init__(self, model: MotionModel, fast: bool = False, int8: bool = True) -> None:
         self.model = model
         self.size = model.config.size
         self.device = next(model.parameters()).device
@@ -110,7 +137,9 @@ class Renderer:
         self.source: np.ndarray | None = None
         self.detector_id = detector_id(model)
         self._args: tuple[torch.Tensor, ...] = ()
-        self._fast: OnnxRender | None = None
+        self.int8 = int8
+        self._fast: FastRender | None = None
+        self._bound: dict[str, np.ndarray] | None = None
 
     def set_source(self, image: np.ndarray) -> None:
         """(H, W, 3) uint8 RGB of any size; cropped to a square and resized to the model size."""
@@ -121,12 +150,14 @@ class Renderer:
         img = center_square(image, self.size)
         x = torch.from_numpy(img).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         cache = self.model.prepare_source(x)
-        fast = onnx_render(self.model, cache) if self.fast else None
-        return PreparedSource(img, cache, cache_tensors(cache), fast)
+        args = cache_tensors(cache)
+        fast = fast_render(self.model, cache, self.int8) if self.fast else None
+        return PreparedSource(img, cache, args, fast, fast.bind(args) if fast is not None else None)
 
     def use(self, prepared: PreparedSource) -> None:
         """Render from now on with ``prepared`` (between two renders: nothing is computed here)."""
-        self._args, self._fast, self.cache, self.source = prepared.args, prepared.fast, prepared.cache, prepared.image
+        self._args, self._fast, self._bound = prepared.args, prepared.fast, prepared.bound
+        self.cache, self.source = prepared.cache, prepared.image
 
     @property
     def ready(self) -> bool:
@@ -138,7 +169,7 @@ class Renderer:
             raise RuntimeError("no source image yet")
         v = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32)).to(self.device)[None]
         if self._fast is not None:
-            out = self._fast(v, *self._args)[0]
+            out = self._fast(self._bound, v.numpy())[0]
             return (np.clip(out, 0.0, 1.0).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
         with torch.no_grad():
             frame = self.model.render_tensors(v, *self._args)[0]
@@ -153,14 +184,14 @@ def synthetic_source(size: int) -> np.ndarray:
 
 
 def measure_render_fps(model: MotionModel, frames: int = 10, warmup: int = 4, fast: bool = True,
-                       rounds: int = 3) -> float:
+                       rounds: int = 3, int8: bool = True) -> float:
     """Frames per second of one render at batch 1 on this machine (a synthetic source, real weights):
     the median of ``rounds`` timed rounds, so one burst of other work (a process starting) does not
     decide the tier.
 
     Also leaves the ONNX Runtime session on the model (``fast``), so the first call does not wait for it.
     """
-    r = Renderer(model, fast=fast)
+    r = Renderer(model, fast=fast, int8=int8)
     r.set_source(synthetic_source(model.config.size))
     vec = model.keypoints(r.cache.image)[0].cpu().numpy()
     for _ in range(warmup):
@@ -175,7 +206,7 @@ def measure_render_fps(model: MotionModel, frames: int = 10, warmup: int = 4, fa
 
 
 def choose_model(size: str | int, device: str, min_fps: float = 36.0,
-                 fast: bool = True) -> tuple[MotionModel, dict, Path]:
+                 fast: bool = True, int8: bool = True) -> tuple[MotionModel, dict, Path]:
     """Load the shipped model of ``size``, or with ``"auto"`` the largest that renders at ``min_fps``
     here (a 20 % margin over 30 fps for decoding, playout and the sink). On CUDA that is the largest."""
     if size != "auto":
@@ -190,7 +221,7 @@ def choose_model(size: str | int, device: str, min_fps: float = 36.0,
         model, meta = load_motion_model(path, device)
         if device != "cpu":
             return model, meta, path
-        fps = measure_render_fps(model, fast=fast)
+        fps = measure_render_fps(model, fast=fast, int8=int8)
         log.info("auto size: %dx%d renders at %.0f fps here (need %.0f)", s, s, fps, min_fps)
         if fps >= min_fps or s == sizes[-1]:
             return model, meta, path

@@ -55,7 +55,8 @@ class ServerConfig:
     stop_after_calls: int | None = None  # exit after this many calls have ended (demo, tests)
     stats_dir: str | None = None  # each ended call's stats are written here as call_<n>.json
     session: SessionConfig = field(default_factory=SessionConfig)
-    fast_render: bool = True  # CPU: render with ONNX Runtime (receiver.render.onnx_render)
+    fast_render: bool = True  # CPU: render with ONNX Runtime (receiver.render.FastRender)
+    int8_render: bool = True  # ... its convolutions in int8 where the weights ship calibration ranges
     cors_origins: list[str] = field(default_factory=list)  # pages on these origins may use /offer and /stats
     offer_read_timeout_s: float = 5.0  # an offer's body must arrive within this (its slot is held meanwhile)
     evict_after_s: float = 5.0  # with every slot taken, a peer without a Hello this long gives way to a new offer
@@ -205,8 +206,8 @@ class ReceiverServer:
         call_id = uuid.uuid4().hex[:8]
         index = self.calls_started
         self.calls_started += 1
-        renderer = (self.tiers.renderer(self.config.fast_render) if self.tiers is not None
-                    else Renderer(self.model, self.config.fast_render))
+        renderer = (self.tiers.renderer(self.config.fast_render, self.config.int8_render) if self.tiers is not None
+                    else Renderer(self.model, self.config.fast_render, self.config.int8_render))
         session = CallSession(call_id, index, pc, renderer, self.executor, self.config.session,
                               on_closed=self._on_closed)
         self.sessions[call_id] = session

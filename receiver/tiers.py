@@ -41,15 +41,16 @@ class TieredRenderer:
     """Renders one call at the tier its :class:`TierAdapter` chooses.
 
     ``models``: size -> model (one detector); ``cost``: relative render time per size (1 / the
-    start-up fps of each); ``start``: the first tier; ``fast``: ONNX Runtime rendering (CPU).
+    start-up fps of each); ``start``: the first tier; ``fast``: ONNX Runtime rendering (CPU);
+    ``int8``: its convolutions in int8 where the weights ship calibration ranges.
     """
 
     def __init__(self, models: dict[int, MotionModel], cost: dict[int, float], start: int, fast: bool = True,
-                 config: AdaptConfig | None = None) -> None:
+                 config: AdaptConfig | None = None, int8: bool = True) -> None:
         ids = {detector_id(m) for m in models.values()}
         if len(ids) != 1:
             raise ValueError(f"tiers must share one keypoint detector, got {sorted(ids)}")
-        self.renderers = {s: Renderer(m, fast) for s, m in models.items()}
+        self.renderers = {s: Renderer(m, fast, int8) for s, m in models.items()}
         self.adapter = TierAdapter({s: cost[s] for s in models}, start, config)
         self.detector_id = ids.pop()
         self.size = max(models)  # the display size: every frame comes out at it
@@ -122,12 +123,14 @@ class TierSet:
     start: int
     config: AdaptConfig = AdaptConfig()
 
-    def renderer(self, fast: bool) -> TieredRenderer:
+    def renderer(self, fast: bool, int8: bool = True) -> TieredRenderer:
         """A fresh renderer for one call (each call has its own tier)."""
-        return TieredRenderer(self.models, {s: 1.0 / f for s, f in self.fps.items()}, self.start, fast, self.config)
+        return TieredRenderer(self.models, {s: 1.0 / f for s, f in self.fps.items()}, self.start, fast, self.config,
+                              int8)
 
 
-def load_tiers(device: str, fast: bool = True, min_fps: float = 36.0, start: int | None = None) -> TierSet:
+def load_tiers(device: str, fast: bool = True, min_fps: float = 36.0, start: int | None = None,
+               int8: bool = True) -> TierSet:
     """Load every shipped size and measure each here; the first tier is ``start`` or the largest that
     renders at ``min_fps`` (``choose_model``'s rule). Measuring also builds each tier's ONNX Runtime
     session, so a change during a call never waits for one."""
@@ -140,7 +143,7 @@ def load_tiers(device: str, fast: bool = True, min_fps: float = 36.0, start: int
         if not path.exists():
             continue
         models[s], _meta = load_motion_model(path, device)
-        fps[s] = measure_render_fps(models[s], fast=fast)
+        fps[s] = measure_render_fps(models[s], fast=fast, int8=int8)
         log.info("tier %dx%d renders at %.0f fps here", s, s, fps[s])
     if not models:
         from models.checkpoint import CheckpointError

@@ -15,6 +15,8 @@ def test_two_models_side_by_side(tiny_weights: Path, tmp_path: Path, capsys) -> 
     res = json.loads(out.read_text())
     assert set(res["models"]) == {"a", "b"}
     for r in res["models"].values():
-        assert r["fps_onnx"] > 0 and r["fps_eager"] > 0 and len(r["rounds_onnx"]) == 2
-    assert res["models"]["a"]["onnx_vs_first"] == 1.0
-    assert png.stat().st_size > 5000 and "fps ONNX RT" in capsys.readouterr().out
+        for way in render_speed.WAYS:
+            assert r[f"fps_{way}"] > 0 and len(r[f"rounds_{way}"]) == 2
+        assert r["int8_vs_whole"] > 0 and r["split_vs_whole"] > 0
+    assert res["models"]["a"]["int8_vs_first"] == 1.0
+    assert png.stat().st_size > 5000 and "int8 / whole" in capsys.readouterr().out

@@ -74,17 +74,19 @@ def evaluate_clip(model: MotionModel, frames: np.ndarray) -> dict[str, Any]:
 def render_fps(model: MotionModel, source: np.ndarray, vectors: np.ndarray, warmup: int = 5,
                frames: int = 40, rounds: int = 4) -> tuple[float, float]:
     """Frames per second of ``render`` at batch 1 with the source cache built once: eager PyTorch
-    and ONNX Runtime, which the receiver uses on CPU (``receiver.render.onnx_render``).
-    The two alternate in ``rounds`` blocks so machine noise hits both alike."""
-    from receiver.render import onnx_render
+    and the receiver's CPU renderer (``receiver.render.FastRender``: ONNX Runtime, int8 where the
+    weights ship calibration ranges). The two alternate in ``rounds`` blocks so machine noise hits
+    both alike; ``bench.render_speed`` compares every way of rendering."""
+    from receiver.render import fast_render
 
     cache = common.prepare(model, source)
     args = cache_tensors(cache)
-    fast = onnx_render(model, cache)
+    fast = fast_render(model, cache)
     if fast is None:
         raise SystemExit("cannot build the ONNX Runtime renderer")
+    bound = fast.bind(args)
     v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    fns = {"eager": lambda x: model.render_tensors(x, *args), "onnx": lambda x: fast(x, *args)}
+    fns = {"eager": lambda x: model.render_tensors(x, *args), "onnx": lambda x: fast(bound, x.numpy())}
     spent = {k: 0.0 for k in fns}
     per_round = max(1, frames // rounds)
     with torch.no_grad():

@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ from bench import common
 from bench.calls import free_port, start_receiver, stop
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _abandon(starting: Future[subprocess.Popen]) -> None:
+    """Kill a receiver that was being started, once it has (or has failed to)."""
+    try:
+        proc = starting.result()
+    except Exception:  # noqa: BLE001 - it never started: nothing to kill
+        return
+    proc.kill()
+    proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,21 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     weights = common.resolve_weights(a.weights)
     py = [sys.executable, "-m"]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(1) as pool:
         work = Path(tmp)
-        # keypoints of the clip, recorded once by a real sender into a throwaway receiver
+        # The receiver under test starts (seconds: imports, model, render timing) while the keypoints
+        # are recorded; nothing is measured before both are done.
         port = free_port()
-        rec = start_receiver(["--port", str(port), "--weights", str(weights), "--playout", "immediate",
-                              "--stop-after-calls", "1"])
-        subprocess.run(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", a.clip, "--weights",
-                             str(weights), "--truth-out", str(work / "kp.npz")], cwd=ROOT, check=True,
-                       capture_output=True)
-        stop(rec, 30)
-
-        port = free_port()
-        rec = start_receiver(["--port", str(port), "--weights", str(weights), "--max-calls", str(a.calls),
-                              "--stop-after-calls", str(a.calls), "--stats-dir", str(work)],
-                             log_path=work / "receiver.log")
+        starting = pool.submit(start_receiver, ["--port", str(port), "--weights", str(weights), "--max-calls",
+                                                str(a.calls), "--stop-after-calls", str(a.calls), "--stats-dir",
+                                                str(work)], log_path=work / "receiver.log")
+        # keypoints of the clip, recorded once by a real sender into a throwaway receiver (in real
+        # time: no more of the clip than the calls will replay, since the replay loops what there is)
+        try:
+            rec_port = free_port()
+            rec = start_receiver(["--port", str(rec_port), "--weights", str(weights), "--playout", "immediate",
+                                  "--stop-after-calls", "1"])
+            subprocess.run(py + ["sender", "--receiver", f"http://127.0.0.1:{rec_port}", "--video", a.clip,
+                                 "--weights", str(weights), "--max-frames", str(a.frames), "--truth-out",
+                                 str(work / "kp.npz")], cwd=ROOT, check=True, capture_output=True)
+            stop(rec, 30)
+        except BaseException:
+            _abandon(starting)  # it would wait for calls that never come
+            raise
+        rec = starting.result()
         senders = [subprocess.Popen(py + ["sender", "--receiver", f"http://127.0.0.1:{port}", "--video", a.clip,
                                           "--loop", "--max-frames", str(a.frames), "--fps", str(a.fps),
                                           "--weights", str(weights), "--replay-keypoints", str(work / "kp.npz")],

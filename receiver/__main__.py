@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     add_ice_server_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads for rendering")
     p.add_argument("--eager-render", action="store_true", help="render with eager PyTorch, not ONNX Runtime")
+    p.add_argument("--no-int8", action="store_true",
+                   help="float32 convolutions in the ONNX Runtime renderer (default: int8 where the weights ship "
+                        "calibration ranges, models/weights/*.int8.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     a = p.parse_args(argv)
     try:
@@ -71,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms,
                             frames_log=a.frames_log)
     cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session,
-                       fast_render=not a.eager_render, ice=ice,
+                       fast_render=not a.eager_render, int8_render=not a.no_int8, ice=ice,
                        cors_origins=a.cors_origin)
     return cfg, a
 
@@ -80,6 +83,10 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
+    if cfg.session.playout == "clock":
+        from models.forecast import load_forecaster
+        # fail now, not at the first call, and before the models load and are timed (seconds)
+        load_forecaster(cfg.session.forecaster)
     device = a.device or pick_device()
     adapt = a.adapt if a.adapt is not None else (a.size == "auto" and device == "cpu")
     tiers = None
@@ -87,17 +94,16 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
         model, meta = load_motion_model(a.weights, device)
         weights = a.weights
     elif adapt:
-        tiers = load_tiers(device, fast=cfg.fast_render, start=None if a.size == "auto" else int(a.size))
+        tiers = load_tiers(device, fast=cfg.fast_render, start=None if a.size == "auto" else int(a.size),
+                           int8=cfg.int8_render)
         model, weights = tiers.models[tiers.start], weights_for_size(tiers.start)
         log.info("render tiers %s, calls start at %dx%d and adapt", {s: round(f) for s, f in tiers.fps.items()},
                  tiers.start, tiers.start)
     else:
-        model, meta, weights = choose_model(a.size, device, fast=cfg.fast_render)
+        model, meta, weights = choose_model(a.size, device, fast=cfg.fast_render, int8=cfg.int8_render)
     # also traces the graph before any call (the tiers were measured already)
-    fps = tiers.fps[tiers.start] if tiers else measure_render_fps(model, frames=10, fast=cfg.fast_render)
-    if cfg.session.playout == "clock":
-        from models.forecast import load_forecaster
-        load_forecaster(cfg.session.forecaster)  # fail now, not at the first call
+    fps = tiers.fps[tiers.start] if tiers else measure_render_fps(model, frames=10, fast=cfg.fast_render,
+                                                                   int8=cfg.int8_render)
     log.info("model %s (%dx%d) on %s, %.0f fps at batch 1", weights, model.config.size, model.config.size, device,
              fps)
     restrict_host_addresses(a.ice_address or addresses_for_host(cfg.host))

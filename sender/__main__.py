@@ -26,7 +26,7 @@ import numpy as np
 from models.checkpoint import CheckpointError
 from models.fomm.io import DEFAULT_WEIGHTS, detector_id, load_motion_model
 from sender.capture import CaptureConfig, CaptureError, FrameSource
-from sender.extract import KeypointExtractor
+from sender.extract import DETECTOR_CACHE_DIR, KeypointExtractor
 from sender.framing import FRAMING_MODES, Framer, FramingConfig
 from sender.inputs import format_cameras, list_cameras, read_source_image
 from sender.kpsend import PredictiveSender
@@ -247,7 +247,7 @@ def make_framer(cfg: SenderConfig) -> Framer:
     """The --framing stage; face framing falls back to the centre square when dlib is missing."""
     try:
         return Framer(FramingConfig(mode=cfg.framing, size=cfg.size))
-    except (ImportError, RuntimeError) as e:  # dlib-bin / face_recognition_models not installed
+    except (ImportError, RuntimeError) as e:  # dlib-bin not installed (or a dlib that cannot build its detector)
         log.warning("face framing unavailable (%s): using the centre square", e)
         return Framer(FramingConfig(mode="centre", size=cfg.size))
 
@@ -257,7 +257,6 @@ async def run(cfg: SenderConfig) -> dict:
 
     torch.set_num_threads(cfg.threads)
     model, meta = load_motion_model(cfg.weights)
-    extractor = KeypointExtractor(model)
     replay = None
     if cfg.replay_keypoints:
         try:
@@ -269,6 +268,8 @@ async def run(cfg: SenderConfig) -> dict:
     chosen = read_source_image(cfg.source_image) if cfg.source_image else None
     source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, cfg.size, cfg.loop,
                                        cfg.max_frames, cfg.mirror), make_framer(cfg))
+    # after the input has opened: a missing camera or file fails before the detector is built
+    extractor = KeypointExtractor(model, cache_dir=DETECTOR_CACHE_DIR)
     # never the receiver's address: it is not one of this host's (README's two-machine call)
     restrict_host_addresses(cfg.ice_address or addresses_for_receiver(urlparse(cfg.receiver).hostname or ""))
     codec = {"pred": P.Codec.PRED, "q8": P.Codec.Q8, "f16": P.Codec.F16}[cfg.codec]

@@ -94,11 +94,24 @@ def crop_square(frame: np.ndarray, square: Square, size: int) -> np.ndarray:
 
 
 def dlib_detector(upsample: int = 0) -> Detector:
-    """dlib's HOG face detector (models.landmarks.FaceLandmarks), as a frame -> box function."""
-    from models.landmarks import FaceLandmarks
+    """dlib's HOG face detector, as a frame -> box function: the box ``models.landmarks.FaceLandmarks.detect``
+    gives (the largest face; what the training clips were framed by; tests/test_framing.py checks they agree).
 
-    fl = FaceLandmarks()
-    return lambda frame: fl.detect(frame, upsample)
+    Only the detector is built: ``FaceLandmarks`` also loads the 68-point shape predictor (~1 s,
+    100 MB), which framing never uses, and every sender start would wait for it.
+    """
+    import dlib  # imported here: only face framing needs it
+
+    detector = dlib.get_frontal_face_detector()
+
+    def detect(frame: np.ndarray) -> FaceBox | None:
+        rects = detector(np.ascontiguousarray(frame), upsample)
+        if not rects:
+            return None
+        r = max(rects, key=lambda r: r.width() * r.height())
+        return r.left(), r.top(), r.right(), r.bottom()
+
+    return detect
 
 
 class FramingDecision:

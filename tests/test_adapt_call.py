@@ -42,6 +42,9 @@ def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> Non
         assert active_calls(port)[0]["render_size"] in (64, 128)
     finally:
         kill(send)
+        # the receiver serves until told to stop (no --stop-after-calls): without the signal, stop()
+        # would wait out its whole timeout
+        recv.terminate()
         stop(recv, 30)
     log = (tmp_path / "receiver.log").read_text()
     assert "render tier 256 -> 128 (overuse" in log, log[-2000:]

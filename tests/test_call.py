@@ -106,15 +106,29 @@ def test_wrong_token_is_refused(tmp_path: Path, tiny_weights: Path, demo_clip: P
 @pytest.mark.parametrize("args,message", [
     (["--video", "/nonexistent.mp4"], "video file not found"),
     (["--camera", "57"], "cannot open camera 57"),
-    (["--video", "x.mp4", "--size", "8"], "--size must be in 32..1024"),
-    (["--video", "x.mp4", "--kp-every", "3"], "--kp-every and --batch are for --codec q8|f16"),
-    (["--video", "x.mp4", "--max-gap", "100"], "--max-gap must be in 0..64"),
-    (["--video", "x.mp4", "--tolerance", "-1"], "tolerance and max_gap must be >= 0"),
 ])
 def test_sender_missing_input_is_a_clear_error(tiny_weights: Path, args: list[str], message: str) -> None:
     res = run_sender(["--receiver", "http://127.0.0.1:9", "--weights", str(tiny_weights), *args])
     assert res.returncode == 2
     assert message in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--video", "x.mp4", "--size", "8"], "--size must be in 32..1024"),
+    (["--video", "x.mp4", "--kp-every", "3"], "--kp-every and --batch are for --codec q8|f16"),
+    (["--video", "x.mp4", "--max-gap", "100"], "--max-gap must be in 0..64"),
+    (["--video", "x.mp4", "--tolerance", "-1"], "tolerance and max_gap must be >= 0"),
+])
+def test_sender_bad_options_are_clear_errors(tiny_weights: Path, args: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused by the argument parser, the first thing `python -m sender` runs: in this process, since
+    # a new one would spend seconds importing torch and aiortc only to reach the same parser.
+    from sender.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--receiver", "http://127.0.0.1:9", "--weights", str(tiny_weights), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_corrupt_weights_are_a_clear_error(tmp_path: Path, demo_clip: Path) -> None:
@@ -125,11 +139,20 @@ def test_corrupt_weights_are_a_clear_error(tmp_path: Path, demo_clip: Path) -> N
     assert "corrupt" in res.stderr
 
 
+def test_receiver_bad_size_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # the argument parser's refusal (the first thing `python -m receiver` runs), in this process
+    from receiver.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--size", "96"])
+    assert exit_.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--forecaster", "nope"], "unknown forecaster"),
     (["--weights", "/nonexistent.pt"], "checkpoint not found"),
     (["--sink", "screen"], "unknown sink"),
-    (["--size", "96"], "invalid choice"),
 ])
 def test_receiver_bad_options_are_clear_errors(free_port: int, args: list[str], message: str) -> None:
     import subprocess

@@ -58,3 +58,37 @@ def test_extraction_falls_back_to_pytorch_when_export_fails(monkeypatch) -> None
     monkeypatch.setattr(ex_mod, "detector_onnx", broken)
     ex = KeypointExtractor(MotionModel(FommConfig.tiny(64)), fast=True)
     assert ex.backend == "torch" and ex(np.zeros((64, 64, 3), np.uint8)).shape == (60,)
+
+
+def test_detector_graph_is_cached_and_reused(tmp_path, monkeypatch, demo_clip) -> None:
+    import sender.extract as ex_mod
+    from models.data import read_clip
+    from models.fomm.io import detector_id
+
+    torch.manual_seed(2)
+    model = MotionModel(FommConfig.tiny(64))
+    first = KeypointExtractor(model, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("detector-*.onnx")
+    assert path.name == f"detector-{detector_id(model)}.onnx"  # the name the browser page serves it by
+
+    def no_export(_model):
+        raise AssertionError("exported again despite the cache")
+
+    monkeypatch.setattr(ex_mod, "detector_onnx", no_export)
+    second = KeypointExtractor(model, cache_dir=tmp_path)
+    eager = KeypointExtractor(model, fast=False)
+    assert first.backend == second.backend == "onnxruntime"
+    for f in read_clip(demo_clip, max_frames=2):
+        np.testing.assert_allclose(second(f), eager(f), atol=1e-4)
+
+
+def test_damaged_or_unwritable_cache_still_extracts_with_onnx(tmp_path) -> None:
+    from models.fomm.io import detector_id
+
+    torch.manual_seed(3)
+    model = MotionModel(FommConfig.tiny(64))
+    (tmp_path / f"detector-{detector_id(model)}.onnx").write_bytes(b"half a file")
+    assert KeypointExtractor(model, cache_dir=tmp_path).backend == "onnxruntime"  # exported afresh
+    blocked = tmp_path / "not_a_dir"
+    blocked.write_text("a file where the cache directory would be")
+    assert KeypointExtractor(model, cache_dir=blocked).backend == "onnxruntime"

@@ -14,7 +14,15 @@ import pytest
 
 from models.data import center_square, read_clip
 from models.landmarks import FaceLandmarks
-from sender.framing import Framer, FramingConfig, FramingDecision, centre_square, crop_square, face_square
+from sender.framing import (
+    Framer,
+    FramingConfig,
+    FramingDecision,
+    centre_square,
+    crop_square,
+    dlib_detector,
+    face_square,
+)
 from tests.procs import run_sender, start_receiver, stop
 
 W, H = 640, 480
@@ -155,6 +163,15 @@ def test_detection_never_holds_up_a_frame(clip: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- real detection on a pasted clip
+
+
+def test_sender_detector_gives_the_training_framing_box(fl: FaceLandmarks, clip: np.ndarray) -> None:
+    # the sender builds dlib's detector without the landmark predictor; its box must be FaceLandmarks'
+    detect = dlib_detector()
+    frames = [paste(f, LEFT) for f in clip[::10]] + [_background()]
+    boxes = [detect(f) for f in frames]
+    assert boxes == [fl.detect(f) for f in frames]
+    assert all(b is not None for b in boxes[:-1]) and boxes[-1] is None
 
 
 def test_framed_crop_has_the_training_clips_face_size(fl: FaceLandmarks, clip: np.ndarray) -> None:

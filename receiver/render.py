@@ -18,6 +18,10 @@ from models.fomm.model import MotionModel, SourceCache, cache_tensors
 
 log = logging.getLogger(__name__)
 
+# Built render graphs (models.fomm.fastgraph.cached_graph), so a receiver does not export and
+# quantise every tier at every start; named by everything a graph depends on.
+RENDER_CACHE_DIR = Path(__file__).resolve().parents[1] / "cache" / "render"
+
 
 def pick_device() -> str:
     """CUDA when present, else CPU."""
@@ -73,12 +77,13 @@ class FastRender:
     against ``OnnxRender`` side by side; ``bench.quality`` / ``bench.expression`` its cost.
     """
 
-    def __init__(self, model: MotionModel, example: tuple[torch.Tensor, ...], threads: int, int8: bool) -> None:
+    def __init__(self, model: MotionModel, example: tuple[torch.Tensor, ...], threads: int, int8: bool,
+                 cache_dir: Path | None = RENDER_CACHE_DIR) -> None:
         ranges = fastgraph.find_ranges(model) if int8 else None
         if int8 and ranges is None:
             log.info("no int8 calibration ranges for these %dx%d weights: float32 render graph",
                      model.config.size, model.config.size)
-        self.graph = fastgraph.SplitGraph(fastgraph.export_render(model, example), threads, ranges)
+        self.graph = fastgraph.cached_graph(model, example, threads, ranges, cache_dir)
         self.int8 = self.graph.int8
 
     def bind(self, args: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:

@@ -142,3 +142,31 @@ def test_shipped_weights_ship_their_int8_ranges(size: int) -> None:
         a, b = r8.render(v).astype(np.float32), r32.render(v).astype(np.float32)
         assert np.abs(b - eager).max() <= 2  # fp32: rounding only
         assert np.abs(a - eager).mean() < 2.0  # int8: under 1 % of the range on average
+
+
+def test_cached_graph_is_reused_and_a_damaged_one_rebuilt(tmp_path: Path) -> None:
+    m = _tiny(256)
+    args = _source(m, 4)
+    example = (args[1], *args)
+    built = fastgraph.cached_graph(m, example, 1, None, tmp_path)
+    files = list(tmp_path.glob("render-256-*.npz"))
+    assert len(files) == 1
+    loaded = fastgraph.cached_graph(m, example, 1, None, tmp_path)  # from the file: no export
+    assert loaded.source.model is None and loaded.fingerprint == built.fingerprint
+    v = _moved(m, args, 0.05).numpy()
+    a, b = built.run(built.bind(_feeds(args)), v), loaded.run(loaded.bind(_feeds(args)), v)
+    assert np.array_equal(a, b)
+    other = _tiny(256)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)  # other weights: another file, never the first one's graph
+    fastgraph.cached_graph(other, example, 1, None, tmp_path)
+    assert len(list(tmp_path.glob("render-256-*.npz"))) == 2
+    files[0].write_bytes(b"PK\x03\x04 not a graph")
+    with pytest.raises(ValueError, match="damaged"):
+        fastgraph.SplitGraph.load(files[0])
+    again = fastgraph.cached_graph(m, example, 1, None, tmp_path)  # rebuilt, and the file rewritten
+    assert again.source.model is not None
+    assert fastgraph.SplitGraph.load(files[0]).fingerprint == built.fingerprint
+    ro = tmp_path / "ro"
+    ro.write_text("a file where the cache folder should be")
+    assert fastgraph.cached_graph(m, example, 1, None, ro).fingerprint == built.fingerprint  # built in memory

@@ -22,11 +22,15 @@ int8 error that ``bench.quality`` / ``bench.expression`` report (int8).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import logging
+import os
 import tempfile
 import warnings
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,16 +106,18 @@ class Segment:
     """A subgraph run as one session: ``inputs`` -> ``outputs``, then the GridSamples fed by it."""
 
     name: str
-    model: Any  # onnx.ModelProto (fp32)
+    model: Any  # onnx.ModelProto (fp32); None for a graph loaded from the disk cache
     inputs: list[str]
     outputs: list[str]
     grid_samples: list[_GridSample] = field(default_factory=list)
     session: Any = None
     quantised: bool = False
+    data: bytes = b""  # what the session runs (fp32 or int8)
+    has_conv: bool = False
 
-    @property
-    def has_conv(self) -> bool:
-        return any(n.op_type == "Conv" for n in self.model.graph.node)
+    def manifest(self) -> dict[str, Any]:
+        return {"name": self.name, "inputs": self.inputs, "outputs": self.outputs, "quantised": self.quantised,
+                "has_conv": self.has_conv, "grid_samples": [dataclasses.asdict(g) for g in self.grid_samples]}
 
 
 def _grid_sample(node: Any) -> _GridSample:  # noqa: ANN401 (onnx.NodeProto)
@@ -172,8 +178,8 @@ def split(model_bytes: bytes) -> tuple[Segment, list[Segment]]:
         used = {i for n in nodes for i in n.input if i in inits}
         sg = helper.make_graph(nodes, name, [values[i] for i in inputs], [values[o] for o in outputs],
                                [inits[i] for i in sorted(used)])
-        return Segment(name, helper.make_model(sg, opset_imports=m.opset_import, ir_version=m.ir_version),
-                       inputs, outputs)
+        model = helper.make_model(sg, opset_imports=m.opset_import, ir_version=m.ir_version)
+        return Segment(name, model, inputs, outputs, has_conv=any(n.op_type == "Conv" for n in nodes))
 
     real = [k for k, n in enumerate(g.node) if n.op_type != "Constant"]
     source = subgraph("source", [k for k in real if not node_dynamic[k]])
@@ -189,8 +195,6 @@ def split(model_bytes: bytes) -> tuple[Segment, list[Segment]]:
 
 def fingerprint(segments: list[Segment]) -> str:
     """Names and kinds of every node: calibration ranges only fit the graph they were measured on."""
-    import hashlib
-
     h = hashlib.sha256()
     for s in segments:
         for n in s.model.graph.node:
@@ -240,20 +244,55 @@ class SplitGraph:
     ``record``: keep every segment's inputs (for calibration).
     """
 
-    def __init__(self, model_bytes: bytes, threads: int = 2, ranges: dict[str, Any] | None = None,
+    def __init__(self, model_bytes: bytes | None, threads: int = 2, ranges: dict[str, Any] | None = None,
                  record: bool = False) -> None:
+        self.recorded: dict[str, list[dict[str, np.ndarray]]] | None = defaultdict(list) if record else None
+        if model_bytes is None:  # SplitGraph.load fills it in
+            return
         self.source, self.segments = split(model_bytes)
         self.fingerprint = fingerprint([self.source, *self.segments])
         if ranges is not None and ranges.get("fingerprint") != self.fingerprint:
             raise ValueError("the calibration ranges were measured on another graph "
                              f"({ranges.get('fingerprint')} != {self.fingerprint})")
-        self.source.session = session(self.source.model.SerializeToString(), threads)
-        for seg in self.segments:
-            data = seg.model.SerializeToString()
-            if ranges is not None and seg.has_conv:
-                data, seg.quantised = _quantise(seg, ranges["segments"][seg.name]), True
-            seg.session = session(data, threads)
-        self.recorded: dict[str, list[dict[str, np.ndarray]]] | None = defaultdict(list) if record else None
+        for seg in [self.source, *self.segments]:
+            seg.data = seg.model.SerializeToString()
+            if ranges is not None and seg.has_conv and seg is not self.source:
+                seg.data, seg.quantised = _quantise(seg, ranges["segments"][seg.name]), True
+            seg.session = session(seg.data, threads)
+
+    def save(self, path: str | Path) -> None:
+        """Write the built graph (sessions' models and the wiring) to ``path``, atomically."""
+        path = Path(path)
+        parts = [self.source, *self.segments]
+        manifest = {"fingerprint": self.fingerprint, "segments": [s.manifest() for s in parts]}
+        arrays = {f"seg{i}": np.frombuffer(s.data, np.uint8) for i, s in enumerate(parts)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, manifest=np.frombuffer(json.dumps(manifest).encode(), np.uint8), **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 2) -> SplitGraph:
+        """A graph ``save`` wrote: no export, no ``onnx`` import, no quantisation (ValueError if damaged)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                manifest = json.loads(z["manifest"].tobytes())
+                parts = []
+                for i, m in enumerate(manifest["segments"]):
+                    gs = [_GridSample(**g) for g in m.pop("grid_samples")]
+                    parts.append(Segment(model=None, grid_samples=gs, data=z[f"seg{i}"].tobytes(), **m))
+        except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"damaged render graph cache {path}: {e}") from e
+        g = cls(None, threads)
+        g.fingerprint = manifest["fingerprint"]
+        g.source, g.segments = parts[0], parts[1:]
+        try:
+            for seg in parts:
+                seg.session = session(seg.data, threads)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error types: a model it cannot read
+            raise ValueError(f"damaged render graph cache {path}: {e}") from e
+        return g
 
     @property
     def int8(self) -> bool:
@@ -286,7 +325,7 @@ def calibrate(graph: SplitGraph) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
     from onnxruntime.quantization.calibrate import CalibrationCacheEncoder
 
-    if not graph.recorded:
+    if not graph.recorded or graph.source.model is None:
         raise ValueError("nothing recorded: build the graph with record=True and render frames first")
 
     class _Reader(CalibrationDataReader):
@@ -314,8 +353,6 @@ def calibrate(graph: SplitGraph) -> dict[str, Any]:
 def weights_id(model: MotionModel) -> str:
     """Fingerprint of a model's config and weights: ranges measured on one model never quantise another
     (the shipped 128 model has the 256 model's weights, at another size)."""
-    import hashlib
-
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -341,3 +378,43 @@ def find_ranges(model: MotionModel, folder: str | Path = WEIGHTS_DIR) -> dict[st
         if isinstance(ranges, dict) and ranges.get("weights_id") == wid:
             return ranges
     return None
+
+
+def _code_id() -> str:
+    """The model and graph code a cached graph was built from (a change to ``render_tensors`` or to
+    this file must never be served a graph exported from the old code)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cached_graph(model: MotionModel, example: tuple[torch.Tensor, ...], threads: int,
+                 ranges: dict[str, Any] | None, cache_dir: str | Path | None) -> SplitGraph:
+    """``SplitGraph`` of ``export_render(model, example)``, from ``cache_dir`` when it was built before.
+
+    Building costs ~1-1.5 s a tier (export, ``import onnx``, cutting, quantising); a receiver with
+    three tiers starts ~3 s sooner from the cache. The file is named by everything the graph depends
+    on: weights and config, the calibration ranges, the input shapes, the model code, the library
+    versions. A damaged or unwritable cache is logged and the graph built in memory."""
+    import onnxruntime
+
+    if cache_dir is None:
+        return SplitGraph(export_render(model, example), threads, ranges)
+    key = hashlib.sha256(json.dumps([
+        weights_id(model), _code_id(), json.dumps(ranges, sort_keys=True) if ranges else None,
+        [list(t.shape) for t in example], torch.__version__, onnxruntime.__version__,
+    ]).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"render-{model.config.size}-{key}.npz"
+    if path.exists():
+        try:
+            return SplitGraph.load(path, threads)
+        except ValueError as e:
+            log.warning("%s; building the graph again", e)
+    graph = SplitGraph(export_render(model, example), threads, ranges)
+    try:
+        graph.save(path)
+    except OSError as e:  # a read-only install renders as well, it only starts slower
+        log.info("render graph not cached (%s)", e)
+    return graph

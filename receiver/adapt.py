@@ -12,7 +12,9 @@ watches how much of each frame's time budget rendering takes and
   (hysteresis), doubled after every up-step that had to be undone (libwebrtc's ramp-up
   back-off), so a machine at the edge does not flap;
 - never changes twice within ``cooldown_s`` (the source is re-encoded at the new size and
-  the timing settles).
+  the timing settles), and does not step down in a call's first ``startup_s``: both ends are
+  still starting (the sender's workers, the first source encoding); the demo stepped 256 -> 128
+  at 2 s for renders that fitted again a second later, and the switch itself cost frames.
 
 Every tier renders the same keypoints (all shipped sizes share one detector), so a change
 is invisible on the wire; the session re-prepares the source image off the event loop and
@@ -48,6 +50,8 @@ class AdaptConfig:
     up_after_s: headroom must last this long before a step up (doubled per undone step up,
         up to ``max_up_after_s``).
     cooldown_s: no change within this long after a change.
+    startup_s: no step down within this long after the call's first render, unless the p90 is
+        over ``startup_load`` of the budget (a tier that cannot cope at all need not wait).
     """
 
     fps: float = 30.0
@@ -59,6 +63,8 @@ class AdaptConfig:
     up_after_s: float = 8.0
     max_up_after_s: float = 64.0
     cooldown_s: float = 3.0
+    startup_s: float = 4.0
+    startup_load: float = 2.0
 
     def __post_init__(self) -> None:
         if self.fps <= 0 or not 0 < self.low_load < self.high_load:
@@ -103,6 +109,7 @@ class TierAdapter:
         self._last_change = -float("inf")
         self._up_after = self.config.up_after_s
         self._last_up: float | None = None
+        self._first: float | None = None
 
     def load(self) -> float | None:
         """p90 render time over the window / budget (None with too few renders)."""
@@ -114,12 +121,15 @@ class TierAdapter:
         """Account one render (wall time, ms) at ``now`` (s); returns a change to make, or None."""
         c = self.config
         self._times.append(float(render_ms))
+        if self._first is None:
+            self._first = now
         load = self.load()
         if load is None or now - self._last_change < c.cooldown_s:
             self._over_since = self._room_since = None
             return None
         i = self.sizes.index(self.size)
-        over = load > c.high_load and i > 0
+        starting = now - self._first < c.startup_s and load < c.startup_load
+        over = load > c.high_load and i > 0 and not starting
         up_load = load * self.cost[self.sizes[i + 1]] / self.cost[self.size] if i + 1 < len(self.sizes) else None
         room = up_load is not None and up_load < c.low_load
         self._over_since = (self._over_since or now) if over else None

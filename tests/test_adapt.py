@@ -61,3 +61,15 @@ def test_bounds_and_validation() -> None:
         TierAdapter(COST, 96)
     with pytest.raises(ValueError):
         AdaptConfig(low_load=0.9, high_load=0.8)
+
+
+def test_a_call_start_burst_changes_nothing_unless_the_tier_cannot_cope() -> None:
+    a = TierAdapter(COST, 256)
+    burst = {256: 40.0, 128: 31.0, 64: 17.0}  # 120 % of the budget: over, but not hopeless
+    t = _run(a, 0.0, a.config.startup_s - 0.2, burst)
+    assert not a.changes  # the start-up burst of both ends decides nothing
+    _run(a, t, 5.0, {256: 20.0, 128: 15.0, 64: 9.0})  # then it fits: 256 stays
+    assert a.size == 256 and not a.changes
+    b = TierAdapter(COST, 256)
+    _run(b, 0.0, 3.0, {256: 100.0, 128: 60.0, 64: 17.0})  # 300 % of the budget: no waiting
+    assert b.changes and b.changes[0].t < b.config.startup_s

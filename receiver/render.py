@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,12 @@ log = logging.getLogger(__name__)
 # Built render graphs (models.fomm.fastgraph.cached_graph), so a receiver does not export and
 # quantise every tier at every start; named by everything a graph depends on.
 RENDER_CACHE_DIR = Path(__file__).resolve().parents[1] / "cache" / "render"
+
+# One fast render at a time in this process. Each render already uses every core it was given
+# (ONNX Runtime's and PyTorch's intra-op threads); concurrent calls rendering at once
+# oversubscribed 2 cores with 4 x 2 threads, and per-frame time went from ~17 to 88 ms at 64x64
+# (bench.concurrency --calls 4). Taking turns keeps each render at full speed.
+_RENDER_TURN = threading.Lock()
 
 
 def pick_device() -> str:
@@ -88,11 +95,14 @@ class FastRender:
 
     def bind(self, args: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
         """A source's share of the graph (``cache_tensors``), computed once per source image."""
-        return self.graph.bind({f"in{i + 1}": a.detach().cpu().numpy() for i, a in enumerate(args)})
+        feeds = {f"in{i + 1}": a.detach().cpu().numpy() for i, a in enumerate(args)}
+        with _RENDER_TURN:
+            return self.graph.bind(feeds)
 
     def __call__(self, bound: dict[str, np.ndarray], keypoints: np.ndarray) -> np.ndarray:
         """(1, 6K) float32 keypoints -> (1, 3, H, W) float32."""
-        return self.graph.run(bound, keypoints)
+        with _RENDER_TURN:
+            return self.graph.run(bound, keypoints)
 
 
 def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> FastRender | None:

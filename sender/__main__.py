@@ -30,6 +30,7 @@ from sender.extract import DETECTOR_CACHE_DIR, KeypointExtractor
 from sender.framing import FRAMING_MODES, Framer, FramingConfig
 from sender.inputs import format_cameras, list_cameras, read_source_image
 from sender.kpsend import PredictiveSender
+from sender.pacing import PacingConfig, choose_stride, measure_work_ms
 from sender.peer import SenderPeer
 from sender.rate import RateConfig, RateController
 from sender.refresh import REFRESH_MODES, RefreshConfig, RefreshMonitor
@@ -98,6 +99,9 @@ class SenderConfig:
     source_quality: int = 90
     source_image: str | None = None  # send this file as the source image instead of the first frame
     list_cameras: bool = False
+    # auto: time the extraction before the call and keep every k-th frame when one frame's does not
+    # fit this machine (sender.pacing), announced in the Hello; off: always the asked rate.
+    pacing: str = "auto"
     threads: int = 1
     replay_keypoints: str | None = None  # send keypoints from a --truth-out file instead of detecting them
 
@@ -164,6 +168,10 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p.add_argument("--source-image", help="send this picture (sent byte for byte) as the face to animate")
     p.add_argument("--list-cameras", action="store_true", help="print the cameras that open, then exit")
     p.add_argument("--threads", type=int, default=1, help="torch threads for keypoint extraction")
+    p.add_argument("--pacing", choices=["auto", "off"], default="auto",
+                   help="auto: time keypoint extraction before the call and, when one frame's does not fit the "
+                        "frame period here, send every k-th frame (the call's frame rate, announced to the "
+                        "receiver); off: always the asked rate (default %(default)s)")
     p.add_argument("--replay-keypoints", help="send the keypoints saved by --truth-out (looped) instead of running "
                                               "the detector: loads a receiver without loading this machine")
     a = p.parse_args(argv)
@@ -270,6 +278,16 @@ async def run(cfg: SenderConfig) -> dict:
                                        cfg.max_frames, cfg.mirror), make_framer(cfg))
     # after the input has opened: a missing camera or file fails before the detector is built
     extractor = KeypointExtractor(model, cache_dir=DETECTOR_CACHE_DIR)
+    pacing = {"fps_asked": source.fps, "fps_stride": 1, "extract_ms_startup": None}
+    if cfg.pacing == "auto" and replay is None:
+        work_ms = measure_work_ms(extractor, np.zeros((cfg.size, cfg.size, 3), np.uint8), PacingConfig().rounds)
+        stride = choose_stride(source.fps, work_ms)
+        pacing.update(fps_stride=stride, extract_ms_startup=work_ms)
+        if stride > 1:
+            source.set_stride(stride)
+            log.warning("keypoint extraction takes %.0f ms a frame here: %.1f fps cannot be held; sending every "
+                        "%s frame, at %.1f fps", work_ms, source.asked_fps, f"{stride}th" if stride > 2 else "2nd",
+                        source.fps)
     # never the receiver's address: it is not one of this host's (README's two-machine call)
     restrict_host_addresses(cfg.ice_address or addresses_for_receiver(urlparse(cfg.receiver).hostname or ""))
     codec = {"pred": P.Codec.PRED, "q8": P.Codec.Q8, "f16": P.Codec.F16}[cfg.codec]
@@ -292,7 +310,7 @@ async def run(cfg: SenderConfig) -> dict:
             pred.request_keyframe()
 
     peer = SenderPeer(on_message, rtc_configuration(cfg.ice_options()))
-    stats = {"frames_captured": 0, "frames_sent": 0, "messages_sent": 0, "keypoint_payload_bytes": 0,
+    stats = {**pacing, "frames_captured": 0, "frames_sent": 0, "messages_sent": 0, "keypoint_payload_bytes": 0,
              "source_image_bytes": 0, "source_images_sent": 0, "heartbeats_sent": 0, "extract_ms": [],
              "refresh_images_sent": 0, "refresh_bytes": 0}
     truth_seq, truth_vec = [], []
@@ -428,6 +446,7 @@ async def run(cfg: SenderConfig) -> dict:
     stats["extract_ms_p50"] = float(np.percentile(ex, 50))
     stats["extract_ms_p95"] = float(np.percentile(ex, 95))
     stats["fps"] = source.fps
+    stats["frames_late"] = source.late.count
     if cfg.truth_out:
         Path(cfg.truth_out).parent.mkdir(parents=True, exist_ok=True)
         t = np.array([timing[s] for s in truth_seq], dtype=np.float64).reshape(-1, 5)

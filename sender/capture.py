@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from sender.framing import Framer, FramingConfig
+from sender.pacing import LateFrames
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,19 @@ class FrameSource:
         self._generation = 0
         native = self.cap.get(cv2.CAP_PROP_FPS) if config.video is not None else 0.0
         self.fps = float(config.fps or (native if 1.0 <= native <= 120.0 else 30.0))
+        self.asked_fps = self.fps
+        self.stride = 1  # keep every stride-th frame (sender.pacing: what this machine can hold)
+        self.late = LateFrames(self.fps)
         self.what = what
+
+    def set_stride(self, k: int) -> None:
+        """Keep only every ``k``-th frame from now on: the frame rate becomes the asked one / ``k``
+        (a file still plays in real time; the frames between are read and dropped)."""
+        if k < 1:
+            raise ValueError("stride must be >= 1")
+        self.stride = k
+        self.fps = self.asked_fps / k
+        self.late = LateFrames(self.fps)
 
     def _rgb(self, bgr: np.ndarray) -> np.ndarray:
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -84,6 +97,9 @@ class FrameSource:
         if self._first is not None:
             bgr, self._first = self._first, None
             return self._prepare(bgr)
+        for _ in range(self.stride - 1):  # dropped frames: grabbed (decoded), never converted or framed
+            if not self.cap.grab() and self.config.video is not None and self.config.loop:
+                self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
         ok, bgr = self.cap.read()
         if not ok and self.config.video is not None and self.config.loop:
             self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
@@ -104,6 +120,8 @@ class FrameSource:
                 delay = start + seq * period - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                else:
+                    self.late.observe(-delay, time.monotonic())
             t0 = time.perf_counter()
             image = await asyncio.to_thread(self.read) if self.config.camera is not None else self.read()
             if image is None:

@@ -42,6 +42,9 @@ def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_cli
     # the source image arrives byte-identical
     assert got["source_sha256"] == sent["source_sha256"] and got["source_image_bytes"] == sent["source_image_bytes"]
     assert got["hello"]["codec"] == codec.upper()
+    # the sender timed its extraction before the call (sender.pacing): at 15 fps it holds the asked rate
+    assert sent["fps_asked"] == FPS and sent["fps_stride"] == 1 and sent["extract_ms_startup"] > 0
+    assert got["hello"]["fps"] == sent["fps"] == FPS and sent["frames_late"] >= 0
     if codec == "pred":
         # every frame is either sent or skipped (the receiver predicts it); the last one is always sent
         assert sent["frames_sent"] + sent["frames_skipped"] == FRAMES and sent["frames_sent"] >= 1

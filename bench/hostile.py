@@ -2,7 +2,8 @@
 
 Usage:
   python -m bench.hostile [--attacks NAME ...] [--weights PATH] [--max-calls 4] [--frames 90] [--fps 15]
-                          [--playout clock|immediate] [--json OUT] [--png PLOT] [--list]
+                          [--playout clock|immediate] [--setup-timeout SECONDS] [--json OUT] [--png PLOT]
+                          [--list]
 
 One receiver process (``python -m receiver``, restarted if an attack kills it) faces each attack of
 ``bench.attacks.CATALOGUE`` in turn. Per attack:
@@ -329,12 +330,13 @@ def _mb(kb: int | None) -> float | None:
 
 
 async def run_all(attacks: list[Attack], weights: Path, max_calls: int, playout: str, frames: int, fps: float,
-                  work: Path) -> list[dict[str, Any]]:
+                  work: Path, setup_timeout_s: float | None = None) -> list[dict[str, Any]]:
     from models.fomm.io import detector_id, load_motion_model
 
     restrict_host_addresses(["127.0.0.1"])  # the attacker's aiortc peers, like every local call
     detector = detector_id(load_motion_model(weights)[0])
-    rec = Receiver(["--weights", str(weights), "--max-calls", str(max_calls), "--playout", playout],
+    extra = [] if setup_timeout_s is None else ["--setup-timeout", str(setup_timeout_s)]
+    rec = Receiver(["--weights", str(weights), "--max-calls", str(max_calls), "--playout", playout, *extra],
                    work / "receiver.log")
     rows = []
     rec.start()
@@ -401,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--playout", choices=["clock", "immediate"], default="clock")
     p.add_argument("--frames", type=int, default=90, help="frames of each normal call")
     p.add_argument("--fps", type=float, default=15.0, help="frame rate of each normal call")
+    p.add_argument("--setup-timeout", type=float, default=None, metavar="SECONDS",
+                   help="the receiver's --setup-timeout, which bounds how long the attacks that vanish or stay "
+                        "silent hold their slot (default: the receiver's own default)")
     p.add_argument("--logs", help="keep the receiver's logs in this folder (default: a temporary one)")
     p.add_argument("--list", action="store_true", help="print the catalogue and exit")
     p.add_argument("--json")
@@ -417,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(a.logs) if a.logs else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        rows = asyncio.run(run_all(attacks, weights, a.max_calls, a.playout, a.frames, a.fps, work))
+        rows = asyncio.run(run_all(attacks, weights, a.max_calls, a.playout, a.frames, a.fps, work,
+                                   a.setup_timeout))
         elapsed = time.monotonic() - t0
     result = {"weights": str(weights), "max_calls": a.max_calls, "playout": a.playout, "frames": a.frames,
-              "fps": a.fps, "elapsed_s": elapsed, "targets": TARGETS, "summary": summary(rows, a.max_calls),
-              "attacks": rows}
+              "fps": a.fps, "setup_timeout_s": a.setup_timeout, "elapsed_s": elapsed, "targets": TARGETS,
+              "summary": summary(rows, a.max_calls), "attacks": rows}
     print(table(rows))
     s = result["summary"]
     print(f"{s['attacks']} attacks in {elapsed:.0f} s: {s['crashes']} crashes, slowest /health "

@@ -51,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                         "accurate on held-out clips)")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="render ahead by this much (latency hiding)")
     p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
+    p.add_argument("--setup-timeout", type=float, default=SessionConfig.setup_timeout_s, metavar="SECONDS",
+                   help="hang up on a peer that has not finished setting up its call this long after it was "
+                        "answered, or after its last message while its source image is not in (default: "
+                        "%(default)g; as long as the sender's connect timeout, since a lossy path may be "
+                        "retransmitting the handshake)")
     p.add_argument("--stop-after-calls", type=int, help="exit after this many calls ended")
     p.add_argument("--stats-dir", help="write each call's stats JSON here")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -67,12 +72,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                         "calibration ranges, models/weights/*.int8.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     a = p.parse_args(argv)
+    if not a.setup_timeout > 0:  # also refuses nan; 0 would hang up on every peer at once
+        p.error("--setup-timeout must be > 0")
     try:
         ice = options_from_args(a)
     except IceServerError as e:
         p.error(str(e))
     session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms,
-                            frames_log=a.frames_log)
+                            frames_log=a.frames_log, setup_timeout_s=a.setup_timeout)
     cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session,
                        fast_render=not a.eager_render, int8_render=not a.no_int8, ice=ice,
                        cors_origins=a.cors_origin)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench.concurrency import main as concurrency_main
-from tests.procs import run_sender
+from tests.procs import sender_main
 
 
 def test_two_concurrent_calls(tmp_path: Path, tiny_weights: Path) -> None:
@@ -22,6 +22,6 @@ def test_two_concurrent_calls(tmp_path: Path, tiny_weights: Path) -> None:
 def test_replay_file_must_hold_keypoints(tmp_path: Path, tiny_weights: Path, demo_clip: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"nope")
-    res = run_sender(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(tiny_weights),
-                      "--replay-keypoints", str(bad)])
-    assert res.returncode == 2 and "cannot read keypoints" in res.stderr
+    rc, err = sender_main(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights",
+                           str(tiny_weights), "--replay-keypoints", str(bad)])
+    assert rc == 2 and "cannot read keypoints" in err

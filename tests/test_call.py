@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import pytest
 
-from tests.procs import run_sender, start_receiver, stop
+from tests.procs import receiver_main, run_sender, sender_main, start_receiver, stop
 
 FRAMES = 60
 # 15 fps leaves the tiny renderer headroom on a loaded 2-core machine; the playout logic is the same at any rate
@@ -111,9 +111,9 @@ def test_wrong_token_is_refused(tmp_path: Path, tiny_weights: Path, demo_clip: P
     (["--camera", "57"], "cannot open camera 57"),
 ])
 def test_sender_missing_input_is_a_clear_error(tiny_weights: Path, args: list[str], message: str) -> None:
-    res = run_sender(["--receiver", "http://127.0.0.1:9", "--weights", str(tiny_weights), *args])
-    assert res.returncode == 2
-    assert message in res.stderr
+    rc, err = sender_main(["--receiver", "http://127.0.0.1:9", "--weights", str(tiny_weights), *args])
+    assert rc == 2
+    assert message in err
 
 
 @pytest.mark.parametrize("args,message", [
@@ -137,9 +137,9 @@ def test_sender_bad_options_are_clear_errors(tiny_weights: Path, args: list[str]
 def test_corrupt_weights_are_a_clear_error(tmp_path: Path, demo_clip: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    res = run_sender(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(bad)])
-    assert res.returncode == 2
-    assert "corrupt" in res.stderr
+    rc, err = sender_main(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(bad)])
+    assert rc == 2
+    assert "corrupt" in err
 
 
 def test_receiver_bad_size_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,16 +152,24 @@ def test_receiver_bad_size_is_a_clear_error(capsys: pytest.CaptureFixture[str]) 
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_receiver_setup_timeout_reaches_the_sessions(capsys: pytest.CaptureFixture[str]) -> None:
+    from receiver.__main__ import parse_args
+    from receiver.session import SessionConfig
+
+    assert parse_args([])[0].session.setup_timeout_s == SessionConfig.setup_timeout_s
+    assert parse_args(["--setup-timeout", "4.5"])[0].session.setup_timeout_s == 4.5
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--setup-timeout", bad])
+        assert exit_.value.code == 2
+        assert "--setup-timeout must be > 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--forecaster", "nope"], "unknown forecaster"),
     (["--weights", "/nonexistent.pt"], "checkpoint not found"),
     (["--sink", "screen"], "unknown sink"),
 ])
 def test_receiver_bad_options_are_clear_errors(free_port: int, args: list[str], message: str) -> None:
-    import subprocess
-    import sys
-
-    from tests.procs import ROOT, env
-    res = subprocess.run([sys.executable, "-m", "receiver", "--port", str(free_port), *args], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and message in res.stderr, res.stderr[-500:]
+    rc, err = receiver_main(["--port", str(free_port), *args])
+    assert rc == 2 and message in err, err[-500:]

@@ -83,7 +83,8 @@ def test_a_few_training_steps_reduce_the_loss() -> None:
     m = MotionModel(FommConfig.tiny(64))
     src = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8), size=(64, 64), mode="bilinear")
     drv = torch.roll(src, shifts=3, dims=-1)
-    losses = _fit(m, src, drv, 25)
+    # 15 steps reach ~0.6x the first loss with this seed (25 reach ~0.43x): a real fall, well past 0.8x
+    losses = _fit(m, src, drv, 15)
     assert min(losses[-5:]) < 0.8 * losses[0]
 
 
@@ -165,7 +166,8 @@ def test_training_steps_at_256_reach_the_refiner_and_the_generator() -> None:
     m = MotionModel(FommConfig.tiny(256))
     src = _textured().expand(2, -1, -1, -1).contiguous()
     drv = torch.roll(src, shifts=6, dims=-1)
-    losses = _fit(m, src, drv, 15, must_reach=("refiner", "generator", "dense_motion"))
+    # 8 steps: every one of the last 5 is already <= ~0.6x the first loss with this seed (0.25x at best)
+    losses = _fit(m, src, drv, 8, must_reach=("refiner", "generator", "dense_motion"))
     assert min(losses[-5:]) < 0.9 * losses[0]
 
 

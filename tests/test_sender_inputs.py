@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.live import free_port
-from tests.procs import ROOT, env, run_sender, start_receiver, stop
+from tests.procs import ROOT, env, run_sender, sender_main, start_receiver, stop
 
 
 def test_list_cameras_says_clearly_when_there_are_none() -> None:
@@ -56,12 +56,11 @@ def test_source_image_that_is_not_a_picture_is_a_clear_error(tmp_path: Path, tin
                                                              demo_clip: Path) -> None:
     bad = tmp_path / "notes.txt"
     bad.write_text("not a picture")
-    res = run_sender(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights", str(tiny_weights),
-                      "--source-image", str(bad)])
-    assert res.returncode == 2
-    assert "not a picture OpenCV can decode" in res.stderr
-    # a missing file is refused by the same check, on the same way out (exit 2 and the message, as
-    # above): here without a second sender process (seconds of imports for one line of stderr)
+    rc, err = sender_main(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights",
+                           str(tiny_weights), "--source-image", str(bad)])
+    assert rc == 2
+    assert "not a picture OpenCV can decode" in err
+    # a missing file is refused by the same check, on the same way out (exit 2 and the message, as above)
     from sender.capture import CaptureError
     from sender.inputs import read_source_image
 

@@ -399,7 +399,8 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     ax1.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
     ax1.set_ylabel("keypoint error ([-1,1] units)")
     ax1.set_title("keypoint error vs sender truth")
-    ax1.legend(fontsize=7)
+    if ax1.get_legend_handles_labels()[0]:  # a short lossless run may have no concealed frames to plot
+        ax1.legend(fontsize=7)
     fps = [r.get("rendered_fps") or 0.0 for r in runs]
     ax2.bar(x, fps, color="tab:green")
     ax2.axhline(runs[0].get("call_fps", 30.0), color="k", ls="--", lw=1, label="call fps")

@@ -14,6 +14,7 @@ import torch
 from models.checkpoint import CheckpointError
 from models.data import center_square
 from models.fomm import fastgraph
+from models.fomm.export import onnx_session
 from models.fomm.io import SHIPPED_SIZES, detector_id, load_motion_model, weights_for_size
 from models.fomm.model import MotionModel, SourceCache, cache_tensors
 
@@ -45,7 +46,7 @@ class OnnxRender:
     """
 
     def __init__(self, model: MotionModel, example: tuple[torch.Tensor, ...], threads: int) -> None:
-        self.session = fastgraph.session(fastgraph.export_render(model, example), threads)
+        self.session = onnx_session(fastgraph.export_render(model, example), threads)
         names = [f"in{i}" for i in range(len(example))]
         used = {i.name for i in self.session.get_inputs()}  # unused inputs are pruned from the graph
         self._keep = [i for i, n in enumerate(names) if n in used]

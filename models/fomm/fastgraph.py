@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.fomm.export import onnx_session
 from models.fomm.model import MotionModel
 
 log = logging.getLogger(__name__)
@@ -71,17 +72,6 @@ def export_render(model: MotionModel, example: tuple[torch.Tensor, ...]) -> byte
         torch.onnx.export(RenderGraph(model).eval(), example, buf, opset_version=17, dynamo=False,
                           input_names=names, output_names=["frame"])
     return buf.getvalue()
-
-
-def session(model_bytes: bytes, threads: int) -> Any:  # noqa: ANN401 (onnxruntime.InferenceSession)
-    """A CPU session that does not spin: the sender, aiortc and the event loop share the cores."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 @dataclass
@@ -258,7 +248,7 @@ class SplitGraph:
             seg.data = seg.model.SerializeToString()
             if ranges is not None and seg.has_conv and seg is not self.source:
                 seg.data, seg.quantised = _quantise(seg, ranges["segments"][seg.name]), True
-            seg.session = session(seg.data, threads)
+            seg.session = onnx_session(seg.data, threads)
 
     def save(self, path: str | Path) -> None:
         """Write the built graph (sessions' models and the wiring) to ``path``, atomically."""
@@ -289,7 +279,7 @@ class SplitGraph:
         g.source, g.segments = parts[0], parts[1:]
         try:
             for seg in parts:
-                seg.session = session(seg.data, threads)
+                seg.session = onnx_session(seg.data, threads)
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error types: a model it cannot read
             raise ValueError(f"damaged render graph cache {path}: {e}") from e
         return g

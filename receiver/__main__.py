@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                         "accurate on held-out clips)")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="render ahead by this much (latency hiding)")
     p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
+    p.add_argument("--max-batch", type=int, default=ServerConfig.max_batch,
+                   help="render up to this many concurrent calls' frames in one run (default: %(default)s; "
+                        "1: one by one)")
+    p.add_argument("--render-workers", type=int, default=None,
+                   help="render threads: frames of concurrent calls render side by side, each on one core "
+                        "(default: this machine's cores, at most 4)")
     p.add_argument("--setup-timeout", type=float, default=SessionConfig.setup_timeout_s, metavar="SECONDS",
                    help="hang up on a peer that has not finished setting up its call this long after it was "
                         "answered, or after its last message while its source image is not in (default: "
@@ -72,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                         "calibration ranges, models/weights/*.int8.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     a = p.parse_args(argv)
+    if a.max_batch < 1:
+        p.error("--max-batch must be >= 1")
+    if a.render_workers is not None and a.render_workers < 1:
+        p.error("--render-workers must be >= 1")
     if not a.setup_timeout > 0:  # also refuses nan; 0 would hang up on every peer at once
         p.error("--setup-timeout must be > 0")
     try:
@@ -82,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                             frames_log=a.frames_log, setup_timeout_s=a.setup_timeout)
     cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session,
                        fast_render=not a.eager_render, int8_render=not a.no_int8, ice=ice,
-                       cors_origins=a.cors_origin)
+                       cors_origins=a.cors_origin, max_batch=a.max_batch)
+    if a.render_workers is not None:
+        cfg.render_workers = a.render_workers
     return cfg, a
 
 

@@ -14,21 +14,17 @@ import torch
 from models.checkpoint import CheckpointError
 from models.data import center_square
 from models.fomm import fastgraph
+from models.fomm.batchgraph import BatchGraph
 from models.fomm.export import onnx_session
 from models.fomm.io import SHIPPED_SIZES, detector_id, load_motion_model, weights_for_size
 from models.fomm.model import MotionModel, SourceCache, cache_tensors
+from receiver.batching import RenderJob, to_image
 
 log = logging.getLogger(__name__)
 
 # Built render graphs (models.fomm.fastgraph.cached_graph), so a receiver does not export and
 # quantise every tier at every start; named by everything a graph depends on.
 RENDER_CACHE_DIR = Path(__file__).resolve().parents[1] / "cache" / "render"
-
-# One fast render at a time in this process. Each render already uses every core it was given
-# (ONNX Runtime's and PyTorch's intra-op threads); concurrent calls rendering at once
-# oversubscribed 2 cores with 4 x 2 threads, and per-frame time went from ~17 to 88 ms at 64x64
-# (bench.concurrency --calls 4). Taking turns keeps each render at full speed.
-_RENDER_TURN = threading.Lock()
 
 
 def pick_device() -> str:
@@ -83,6 +79,11 @@ class FastRender:
     shipped calibration ranges of these exact weights (``models/weights/*.int8.json``, found by
     the weights' fingerprint) the convolutions run in int8. ``bench.render_speed`` measures it
     against ``OnnxRender`` side by side; ``bench.quality`` / ``bench.expression`` its cost.
+
+    A lone frame renders with ``threads`` intra-op threads; frames of several calls render side by
+    side on single-threaded copies of the graph (``narrow``, ``receiver.batching``), since these
+    small convolutions barely use a second core: 2 threads rendered 64x64 at 1.0x and 256x256 at
+    1.14x the rate of 1 thread, two 1-thread renders side by side at ~1.9x.
     """
 
     def __init__(self, model: MotionModel, example: tuple[torch.Tensor, ...], threads: int, int8: bool,
@@ -93,17 +94,70 @@ class FastRender:
                      model.config.size, model.config.size)
         self.graph = fastgraph.cached_graph(model, example, threads, ranges, cache_dir)
         self.int8 = self.graph.int8
+        self._build_args = (model, example, ranges, cache_dir)
+        self._lock = threading.Lock()
+        self._narrow: fastgraph.SplitGraph | None = None
+        self._batch: dict[int, BatchGraph | None] = {}  # None: tried, cannot be built
+        self._building: set[int] = set()
 
     def bind(self, args: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
         """A source's share of the graph (``cache_tensors``), computed once per source image."""
-        feeds = {f"in{i + 1}": a.detach().cpu().numpy() for i, a in enumerate(args)}
-        with _RENDER_TURN:
-            return self.graph.bind(feeds)
+        return self.graph.bind({f"in{i + 1}": a.detach().cpu().numpy() for i, a in enumerate(args)})
 
-    def __call__(self, bound: dict[str, np.ndarray], keypoints: np.ndarray) -> np.ndarray:
-        """(1, 6K) float32 keypoints -> (1, 3, H, W) float32."""
-        with _RENDER_TURN:
-            return self.graph.run(bound, keypoints)
+    def __call__(self, bound: dict[str, np.ndarray], keypoints: np.ndarray, narrow: bool = False) -> np.ndarray:
+        """(1, 6K) float32 keypoints -> (1, 3, H, W) float32; ``narrow``: on one thread."""
+        return (self.narrow() if narrow else self.graph).run(bound, keypoints)
+
+    def narrow(self) -> fastgraph.SplitGraph:
+        """The graph on one intra-op thread, for renders side by side (made on first use, ~0.1 s)."""
+        with self._lock:
+            if self._narrow is None:
+                self._narrow = self.graph.with_threads(1)
+            return self._narrow
+
+    def batch_graph(self, batch: int, wait: bool = False) -> BatchGraph | None:
+        """The single-threaded graph rendering ``batch`` calls' frames at once (``receiver.batching``),
+        or None while it is being built (in the background, started by the first ask; ``wait``: build
+        it now) or when it cannot be built."""
+        with self._lock:
+            if batch in self._batch:
+                return self._batch[batch]
+            start = batch not in self._building
+            self._building.add(batch)
+        if wait:
+            return self._build_batch(batch) if start else self._wait_batch(batch)
+        if start:
+            threading.Thread(target=self._build_batch, args=(batch,), name=f"batch-graph-{batch}",
+                             daemon=True).start()
+        return None
+
+    def _build_batch(self, batch: int) -> BatchGraph | None:
+        t0 = time.perf_counter()
+        model, example, ranges, cache_dir = self._build_args
+        try:
+            graph: BatchGraph | None = BatchGraph.build(model, example, self.graph, batch, 1, ranges, cache_dir)
+            log.info("%dx%d batch-%d render graph ready in %.1f s", model.config.size, model.config.size, batch,
+                     time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - without it the frames render one by one, as before
+            log.warning("no batch-%d render graph for %dx%d (%s)", batch, model.config.size, model.config.size, e)
+            graph = None
+        with self._lock:
+            self._batch[batch] = graph
+            self._building.discard(batch)
+        return graph
+
+    def _wait_batch(self, batch: int) -> BatchGraph | None:
+        while True:
+            with self._lock:
+                if batch in self._batch:
+                    return self._batch[batch]
+            time.sleep(0.01)
+
+    def render_batch(self, graph: BatchGraph, bounds: list[dict[str, np.ndarray]],
+                     keypoints: np.ndarray) -> np.ndarray:
+        """(B, 6K) keypoints against B bound sources -> (B, 3, H, W) float32, with ``graph``
+        (``batch_graph(B)``)."""
+        return graph.run(bounds, keypoints)
 
 
 def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> FastRender | None:
@@ -181,15 +235,17 @@ class Renderer:
 
     def render(self, vector: np.ndarray) -> np.ndarray:
         """(60,) keypoint vector -> (size, size, 3) uint8 RGB."""
+        return self.job(vector).run()
+
+    def job(self, vector: np.ndarray) -> RenderJob:
+        """The render of ``vector`` against the source in use, to run now (``RenderJob.run``) or
+        batched with other calls' (``receiver.batching``)."""
         if self.cache is None:
             raise RuntimeError("no source image yet")
-        v = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32)).to(self.device)[None]
+        v = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         if self._fast is not None:
-            out = self._fast(self._bound, v.numpy())[0]
-            return (np.clip(out, 0.0, 1.0).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
-        with torch.no_grad():
-            frame = self.model.render_tensors(v, *self._args)[0]
-        return (frame.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+            return RenderJob(v, to_image, fast=self._fast, bound=self._bound)
+        return RenderJob(v, to_image, model=self.model, args=self._args)
 
 
 def synthetic_source(size: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from aiohttp import web
 from aiortc import RTCPeerConnection
 
 from models.fomm.model import MotionModel
+from receiver.batching import RenderBatcher
 from receiver.cors import Cors
 from receiver.render import Renderer
 from receiver.sctp_limits import ADVERTISED_MAX_MESSAGE_BYTES, limit_inbound
@@ -57,6 +59,8 @@ class ServerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     fast_render: bool = True  # CPU: render with ONNX Runtime (receiver.render.FastRender)
     int8_render: bool = True  # ... its convolutions in int8 where the weights ship calibration ranges
+    max_batch: int = 4  # concurrent calls' frames rendered in one run (receiver.batching); 1 = one by one
+    render_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # frames side by side
     cors_origins: list[str] = field(default_factory=list)  # pages on these origins may use /offer and /stats
     offer_read_timeout_s: float = 5.0  # an offer's body must arrive within this (its slot is held meanwhile)
     evict_after_s: float = 5.0  # with every slot taken, a peer without a Hello this long gives way to a new offer
@@ -69,8 +73,10 @@ class ReceiverServer:
         self.model = model
         self.config = config
         self.tiers = tiers  # each call adapts its render tier (receiver.adapt) when set
-        # One worker: torch already uses every core for one render; two renders at once only thrash.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+        # Calls' frames render side by side, one worker per core, a lone frame on all of them
+        # (receiver.batching); source images are encoded on the same workers, between rounds.
+        self.executor = ThreadPoolExecutor(max_workers=config.render_workers, thread_name_prefix="render")
+        self.batcher = RenderBatcher(self.executor, config.max_batch, workers=config.render_workers)
         self.sessions: dict[str, CallSession] = {}
         self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=config.max_finished)
         self.calls_started = 0
@@ -208,7 +214,7 @@ class ReceiverServer:
         self.calls_started += 1
         renderer = (self.tiers.renderer(self.config.fast_render, self.config.int8_render) if self.tiers is not None
                     else Renderer(self.model, self.config.fast_render, self.config.int8_render))
-        session = CallSession(call_id, index, pc, renderer, self.executor, self.config.session,
+        session = CallSession(call_id, index, pc, renderer, self.executor, self.config.session, batcher=self.batcher,
                               on_closed=self._on_closed)
         self.sessions[call_id] = session
         session.on_frame = lambda image, s=session: self.viewer.publish(s.call_id, s.index, image, s.hello.fps)

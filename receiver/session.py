@@ -34,6 +34,7 @@ import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection
 
 from receiver.adapt import TierChange
+from receiver.batching import RenderBatcher
 from receiver.kpstream import PredictiveStream, StreamFrame
 from receiver.render import Renderer
 from receiver.sinks import Sink, make_sink
@@ -80,12 +81,15 @@ MAX_QUEUED_FRAMES = 64  # immediate playout renders only the newest few of what 
 class CallSession:
     def __init__(self, call_id: str, index: int, pc: RTCPeerConnection, renderer: Renderer,
                  executor: Executor, config: SessionConfig,
-                 on_closed: Callable[[CallSession], None] | None = None) -> None:
+                 on_closed: Callable[[CallSession], None] | None = None,
+                 batcher: RenderBatcher | None = None) -> None:
         self.call_id = call_id
         self.index = index
         self.pc = pc
         self.renderer = renderer
         self.executor = executor
+        # shared by the receiver's calls so their frames render in one batch (receiver.batching)
+        self.batcher = batcher if batcher is not None else RenderBatcher(executor, max_batch=1)
         self.config = config
         self.on_closed = on_closed
         self.stats = CallStats(call_id)
@@ -368,8 +372,9 @@ class CallSession:
 
     async def _render(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any = None) -> None:
         t0 = time.perf_counter()
-        image = await asyncio.get_running_loop().run_in_executor(self.executor, self.renderer.render, vec)
+        image, together = await self.batcher.render_counted(self.renderer.job(vec), self)
         t1 = time.perf_counter()
+        self.stats.render_batch.append(together)
         self.stats.render_ms.append((t1 - t0) * 1000)
         if isinstance(self.renderer, TieredRenderer):
             change = self.renderer.observe(time.monotonic(), (t1 - t0) * 1000)

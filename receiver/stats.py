@@ -53,6 +53,7 @@ class CallStats:
     latency_ms: list[float] = field(default_factory=list)  # capture (sender clock) -> rendered
     render_ms: list[float] = field(default_factory=list)
     render_times: list[float] = field(default_factory=list)  # monotonic time of each rendered frame
+    render_batch: list[int] = field(default_factory=list)  # frames rendered in the same run as each (receiver.batching)
     udp: dict[str, int] = field(default_factory=dict)
     hello: dict[str, Any] = field(default_factory=dict)
     end_reason: str = ""
@@ -109,6 +110,8 @@ class CallStats:
             "render_ms_p95": percentile(self.render_ms, 95),
             # throughput of the renderer itself (1 / mean render time) and the rate frames reached the sink
             "render_fps": 1000.0 / mean_render if mean_render else None,
+            # other calls' frames rendered in the same run as this call's, on average (1: alone)
+            "render_batch_mean": float(np.mean(self.render_batch)) if self.render_batch else None,
             "rendered_fps": (len(times) - 1) / active if active > 0 else None,
             "stalls": int((gaps > 0.1).sum()),
             "max_gap_ms": float(gaps.max() * 1000) if len(gaps) else None,

@@ -23,6 +23,7 @@ import numpy as np
 from models.fomm.io import detector_id
 from models.fomm.model import MotionModel
 from receiver.adapt import AdaptConfig, TierAdapter, TierChange
+from receiver.batching import RenderJob
 from receiver.render import PreparedSource, Renderer
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,17 @@ class TieredRenderer:
         self.current = source
 
     def render(self, vector: np.ndarray) -> np.ndarray:
+        return self.job(vector).run()
+
+    def job(self, vector: np.ndarray) -> RenderJob:
+        """``Renderer.job`` at the current tier, its frame upscaled to the display size."""
         if self.current is None:
             raise RuntimeError("no source image yet")
-        frame = self.renderers[self.current.size].render(vector)
-        if frame.shape[0] != self.size:
-            frame = cv2.resize(frame, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
-        return frame
+        job = self.renderers[self.current.size].job(vector)
+        return job if self.current.size == self.size else job.then(self._upscale)
+
+    def _upscale(self, frame: np.ndarray) -> np.ndarray:
+        return cv2.resize(frame, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
 
     # ------------------------------------------------------------------ adaptation
     def set_fps(self, fps: float) -> None:

@@ -355,6 +355,7 @@ class CallSession:
         self.stats.source_sha256 = hashlib.sha256(blob).hexdigest()
         self.stats.source_images += 1
         log.info("call %s: source image %dx%d (%d B) ready", self.call_id, img.shape[1], img.shape[0], len(blob))
+        self.send(P.SourceReady(image_id))  # the sender starts its frames on it (shared.protocol)
         if self.playout is not None:
             # Keypoints sent while the image was on its way queued behind it on the SCTP
             # association and arrive as one burst: not network jitter (see jitter_buffer).

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -51,6 +52,8 @@ HEARTBEAT_S = 0.5  # a heartbeat goes out only when no keypoint message did for 
 # both: they go on naming the old image this long, while the new one travels and the receiver
 # decodes and encodes it, so the switch never waits for it (a re-frame switches at once).
 REFRESH_SWITCH_S = 0.3
+# how long the first frame waits for the receiver's SourceReady (an older receiver never sends one)
+SOURCE_READY_WAIT_S = 2.0
 
 
 @dataclass
@@ -260,6 +263,21 @@ def make_framer(cfg: SenderConfig) -> Framer:
         return Framer(FramingConfig(mode="centre", size=cfg.size))
 
 
+async def wait_source_ready(ready: asyncio.Event, stats: dict, timeout_s: float = SOURCE_READY_WAIT_S) -> None:
+    """Wait until the receiver can render against the first source image (``P.SourceReady``).
+
+    Keypoints sent before that only queue behind the image: the receiver then drops them to catch
+    up (the demo lost 4-5 of its first frames this way). A receiver that never says so (an older
+    one) costs ``timeout_s`` once."""
+    t0 = time.monotonic()
+    try:
+        await asyncio.wait_for(ready.wait(), timeout_s)
+        stats["source_ready_ms"] = (time.monotonic() - t0) * 1000
+        log.info("receiver ready to render after %.0f ms", stats["source_ready_ms"])
+    except TimeoutError:
+        log.info("no word from the receiver that the source image is ready after %.1f s: starting anyway", timeout_s)
+
+
 async def run(cfg: SenderConfig) -> dict:
     import torch
 
@@ -302,8 +320,12 @@ async def run(cfg: SenderConfig) -> dict:
     source_requests: list[str] = []
     pred: PredictiveSender | None = None
 
+    ready: dict[int, asyncio.Event] = defaultdict(asyncio.Event)  # image_id -> the receiver can render it
+
     def on_message(msg: P.Message) -> None:
-        if isinstance(msg, P.SourceRequest):
+        if isinstance(msg, P.SourceReady):
+            ready[msg.image_id].set()
+        elif isinstance(msg, P.SourceRequest):
             source_requests.append(msg.reason)
         elif isinstance(msg, P.KeyframeRequest) and pred is not None:
             log.info("receiver asks for a keyframe (it decoded up to frame %d)", msg.last_seq)
@@ -312,7 +334,7 @@ async def run(cfg: SenderConfig) -> dict:
     peer = SenderPeer(on_message, rtc_configuration(cfg.ice_options()))
     stats = {**pacing, "frames_captured": 0, "frames_sent": 0, "messages_sent": 0, "keypoint_payload_bytes": 0,
              "source_image_bytes": 0, "source_images_sent": 0, "heartbeats_sent": 0, "extract_ms": [],
-             "refresh_images_sent": 0, "refresh_bytes": 0}
+             "refresh_images_sent": 0, "refresh_bytes": 0, "source_ready_ms": None}
     truth_seq, truth_vec = [], []
     timing: dict[int, list[float]] = {}
     t_start = time.monotonic()
@@ -381,6 +403,9 @@ async def run(cfg: SenderConfig) -> dict:
                     stats["refresh_images_sent"] += 1
                     stats["refresh_bytes"] += len(jpeg)
                 log.info("sent source image %d (%d B, %s)", image_id, len(jpeg), reason)
+                if reason == "start":
+                    await wait_source_ready(ready[image_id], stats)
+                    source.resync()  # this frame and the next are captured now, not in a catch-up burst
                 framing_sent = frame.framing
                 source_requests.clear()
                 refresh_due = False

@@ -74,6 +74,7 @@ class FrameSource:
         self.stride = 1  # keep every stride-th frame (sender.pacing: what this machine can hold)
         self.late = LateFrames(self.fps)
         self.what = what
+        self._resync = False
 
     def set_stride(self, k: int) -> None:
         """Keep only every ``k``-th frame from now on: the frame rate becomes the asked one / ``k``
@@ -110,12 +111,19 @@ class FrameSource:
             return None
         return self._prepare(bgr)
 
+    def resync(self) -> None:
+        """Restart a file's clock at the next frame: after the caller held the stream (waiting for the
+        receiver), the file goes on in real time instead of catching up in a burst."""
+        self._resync = True
+
     async def frames(self) -> AsyncIterator[CapturedFrame]:
         """Frames paced at ``self.fps``; a camera paces itself, a file is paced by sleeping."""
         period = 1.0 / self.fps
         start = time.monotonic()
         seq = 0
         while self.config.max_frames is None or seq < self.config.max_frames:
+            if self._resync:
+                start, self._resync = time.monotonic() - seq * period, False
             if self.config.video is not None:
                 delay = start + seq * period - time.monotonic()
                 if delay > 0:

@@ -18,6 +18,8 @@ Messages
   sender's default, ``shared.kpcodec``): a keyframe or a residual against the prediction
   both ends make from the decoded history; frames the receiver can predict are not sent.
 - ``KeyframeRequest`` (receiver -> sender, control channel): the predictive chain broke.
+- ``SourceReady`` (receiver -> sender, control channel): a source image is decoded and encoded;
+  the sender starts its frames only then, so none queue behind the image at the start of a call.
 - ``Heartbeat``, ``SourceRequest``, ``Bye``: liveness and control.
 
 Source image ids on keypoint messages
@@ -101,6 +103,7 @@ class MsgType(enum.IntEnum):
     BYE = 6
     CODED_KEYPOINTS = 7
     KEYFRAME_REQUEST = 8
+    SOURCE_READY = 9
 
 
 class ProtocolError(ValueError):
@@ -309,6 +312,13 @@ class KeyframeRequest:
 
 
 @dataclass(frozen=True)
+class SourceReady:
+    """Receiver -> sender on the control channel: source image ``image_id`` can be rendered against."""
+
+    image_id: int
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     ts_us: int
 
@@ -323,7 +333,8 @@ class Bye:
     reason: str = ""
 
 
-Message = Hello | SourceChunk | KeypointBatch | CodedKeypoints | KeyframeRequest | Heartbeat | SourceRequest | Bye
+Message = (Hello | SourceChunk | KeypointBatch | CodedKeypoints | KeyframeRequest | SourceReady | Heartbeat
+           | SourceRequest | Bye)
 
 
 def encode(msg: Message) -> bytes:
@@ -354,6 +365,8 @@ def encode(msg: Message) -> bytes:
         body = [v, MsgType.KEYFRAME_REQUEST, msg.last_seq]
     elif isinstance(msg, Heartbeat):
         body = [v, MsgType.HEARTBEAT, msg.ts_us]
+    elif isinstance(msg, SourceReady):
+        body = [v, MsgType.SOURCE_READY, msg.image_id]
     elif isinstance(msg, SourceRequest):
         body = [v, MsgType.SOURCE_REQUEST, msg.reason]
     elif isinstance(msg, Bye):
@@ -398,7 +411,8 @@ def _pred_params(x: object) -> PredParams:
 
 
 _ARITY = {MsgType.HELLO: 10, MsgType.SOURCE_CHUNK: 8, MsgType.KEYPOINTS: 8, MsgType.HEARTBEAT: 3,
-          MsgType.SOURCE_REQUEST: 3, MsgType.BYE: 3, MsgType.CODED_KEYPOINTS: 7, MsgType.KEYFRAME_REQUEST: 3}
+          MsgType.SOURCE_REQUEST: 3, MsgType.BYE: 3, MsgType.CODED_KEYPOINTS: 7, MsgType.KEYFRAME_REQUEST: 3,
+          MsgType.SOURCE_READY: 3}
 # Messages that may carry one more, optional, trailing field (image_id).
 _OPTIONAL_TRAILING = {MsgType.KEYPOINTS, MsgType.CODED_KEYPOINTS}
 I64 = 2 ** 62
@@ -489,6 +503,8 @@ def decode(data: bytes | str, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         return msg
     if mtype == MsgType.KEYFRAME_REQUEST:
         return KeyframeRequest(_int(f[0], -1, I64, "last_seq"))
+    if mtype == MsgType.SOURCE_READY:
+        return SourceReady(_int(f[0], 0, I64, "image_id"))
     if mtype == MsgType.HEARTBEAT:
         return Heartbeat(_int(f[0], 0, I64, "ts_us"))
     if mtype == MsgType.SOURCE_REQUEST:

@@ -45,6 +45,8 @@ def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_cli
     # the sender timed its extraction before the call (sender.pacing): at 15 fps it holds the asked rate
     assert sent["fps_asked"] == FPS and sent["fps_stride"] == 1 and sent["extract_ms_startup"] > 0
     assert got["hello"]["fps"] == sent["fps"] == FPS and sent["frames_late"] >= 0
+    # its first frame waited for the receiver's word that the source image was ready (P.SourceReady)
+    assert sent["source_ready_ms"] is not None and 0 < sent["source_ready_ms"] < 2000
     if codec == "pred":
         # every frame is either sent or skipped (the receiver predicts it); the last one is always sent
         assert sent["frames_sent"] + sent["frames_skipped"] == FRAMES and sent["frames_sent"] >= 1

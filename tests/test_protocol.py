@@ -59,8 +59,14 @@ def test_other_messages_round_trip() -> None:
     pred = P.Hello("face64", 64, 30.0, int(P.Codec.PRED), ts_base_us=2**40,
                    pred=P.PredParams("linear", 0.01, 1 / 256, 8, 60))
     for msg in [P.Hello("face64", 64, 30.0, 1, 2), pred, P.Heartbeat(123), P.SourceRequest("scene changed"),
-                P.Bye("done"), P.KeyframeRequest(17), P.KeyframeRequest()]:
+                P.Bye("done"), P.KeyframeRequest(17), P.KeyframeRequest(), P.SourceReady(0), P.SourceReady(2**40)]:
         assert P.decode(P.encode(msg)) == msg
+
+
+def test_source_ready_refuses_a_bad_image_id() -> None:
+    for bad in (-1, "0", None, 2**63):
+        with pytest.raises(P.ProtocolError):
+            P.decode(msgpack.packb([P.PROTOCOL_VERSION, int(P.MsgType.SOURCE_READY), bad]))
 
 
 def test_coded_keypoints_round_trip_and_are_compact() -> None:

@@ -82,3 +82,26 @@ def test_source_image_a_receiver_would_refuse_is_a_clear_error(tmp_path: Path) -
     ok = tmp_path / "ok.png"
     cv2.imwrite(str(ok), np.zeros((20, 30, 3), np.uint8))
     assert read_source_image(ok) == ok.read_bytes()
+
+
+def test_a_file_resynced_after_a_hold_plays_on_in_real_time(demo_clip: Path) -> None:
+    import asyncio
+    import time
+
+    from sender.capture import CaptureConfig, FrameSource
+
+    src = FrameSource(CaptureConfig(None, str(demo_clip), 30.0, 64, False, 6, False))
+
+    async def main() -> list[float]:
+        times = []
+        async for f in src.frames():
+            times.append(time.monotonic())
+            if f.seq == 0:
+                await asyncio.sleep(0.3)  # the sender waits for the receiver
+                src.resync()
+        return times
+
+    t = asyncio.run(main())
+    src.close()
+    # after the hold the frames keep their period instead of bursting to catch up with the clock
+    assert len(t) == 6 and min(np.diff(t[1:])) > 0.5 / 30

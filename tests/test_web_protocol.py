@@ -99,7 +99,7 @@ MESSAGES: list[P.Message] = [
     P.CodedKeypoints(12, 9, False, 400_000, encode_residual(np.arange(-30, 30)), 2,
                      P.RedundantFrame(8, False, encode_residual(np.zeros(P.KP_DIM, int)))),
     P.KeypointBatch.build(3, 7, [np.zeros(P.KP_DIM, np.float32)], P.Codec.Q8, image_id=0),
-    P.KeyframeRequest(41), P.KeyframeRequest(),
+    P.KeyframeRequest(41), P.KeyframeRequest(), P.SourceReady(3),
     P.Heartbeat(1_764_000_000_000_000),
     P.SourceRequest("lost"), P.Bye("done"), P.Bye(""),
 ]
@@ -199,7 +199,7 @@ def test_javascript_messages_decode_in_python(js: dict) -> None:
     for msg, h in zip(MESSAGES, js["encoded"], strict=True):
         got = P.decode(bytes.fromhex(h))
         assert got == msg, (msg, got)
-        if isinstance(msg, (P.CodedKeypoints, P.KeypointBatch, P.SourceChunk, P.KeyframeRequest, P.Bye)):
+        if isinstance(msg, (P.CodedKeypoints, P.KeypointBatch, P.SourceChunk, P.KeyframeRequest, P.SourceReady, P.Bye)):
             assert h == P.encode(msg).hex(), f"{type(msg).__name__}: not the same bytes"
 
 

@@ -26,10 +26,10 @@ const I64 = 2 ** 62;
 
 export const MsgType = Object.freeze({
   HELLO: 1, SOURCE_CHUNK: 2, KEYPOINTS: 3, HEARTBEAT: 4, SOURCE_REQUEST: 5, BYE: 6,
-  CODED_KEYPOINTS: 7, KEYFRAME_REQUEST: 8,
+  CODED_KEYPOINTS: 7, KEYFRAME_REQUEST: 8, SOURCE_READY: 9,
 });
 export const Codec = Object.freeze({ F16: 0, Q8: 1, PRED: 2 });
-const ARITY = { 1: 10, 2: 8, 3: 8, 4: 3, 5: 3, 6: 3, 7: 7, 8: 3 };
+const ARITY = { 1: 10, 2: 8, 3: 8, 4: 3, 5: 3, 6: 3, 7: 7, 8: 3, 9: 3 };
 // KeypointBatch and CodedKeypoints may end with one optional field: the image_id of the source
 // image the keypoints were captured for (shared/protocol.py, "Source image ids").
 const OPTIONAL_TRAILING = [MsgType.KEYPOINTS, MsgType.CODED_KEYPOINTS];
@@ -219,6 +219,7 @@ export function encode(msg) {
       break;
     }
     case "KeyframeRequest": body = [v, MsgType.KEYFRAME_REQUEST, msg.last_seq ?? -1]; break;
+    case "SourceReady": body = [v, MsgType.SOURCE_READY, msg.image_id]; break;
     case "Heartbeat": body = [v, MsgType.HEARTBEAT, msg.ts_us]; break;
     case "SourceRequest": body = [v, MsgType.SOURCE_REQUEST, msg.reason ?? ""]; break;
     case "Bye": body = [v, MsgType.BYE, msg.reason ?? ""]; break;
@@ -353,6 +354,7 @@ export function decode(data, maxBytes = MAX_MESSAGE_BYTES) {
       return msg;
     }
     case MsgType.KEYFRAME_REQUEST: return { type: "KeyframeRequest", last_seq: int(f[0], -1, I64, "last_seq") };
+    case MsgType.SOURCE_READY: return { type: "SourceReady", image_id: int(f[0], 0, I64, "image_id") };
     case MsgType.HEARTBEAT: return { type: "Heartbeat", ts_us: int(f[0], 0, I64, "ts_us") };
     case MsgType.SOURCE_REQUEST: return { type: "SourceRequest", reason: str(f[0], 256, "reason") };
     default: return { type: "Bye", reason: str(f[0], 256, "reason") };

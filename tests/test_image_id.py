@@ -121,13 +121,13 @@ DARK, BRIGHT = 30, 220
 def _spy(session) -> list[tuple[float, int]]:
     """(marker of the vector, brightness of the source it was rendered with) for each render."""
     shown: list[tuple[float, int]] = []
-    render = session.renderer.render
+    job = session.renderer.job  # a render is made against the source in use when it is asked for
 
-    def spy(vec: np.ndarray) -> np.ndarray:
+    def spy(vec: np.ndarray):  # noqa: ANN202 (receiver.batching.RenderJob)
         shown.append((round(float(vec[0]), 3), int(session.renderer.source.mean())))
-        return render(vec)
+        return job(vec)
 
-    session.renderer.render = spy
+    session.renderer.job = spy
     return shown
 
 

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -405,7 +405,13 @@ async def run(cfg: SenderConfig) -> dict:
                 log.info("sent source image %d (%d B, %s)", image_id, len(jpeg), reason)
                 if reason == "start":
                     await wait_source_ready(ready[image_id], stats)
-                    source.resync()  # this frame and the next are captured now, not in a catch-up burst
+                    # The stream starts now: this frame counts as captured now and the next one a period
+                    # later. Stamped with its read time, the first frame would arrive as old as the wait
+                    # and the receiver's jitter buffer would take that for network jitter (a 500 ms
+                    # target delay through an impaired link). For a camera it understates this one
+                    # frame's latency by the wait.
+                    frame = replace(frame, capture_us=time.time_ns() // 1000)
+                    source.resync()
                 framing_sent = frame.framing
                 source_requests.clear()
                 refresh_due = False

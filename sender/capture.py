@@ -112,8 +112,8 @@ class FrameSource:
         return self._prepare(bgr)
 
     def resync(self) -> None:
-        """Restart a file's clock at the next frame: after the caller held the stream (waiting for the
-        receiver), the file goes on in real time instead of catching up in a burst."""
+        """Restart a file's clock at the frame just given: after the caller held the stream (waiting for
+        the receiver) the next frame comes a period after now, instead of the file catching up in a burst."""
         self._resync = True
 
     async def frames(self) -> AsyncIterator[CapturedFrame]:
@@ -123,7 +123,7 @@ class FrameSource:
         seq = 0
         while self.config.max_frames is None or seq < self.config.max_frames:
             if self._resync:
-                start, self._resync = time.monotonic() - seq * period, False
+                start, self._resync = time.monotonic() - (seq - 1) * period, False
             if self.config.video is not None:
                 delay = start + seq * period - time.monotonic()
                 if delay > 0:

@@ -10,25 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
-from models.fomm import FommConfig, MotionModel
+from models.fomm import MotionModel
 from models.fomm.batchgraph import BatchGraph
 from models.fomm.io import load_motion_model, weights_for_size
 from models.fomm.model import cache_tensors
 from receiver.batching import RenderBatcher, RenderJob, plan, run_jobs
 from receiver.render import Renderer
 from receiver.tiers import TieredRenderer
+from tests.utils import tiny_motion_model
 
 
 def _tiny(size: int, seed: int = 0) -> MotionModel:
-    torch.manual_seed(seed)
-    m = MotionModel(FommConfig.tiny(size)).eval()
-    if m.refiner is not None:  # an untrained refiner adds nothing: give it something to get wrong
-        with torch.no_grad():
-            for p in m.refiner.net[-1].parameters():
-                p.normal_(0, 0.1)
-    return m
+    return tiny_motion_model(size, seed)
 
 
 def _image(size: int, seed: int) -> np.ndarray:

@@ -15,18 +15,13 @@ from models.fomm import FommConfig, MotionModel, fastgraph
 from models.fomm.io import SHIPPED_SIZES, load_motion_model, weights_for_size
 from models.fomm.model import cache_tensors
 from receiver.render import OnnxRender, Renderer
+from tests.utils import tiny_motion_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny(size: int) -> MotionModel:
-    torch.manual_seed(0)
-    m = MotionModel(FommConfig.tiny(size)).eval()
-    if m.refiner is not None:  # an untrained refiner adds nothing: give it something to get wrong
-        with torch.no_grad():
-            for p in m.refiner.net[-1].parameters():
-                p.normal_(0, 0.1)
-    return m
+def _tiny(size: int, seed: int = 0) -> MotionModel:
+    return tiny_motion_model(size, seed)
 
 
 def _source(model: MotionModel, seed: int) -> tuple[torch.Tensor, ...]:

@@ -180,3 +180,19 @@ def _netns_unavailable() -> str:
 _NETNS_MISSING = _netns_unavailable()
 # Tests that build network namespaces: skipped (with the reason) only where root, ip or nft are missing.
 needs_netns = pytest.mark.skipif(bool(_NETNS_MISSING), reason=f"needs root with ip and nft: {_NETNS_MISSING}")
+
+
+def tiny_motion_model(size: int, seed: int = 0):  # noqa: ANN201 (models.fomm.MotionModel; torch imported late)
+    """A tiny untrained motion model whose refiner changes the picture (an untrained refiner adds
+    nothing, so a render path that dropped it would pass unnoticed)."""
+    import torch
+
+    from models.fomm import FommConfig, MotionModel
+
+    torch.manual_seed(seed)
+    m = MotionModel(FommConfig.tiny(size)).eval()
+    if m.refiner is not None:
+        with torch.no_grad():
+            for p in m.refiner.net[-1].parameters():
+                p.normal_(0, 0.1)
+    return m

@@ -8,8 +8,9 @@ a lone call is never held back waiting for company.
 * **Side by side.** A round of one frame renders it with every core (the graph's intra-op
   threads). A round of several splits them across ``workers`` render threads, each rendering on a
   single-threaded copy of the graph (``FastRender.narrow``): these small convolutions barely use
-  a second core from inside one render (2 threads rendered 64x64 at 1.0x the rate of 1 thread),
-  while two single-threaded renders side by side ran at ~1.9x.
+  a second core from inside one render (one-off timing on 2 cores: 2 threads rendered 64x64 at
+  1.0x the rate of 1 thread, two single-threaded renders side by side ~1.9x; bench.concurrency
+  measures what a receiver gains).
 * **Batched.** Within a worker, frames of the same model run as one graph: ONNX Runtime's
   ``models.fomm.batchgraph.BatchGraph`` (CPU) or eager ``render_tensors`` on stacked sources
   (GPU, or CPU without ONNX Runtime). Frames of different tiers, and batch sizes no graph has been

@@ -82,8 +82,9 @@ class FastRender:
 
     A lone frame renders with ``threads`` intra-op threads; frames of several calls render side by
     side on single-threaded copies of the graph (``narrow``, ``receiver.batching``), since these
-    small convolutions barely use a second core: 2 threads rendered 64x64 at 1.0x and 256x256 at
-    1.14x the rate of 1 thread, two 1-thread renders side by side at ~1.9x.
+    small convolutions barely use a second core (in a one-off timing on 2 cores: 2 threads rendered
+    64x64 at 1.0x and 256x256 at 1.14x the rate of 1 thread, two 1-thread renders side by side at
+    ~1.9x; bench.concurrency measures what it gives a receiver).
     """
 
     def __init__(self, model: MotionModel, example: tuple[torch.Tensor, ...], threads: int, int8: bool,

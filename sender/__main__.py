@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -52,8 +51,9 @@ HEARTBEAT_S = 0.5  # a heartbeat goes out only when no keypoint message did for 
 # both: they go on naming the old image this long, while the new one travels and the receiver
 # decodes and encodes it, so the switch never waits for it (a re-frame switches at once).
 REFRESH_SWITCH_S = 0.3
-# how long the first frame waits for the receiver's SourceReady (an older receiver never sends one)
-SOURCE_READY_WAIT_S = 2.0
+# How long the first frame waits for the receiver's SourceReady (an older receiver never sends one):
+# under the receiver's 1.5 s silence timeout, since the sender sends nothing while it waits.
+SOURCE_READY_WAIT_S = 1.0
 
 
 @dataclass
@@ -320,11 +320,14 @@ async def run(cfg: SenderConfig) -> dict:
     source_requests: list[str] = []
     pred: PredictiveSender | None = None
 
-    ready: dict[int, asyncio.Event] = defaultdict(asyncio.Event)  # image_id -> the receiver can render it
+    # image_id -> the receiver can render it; only images this sender waits for, so a receiver naming
+    # others (any number of them) adds nothing
+    ready: dict[int, asyncio.Event] = {}
 
     def on_message(msg: P.Message) -> None:
         if isinstance(msg, P.SourceReady):
-            ready[msg.image_id].set()
+            if msg.image_id in ready:
+                ready[msg.image_id].set()
         elif isinstance(msg, P.SourceRequest):
             source_requests.append(msg.reason)
         elif isinstance(msg, P.KeyframeRequest) and pred is not None:
@@ -390,6 +393,8 @@ async def run(cfg: SenderConfig) -> dict:
                     jpeg = np.frombuffer(chosen, np.uint8)
                 flush()  # frames captured for the old image go out named after it
                 image_id += 1
+                if reason == "start":
+                    ready[image_id] = asyncio.Event()  # before it is sent: the answer may come at once
                 await peer.send_source(jpeg.tobytes(), image_id)
                 if reason == "refresh" and kp_image_id >= 0:
                     switch_at = time.monotonic() + REFRESH_SWITCH_S
@@ -405,6 +410,7 @@ async def run(cfg: SenderConfig) -> dict:
                 log.info("sent source image %d (%d B, %s)", image_id, len(jpeg), reason)
                 if reason == "start":
                     await wait_source_ready(ready[image_id], stats)
+                    del ready[image_id]
                     # The stream starts now: this frame counts as captured now and the next one a period
                     # later. Stamped with its read time, the first frame would arrive as old as the wait
                     # and the receiver's jitter buffer would take that for network jitter (a 500 ms

@@ -58,7 +58,9 @@ def test_call_between_two_namespaces(tmp_path: Path, tiny_weights: Path, demo_cl
     assert got["source_image_bytes"] == sent["source_image_bytes"]
     assert sent["frames_sent"] == frames
     assert got["frames_received"] >= 0.95 * frames
-    assert got["frames_rejected"] == 0
+    # a clean link rejects nothing, but a busy machine can hold a frame past its playout time (one did,
+    # once, in a full suite on a slow VM): like tests/test_call.py, only a few late frames are allowed
+    assert set(got["rejected_by_reason"]) <= {"late"} and got["frames_rejected"] <= 0.05 * frames
     # a clean link: what was received is exactly what was sent (bytes and messages)
     assert got["keypoint_payload_bytes"] == got["frames_received"] * 80
     assert got["keypoint_message_bytes"] <= sent["keypoint_message_bytes"]

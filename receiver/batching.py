@@ -91,7 +91,7 @@ def _run_group(jobs: list[RenderJob], fast_batch: Any, narrow: bool = False) -> 
     if head.fast is not None:
         if len(jobs) == 1:
             return list(head.fast(head.bound, kps, narrow))
-        return list(head.fast.render_batch(fast_batch, [j.bound for j in jobs], kps))
+        return list(fast_batch.run([j.bound for j in jobs], kps))
     model = head.model
     device = next(model.parameters()).device
     args = [torch.cat([j.args[i] for j in jobs]) if head.args[i].dim() > 1 else head.args[i]

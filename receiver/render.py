@@ -154,12 +154,6 @@ class FastRender:
                     return self._batch[batch]
             time.sleep(0.01)
 
-    def render_batch(self, graph: BatchGraph, bounds: list[dict[str, np.ndarray]],
-                     keypoints: np.ndarray) -> np.ndarray:
-        """(B, 6K) keypoints against B bound sources -> (B, 3, H, W) float32, with ``graph``
-        (``batch_graph(B)``)."""
-        return graph.run(bounds, keypoints)
-
 
 def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> FastRender | None:
     """The model's shared ``FastRender`` (one per model and ``int8``), built on first use; None if it

@@ -9,6 +9,7 @@ the stream adds no delay. Around that:
   since the receiver's chain breaks there anyway, and a ``KeyframeRequest`` does the same and
   turns on redundancy for a while: each message also carries the coded frame before it
   (``shared.protocol.RedundantFrame``), so a single lost message no longer breaks the chain;
+  a call's first messages carry it too (``START_PROTECT_MESSAGES``);
 - with a :class:`sender.rate.RateController` the skip tolerance follows the measured
   wire rate;
 - a new source image (:meth:`PredictiveSender.new_source`: re-frame, refresh, request) makes
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 # the frame before them: a path that lost one message is likely to lose more.
 PROTECT_MESSAGES = 160
 
+# A call's first messages carry their predecessor too: nothing is known of the path yet, and a loss
+# there breaks the chain while the picture is just coming up (bench.playout at 10 % loss: the first
+# frames waited ~200 ms for the requested keyframe, its only stalls). ~2 s, a few hundred bytes.
+START_PROTECT_MESSAGES = 32
+
 # send(message) -> encoded bytes sent, 0 when the message was dropped (SenderPeer.send_keypoints)
 SendFn = Callable[[P.CodedKeypoints], int]
 
@@ -54,7 +60,7 @@ class PredictiveSender:
         self.stats = {"frames_sent": 0, "frames_skipped": 0, "keyframes_sent": 0, "messages_sent": 0,
                       "keypoint_payload_bytes": 0, "keypoint_message_bytes": 0, "keyframe_requests": 0,
                       "kp_dropped": 0, "redundant_frames": 0}
-        self._protect = 0  # messages still to carry their predecessor (after a reported loss)
+        self._protect = START_PROTECT_MESSAGES  # messages still to carry their predecessor
         self._last_sent: CodedFrame | None = None
 
     def hello_params(self) -> P.PredParams:

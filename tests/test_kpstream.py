@@ -78,9 +78,9 @@ def _residual_of(r: np.ndarray) -> bytes:
 
 
 def test_after_a_reported_loss_a_lost_message_is_repaired_by_the_next_one() -> None:
-    from sender.kpsend import PredictiveSender
+    from sender.kpsend import START_PROTECT_MESSAGES, PredictiveSender
 
-    cfg = PredictiveConfig(max_gap=8)
+    cfg = PredictiveConfig(max_gap=8, keyframe_interval=1000)  # (a periodic keyframe carries no predecessor)
     sent: list[bytes] = []
 
     def send(msg: P.CodedKeypoints) -> int:
@@ -89,29 +89,35 @@ def test_after_a_reported_loss_a_lost_message_is_repaired_by_the_next_one() -> N
 
     ps = PredictiveSender(send, cfg, ts_base_us=0)
     ps.new_source(0)
-    vecs = [BASE + 0.02 * ((i // 3) % 12) for i in range(120)]  # steps, within the coordinate range
-    for i in range(40):
+    n = 240
+    vecs = [BASE + 0.02 * ((i // 3) % 12) for i in range(n)]  # steps, within the coordinate range
+    i = 0
+    while len(sent) < START_PROTECT_MESSAGES + 10:
         ps.frame(i, FRAME_US * i, vecs[i], i / 30)
+        i += 1
+    start = [P.decode(m) for m in sent]
+    # the call's first messages are protected (the path is unknown yet), and only those
+    assert all((m.redundant is not None) == (k < START_PROTECT_MESSAGES and not m.key) for k, m in enumerate(start))
     plain = len(sent)
-    assert all(P.decode(m).redundant is None for m in sent)  # a clean path pays nothing
     ps.request_keyframe()  # the receiver reported a loss
-    for i in range(40, 120):
-        ps.frame(i, FRAME_US * i, vecs[i], i / 30)
-    ps.finish(119, FRAME_US * 119, vecs[119], 4.0)
+    for j in range(i, n):
+        ps.frame(j, FRAME_US * j, vecs[j], j / 30)
+    ps.finish(n - 1, FRAME_US * (n - 1), vecs[n - 1], 8.0)
     protected = [P.decode(m) for m in sent[plain:]]
     assert protected[0].key and protected[0].redundant is None  # the keyframe needs no predecessor
     assert all(m.redundant is not None for m in protected[1:] if not m.key)
-    assert ps.stats["redundant_frames"] == sum(not m.key for m in protected)
+    assert ps.stats["redundant_frames"] == sum(not m.key for m in protected) + sum(m.redundant is not None
+                                                                                   for m in start)
     # a receiver that loses every third protected message still decodes every frame, asking for nothing
     st = PredictiveStream(cfg, fps=30)
     got = {}
     for k, data in enumerate(sent):
-        if k > plain and k % 3 == 0:
+        if k > plain and k % 3 == 0 and k < len(sent) - 1:  # (the last one has no successor to repair it)
             continue
         for f in st.push(P.decode(data)):
             got[f.seq] = f.vector
         assert st.keyframe_request(k * 0.1) is None
-    assert sorted(got) == list(range(120))
-    assert st.counts["recovered"] == sum(1 for k in range(plain + 1, len(sent)) if k % 3 == 0)
-    for i in range(120):  # what the sender's own decoder holds, frame by frame
+    assert sorted(got) == list(range(n))
+    assert st.counts["recovered"] == sum(1 for k in range(plain + 1, len(sent) - 1) if k % 3 == 0)
+    for i in range(n):  # what the sender's own decoder holds, frame by frame
         assert np.abs(got[i][:20] - vecs[i][:20]).max() <= cfg.tolerance + cfg.coord_step

@@ -18,6 +18,12 @@ from torch import nn
 
 from models.fomm.blocks import Hourglass, inverse_2x2, make_coordinate_grid, resize
 
+# The two heads share one int8 output range in the CPU render graph. The shipped models' calibrated
+# ranges: mask logits [-83, 18], occlusion logit [-1, 14]; on its own scale the occlusion would get a
+# 6.7x coarser int8 step than on its own range. Scaled by -5 (undone before the sigmoid: exact in
+# float) it lies inside the mask's range: 1.3x coarser, and the mask's step is unchanged.
+OCCLUSION_SCALE = -5.0
+
 
 class DenseMotionNetwork(nn.Module):
     def __init__(self, num_kp: int, num_channels: int, kp_variance: float, block_expansion: int,
@@ -68,8 +74,8 @@ class DenseMotionNetwork(nn.Module):
         """Weight and bias of the mask and occlusion heads as one conv, zero-padded to a multiple of
         16 output channels: ONNX Runtime's int8 conv is ~2x faster at 16 than at 12 (a one-off timing,
         4x60x64x64 input, 7x7: 13.1 vs 6.0 ms); the padding channels are never read."""
-        weight = torch.cat([self.mask.weight, self.occlusion.weight, self.head_pad])
-        bias = torch.cat([self.mask.bias, self.occlusion.bias, self.head_pad[:, 0, 0, 0]])
+        weight = torch.cat([self.mask.weight, OCCLUSION_SCALE * self.occlusion.weight, self.head_pad])
+        bias = torch.cat([self.mask.bias, OCCLUSION_SCALE * self.occlusion.bias, self.head_pad[:, 0, 0, 0]])
         return weight, bias
 
     def forward(self, source: torch.Tensor, kp_d: dict[str, torch.Tensor],
@@ -89,7 +95,7 @@ class DenseMotionNetwork(nn.Module):
         feature = self.hourglass(x)
         heads = F.conv2d(feature, *self._heads(), padding=3)
         mask = F.softmax(heads[:, :k1], dim=1)  # B,K+1,h,w
-        occlusion = torch.sigmoid(heads[:, k1:k1 + 1])
+        occlusion = torch.sigmoid(heads[:, k1:k1 + 1] / OCCLUSION_SCALE)
         # sum_k mask_k (A_k z + t_k) = (sum_k mask_k [A_k | t_k]) [z; 1]: one 2x3 matrix per pixel
         per_pixel = (mask.flatten(2).transpose(1, 2) @ maps.flatten(2)).view(b, h * w, 2, 3)
         deformation = (per_pixel * self.grid_h[None, :, None, :]).sum(-1).view(b, h, w, 2)

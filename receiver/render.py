@@ -128,8 +128,10 @@ class FastRender:
         if wait:
             return self._build_batch(batch) if start else self._wait_batch(batch)
         if start:
-            threading.Thread(target=self._build_batch, args=(batch,), name=f"batch-graph-{batch}",
-                             daemon=True).start()
+            # Not a daemon: the interpreter waits for a build at exit. A daemon thread still inside
+            # ONNX Runtime when the process exits aborts it ("terminate called without an active
+            # exception", SIGABRT: a receiver stopped while a batch graph was being built).
+            threading.Thread(target=self._build_batch, args=(batch,), name=f"batch-graph-{batch}").start()
         return None
 
     def _build_batch(self, batch: int) -> BatchGraph | None:

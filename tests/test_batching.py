@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 from models.fomm import MotionModel
 from models.fomm.batchgraph import BatchGraph
@@ -201,3 +202,42 @@ def test_two_workers_render_calls_side_by_side_on_single_threaded_graphs() -> No
     assert [n for _, n in out[2:]] == [2, 2, 2, 2]  # four: a batch of two on each worker
     for (got, _), want in zip(out, alone[:2] + alone, strict=True):
         assert np.abs(got.astype(np.int16) - want.astype(np.int16)).max() <= 1
+
+
+def test_batch_graphs_built_at_once_all_succeed() -> None:
+    """The background builds of several batch sizes overlap (calls join one after another); the
+    exporter's process-wide state once broke all but one of them, leaving those sizes unbatched."""
+    from receiver.render import FastRender
+
+    model = _tiny(64)
+    cache = model.prepare_source(torch.rand(1, 3, 64, 64))
+    args = cache_tensors(cache)
+    fast = FastRender(model, (model.keypoints(cache.image), *args), 1, int8=False, cache_dir=None)  # export each
+    for b in (2, 3, 4):
+        fast.batch_graph(b)  # each starts its own build thread
+    assert all(fast.batch_graph(b, wait=True) is not None for b in (2, 3, 4))
+
+
+def test_receiver_process_exits_cleanly_while_a_batch_graph_builds(tmp_path) -> None:  # noqa: ANN001
+    """A build thread still inside ONNX Runtime at interpreter exit aborted the process (SIGABRT,
+    'terminate called without an active exception'): a receiver stopped right after its calls."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "exit_while_building.py"
+    script.write_text(
+        "import torch\n"
+        "from tests.utils import tiny_motion_model\n"
+        "from receiver.render import fast_render\n"
+        "m = tiny_motion_model(64)\n"
+        "fast = fast_render(m, m.prepare_source(torch.rand(1, 3, 64, 64)))\n"
+        "assert fast is not None\n"
+        "fast.batch_graph(3)\n"
+        "fast.batch_graph(4)\n"  # exits while both build
+    )
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "terminate called" not in res.stderr

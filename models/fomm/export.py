@@ -21,6 +21,7 @@ import argparse
 import io
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,10 @@ import torch
 from torch import nn
 
 from models.fomm.model import MotionModel, kp_to_vector
+
+# torch.onnx.export keeps process-wide state (GLOBALS.in_onnx_export): two exports at once in two
+# threads break each other (the receiver builds batch graphs in the background while calls run).
+EXPORT_LOCK = threading.Lock()
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ def detector_onnx(model: MotionModel) -> bytes:
     """The model's detector (eval mode) exported to ONNX, batch 1 at its motion size."""
     size = model.config.motion_size
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # shape checks become constants: a detector's shape never changes
         torch.onnx.export(_Detector(model).eval(), (torch.zeros(1, 3, size, size),), buf, opset_version=17,
                           dynamo=False, input_names=["frame"], output_names=["keypoints"])

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.fomm.export import onnx_session
+from models.fomm.export import EXPORT_LOCK, onnx_session
 from models.fomm.model import MotionModel
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def export_render(model: MotionModel, example: tuple[torch.Tensor, ...]) -> byte
     """``render_tensors`` at batch 1 as ONNX; inputs ``in0`` (keypoints), ``in1``... (the source's)."""
     names = [f"in{i}" for i in range(len(example))]
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():
         # Shape checks become constants in the graph: right, since a model's shapes never change.
         warnings.simplefilter("ignore")
         torch.onnx.export(RenderGraph(model).eval(), example, buf, opset_version=17, dynamo=False,

@@ -179,17 +179,22 @@ def test_call_through_impaired_link(tmp_path: Path, tiny_weights: Path, demo_cli
     # machine a CPU stall delays a burst of packets, and the playout's resync after it drops 15-30
     # of the 150 frames (seen in two fresh-clone runs with a core kept busy): the bar is "most of
     # the call", the rate itself is bench.playout's to measure.
+    # Nor can any playout show the frames sent before the source image arrived: through 10 % loss
+    # SCTP's retransmission backoff once took 11 s to deliver it (a loaded fresh-clone run), so the
+    # bar counts from the first frame shown.
+    log = np.load(tmp_path / "frames.npz")
+    shown = ~log["repeated"]
+    renderable = frames - int(log["seq"][shown].min())
     capacity = min(1.0, 1000.0 / (got["render_ms_p50"] * FPS))
-    assert got["frames_rendered"] >= 0.6 * frames * capacity, (got["frames_rendered"], capacity, got["playout"])
+    assert got["frames_rendered"] >= 0.6 * renderable * capacity, (got["frames_rendered"], renderable, capacity,
+                                                                   got["playout"])
     _check_counts(got, tmp_path / "frames.npz")
     # the frames log lines up with the sender's truth: unblended real frames are the truth (8-bit codec)
     truth = np.load(tmp_path / "truth.npz")
-    log = np.load(tmp_path / "frames.npz")
     assert list(truth["seq"]) == list(range(frames))
-    shown = ~log["repeated"]
     assert shown.sum() == got["frames_rendered"]
     real = shown & (log["kind"] == 0) & (log["blend"] == 0)
-    assert real.sum() > 0.5 * frames
+    assert real.sum() > 0.5 * renderable
     err = kp_error(log["vector"][real], truth["vectors"][log["seq"][real]])
     assert err.max() < 1e-3
     assert time.monotonic() - t0 < 60

@@ -270,6 +270,10 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
                          "--framing", "centre",
                          "--max-frames", str(a.frames), "--fps", str(a.fps), "--weights", str(a.weights),
                          "--threads", str(a.extract_threads),
+                         # loss in both directions: the DTLS/SCTP handshakes' retransmissions back off
+                         # (1, 2, 4, 8 s), and 15 s once did not suffice on a loaded machine; the bench
+                         # measures the call, not how fast a lossy link connects
+                         "--connect-timeout", "60",
                          # decimation is a q8 stream's option (the predictive default decides per frame)
                          *(["--codec", "q8", "--kp-every", str(cond.kp_every)] if cond.kp_every > 1 else []),
                          "--truth-out", str(work / "truth.npz"), "--stats-json", str(work / "sender.json")]

@@ -97,6 +97,9 @@ class SenderConfig:
     # Always off with --source-image (the picture is not the camera's).
     refresh: str = "render"
     refresh_min_interval: float = RefreshConfig.min_interval_s
+    # ICE + DTLS + both data channels open within this; over a lossy path the DTLS and SCTP
+    # handshakes back off (1, 2, 4, 8 s) on every lost flight, so benches of lossy links give more
+    connect_timeout: float = 15.0
     stats_json: str | None = None
     truth_out: str | None = None  # save every frame's true keypoints (npz) for evaluation
     source_quality: int = 90
@@ -165,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
                         "the source frame's keypoints), off")
     p.add_argument("--refresh-min-interval", type=float, default=SenderConfig.refresh_min_interval,
                    help="seconds between two refreshes at least (default %(default)s)")
+    p.add_argument("--connect-timeout", type=float, default=SenderConfig.connect_timeout,
+                   help="seconds to connect to the receiver before giving up (default %(default)s)")
     p.add_argument("--stats-json", help="write sender stats here at the end")
     p.add_argument("--truth-out", help="write every frame's keypoints to this .npz")
     p.add_argument("--source-quality", type=int, default=90, help="JPEG quality of the source image")
@@ -189,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
         p.error("--target-kbps must be > 0")
     if cfg.refresh_min_interval <= 0:
         p.error("--refresh-min-interval must be > 0")
+    if cfg.connect_timeout <= 0:
+        p.error("--connect-timeout must be > 0")
     if cfg.codec == "pred":
         if cfg.kp_every != 1 or cfg.batch != 1:
             p.error("--kp-every and --batch are for --codec q8|f16: the predictive codec decides per frame")
@@ -342,7 +349,7 @@ async def run(cfg: SenderConfig) -> dict:
     timing: dict[int, list[float]] = {}
     t_start = time.monotonic()
     try:
-        await peer.connect(cfg.receiver, cfg.token)
+        await peer.connect(cfg.receiver, cfg.token, timeout_s=cfg.connect_timeout)
         ts_base_us = time.time_ns() // 1000  # capture times count from here (fewer bytes per message)
         if codec == P.Codec.PRED:
             rate = None if cfg.target_kbps is None else RateController(RateConfig(cfg.target_kbps), cfg.tolerance)
@@ -513,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         print("sender: stopped", file=sys.stderr)
         return 130
     except TimeoutError:
-        print("sender: error: timed out connecting to the receiver (ICE/DTLS did not complete)", file=sys.stderr)
+        print(f"sender: error: timed out connecting to the receiver (ICE/DTLS did not complete in "
+              f"{cfg.connect_timeout:g} s)", file=sys.stderr)
         return 2
     except (CaptureError, CheckpointError, SignalingError, IceServerError) as e:
         print(f"sender: error: {e}", file=sys.stderr)

@@ -123,6 +123,7 @@ def test_sender_missing_input_is_a_clear_error(tiny_weights: Path, args: list[st
     (["--video", "x.mp4", "--kp-every", "3"], "--kp-every and --batch are for --codec q8|f16"),
     (["--video", "x.mp4", "--max-gap", "100"], "--max-gap must be in 0..64"),
     (["--video", "x.mp4", "--tolerance", "-1"], "tolerance and max_gap must be >= 0"),
+    (["--video", "x.mp4", "--connect-timeout", "0"], "--connect-timeout must be > 0"),
 ])
 def test_sender_bad_options_are_clear_errors(tiny_weights: Path, args: list[str], message: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:

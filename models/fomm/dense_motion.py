@@ -39,7 +39,6 @@ class DenseMotionNetwork(nn.Module):
         self.register_buffer("head_pad", torch.zeros(-(num_kp + 2) % 16, self.hourglass.out_filters, 7, 7),
                              persistent=False)
         grid = make_coordinate_grid(motion_size, motion_size)
-        self.register_buffer("grid", grid, persistent=False)
         # homogeneous pixel coordinates (h*w, 3): [x, y, 1]
         self.register_buffer("grid_h", torch.cat([grid, torch.ones_like(grid[..., :1])], -1).reshape(-1, 3),
                              persistent=False)
@@ -65,7 +64,10 @@ class DenseMotionNetwork(nn.Module):
 
     def sparse_motions(self, kp_d: dict[str, torch.Tensor], kp_s: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, K+1, h, w, 2): where each keypoint's motion (identity for the background) samples the source."""
-        maps = self.affine(kp_d, kp_s)
+        return self._fields(self.affine(kp_d, kp_s))
+
+    def _fields(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, K+1, 2, 3) affine maps -> (B, K+1, h, w, 2) sampling positions."""
         b, k1 = maps.shape[:2]
         h = w = self.motion_size
         return (self.grid_h @ maps.transpose(-1, -2)).view(b, k1, h, w, 2)
@@ -86,7 +88,7 @@ class DenseMotionNetwork(nn.Module):
         heat = self.heatmaps(kp_d["value"]) - self.heatmaps(kp_s["value"])
         heat = torch.cat([torch.zeros_like(heat[:, :1]), heat], dim=1).unsqueeze(2)  # B,K+1,1,h,w
         maps = self.affine(kp_d, kp_s)
-        motions = (self.grid_h @ maps.transpose(-1, -2)).view(b, k1, h, w, 2)
+        motions = self._fields(maps)
         deformed = F.grid_sample(
             src.unsqueeze(1).expand(b, k1, c, h, w).reshape(b * k1, c, h, w),
             motions.reshape(b * k1, h, w, 2), mode="bilinear", padding_mode="border", align_corners=True,

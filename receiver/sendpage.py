@@ -6,7 +6,7 @@ protocol in JavaScript (@msgpack/msgpack) and calls ``POST /offer`` like ``pytho
 Everything it loads comes from here, so it works offline:
 
 - ``/send/detector.json``: the detector's fingerprint (what the Hello must name) and file name;
-- ``/send/detector-<fingerprint>.onnx``: exported from the model this receiver renders with, on
+- ``/send/detector-<fingerprint>-<code>.onnx``: exported from the model this receiver renders with, on
   the first request (``models.fomm.export.cached_detector_onnx``; the set-up makes the shipped
   one beforehand) and cached under ``cache/web/``;
 - ``/send/js/``: the page's modules; ``/send/vendor/ort/`` and ``/send/vendor/msgpack/``: the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from models.fomm.export import cached_detector_onnx
+from models.fomm.export import cached_detector_onnx, detector_cache_path
 from models.fomm.io import detector_id
 from models.fomm.model import MotionModel
 
@@ -49,6 +49,8 @@ class SendPage:
         self.model = model
         self.detector_id = detector_id(model)
         self.cache_dir = Path(cache_dir)
+        # the file's name says which weights and which code exported it: one URL, one content
+        self.onnx_name = detector_cache_path(model, self.cache_dir).name
         self.node_modules = Path(node_modules)
         self._onnx: Path | None = None
         self._export_lock = asyncio.Lock()
@@ -73,12 +75,12 @@ class SendPage:
     async def handle_detector_info(self, request: web.Request) -> web.Response:
         m = self.model.config
         return web.json_response({"id": self.detector_id, "size": m.motion_size, "input": "frame",
-                                  "output": "keypoints", "onnx": f"detector-{self.detector_id}.onnx"},
+                                  "output": "keypoints", "onnx": self.onnx_name},
                                  headers={"Cache-Control": "no-cache"})
 
     async def handle_detector(self, request: web.Request) -> web.StreamResponse:
-        if request.match_info["fingerprint"] != self.detector_id:
-            # a page loaded before this receiver restarted with other weights
+        if f"detector-{request.match_info['fingerprint']}.onnx" != self.onnx_name:
+            # a page loaded before this receiver restarted with other weights (or code)
             return web.json_response({"error": f"this receiver's detector is {self.detector_id}"}, status=404)
         path = await self.onnx_path()
         # named by fingerprint: the same URL is always the same bytes

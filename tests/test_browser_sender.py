@@ -30,7 +30,7 @@ import torch
 from bench import chromium
 from bench.chromium import Page, PageRun, chromium_args, fake_camera_frames, read_y4m, run_page, run_pages, write_y4m
 from models.data import read_clip
-from models.fomm.export import onnx_session
+from models.fomm.export import code_id, onnx_session
 from models.fomm.io import WEIGHTS_DIR, detector_id, load_motion_model, save_motion_model
 from models.fomm.model import MotionModel
 from sender.framing import crop_square
@@ -190,7 +190,7 @@ def test_browser_keypoints_match_python(call: tuple[PageRun, dict], camera: Path
     page, _ = call
     samples = page.samples
     assert samples and len(samples) == SAMPLES
-    onnx = next((chromium.ROOT / "cache" / "web").glob(f"detector-{page.detector['id']}.onnx"))
+    onnx = chromium.ROOT / "cache" / "web" / f"detector-{page.detector['id']}-{code_id()}.onnx"
     sess = onnx_session(onnx.read_bytes())
     frames = read_y4m(camera)
     pipeline: dict[tuple, np.ndarray] = {}  # square -> every camera frame through Python's pipeline

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
-import subprocess
 import threading
 import time
 import urllib.request
@@ -15,11 +13,11 @@ import cv2
 import numpy as np
 import pytest
 
+from bench import chromium
 from tests.live import active_calls, free_port, get, kill, start_sender, wait_for
 from tests.procs import start_receiver, stop
 
 TOKEN = "v13wer"
-CHROMIUM = Path("/usr/bin/chromium")
 SENDER_FPS = 20  # tests.live.start_sender's rate
 
 
@@ -101,46 +99,56 @@ def test_mjpeg_stream_has_moving_frames_for_several_viewers(live_call: int) -> N
     assert get(f"http://127.0.0.1:{port}/stats?token=nope")[0] == 401
 
 
-def chromium(profile: Path, *args: str, timeout_ms: int = 3000) -> subprocess.CompletedProcess:
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--window-size=900,700",
-           f"--timeout={timeout_ms}",  # an MJPEG stream never finishes loading: stop after this, then shoot/dump
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=45)
+# Run in the viewer page by the playwright driver (bench.chromium): it waits in the page for the
+# once-a-second /stats poll to say "live" (a loaded machine starts Chromium slowly and answers late;
+# a fixed load timeout raced that) and for the <img> to show more than the stream's placeholder, then
+# samples it twice, a second apart, through a canvas.
+VIEWER_JS = """(async () => {
+  const text = (id) => document.getElementById(id).textContent;
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const t0 = Date.now();
+  while (text("status") !== "live" && Date.now() - t0 < %d) await sleep(100);
+  const img = document.getElementById("video");
+  const grab = () => {
+    const c = document.createElement("canvas");
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    if (!c.width) return null;
+    const ctx = c.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    return Array.from(ctx.getImageData(0, 0, c.width, c.height).data);
+  };
+  // the stream's first part may be a placeholder (flat grey): wait for a call frame as well
+  const flat = (px) => {
+    const red = px ? px.filter((_, i) => i %% 4 === 0) : [];
+    return !px || Math.max(...red) - Math.min(...red) < 30;
+  };
+  let a = grab();
+  while (flat(a) && Date.now() - t0 < %d) { await sleep(100); a = grab(); }
+  await sleep(1000);
+  const b = grab();
+  const box = img.getBoundingClientRect();
+  window.kpcast = {state: "sampled"};
+  return {status: text("status"), fps: text("fps"), msgs: text("msgs"), keys: text("keys"),
+          width: box.width, height: box.height, a, b, waited_ms: Date.now() - t0};
+})()"""
 
 
-def screenshot(url: str, out: Path, profile: Path) -> np.ndarray:
-    res = chromium(profile, f"--screenshot={out}", url)
-    assert out.exists(), f"chromium wrote no screenshot (rc {res.returncode}): {res.stderr[-1500:]}"
-    img = cv2.imread(str(out))
-    assert img is not None and img.shape[:2] == (700, 900)
-    return img.astype(np.int16)
-
-
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (.ci/setup.sh installs it via apt)")
-def test_page_in_headless_chromium_shows_moving_video(live_call: int, tmp_path: Path) -> None:
+@pytest.mark.skipif(chromium.available() is not None, reason=str(chromium.available()))
+def test_page_in_headless_chromium_shows_moving_video(live_call: int) -> None:
     url = f"http://127.0.0.1:{live_call}/?token={TOKEN}"
-    for i in range(3):  # a cold Chromium may shoot before the first frame has arrived: retry then
-        a = screenshot(url, tmp_path / "a.png", tmp_path / f"profile_a{i}")
-        if a[40:600, 0:540].std() > 10:
-            break
-    time.sleep(1.0)
-    b = screenshot(url, tmp_path / "b.png", tmp_path / "profile_b")
-    # the <img> is 512x512 at the top left, under the title (16 px margins + a ~40 px heading)
-    va, vb = a[40:600, 0:540], b[40:600, 0:540]
-    assert va.std() > 10, "the video region is flat: no picture (placeholder or nothing) was shown"
-    assert np.abs(va - vb).mean() > 0.5, "two screenshots a second apart show the same picture"
-    # the page's script polled /stats (with the token) and filled in the live call's numbers; a cold
-    # Chromium may dump the DOM before the first poll has answered, so give it three tries
-    for i in range(3):
-        # (a loaded machine starts Chromium slowly and answers /stats late: give the page's
-        # once-a-second poll more turns on each try, 5, 10, then 20 s)
-        dom = chromium(tmp_path / f"profile_dom{i}", "--dump-dom", url, timeout_ms=5000 * 2 ** i).stdout
-        if '<div id="status">live</div>' in dom:
-            break
-    status = re.search(r'<div id="status">(.*?)</div>', dom)
-    assert '<div id="status">live</div>' in dom, (status and status.group(1), dom[-1500:])
-    assert '<td class="v" id="fps">-</td>' not in dom
+    page = chromium.run_page(url, chromium.chromium_args(fake_camera=False, auto_accept=False),
+                             wait_for=("sampled",), timeout_s=90, evaluate=VIEWER_JS % (60000, 60000))
+    got = page.evaluated
+    assert isinstance(got, dict), (page.error, page.console)
+    # the page's script polled /stats (with the token) and filled in the live call's numbers
+    assert got["status"] == "live", (got["status"], page.console)
+    assert got["fps"] != "-"
     # the predictive stream's cost (the sender's default codec) is filled in too
-    assert '<td class="v" id="msgs">-</td>' not in dom and '<td class="v" id="keys">-</td>' not in dom
+    assert got["msgs"] != "-" and got["keys"] != "-"
+    # the <img> shows the call, scaled up to 512 x 512
+    assert (got["width"], got["height"]) == (512, 512)
+    assert got["a"] is not None and got["b"] is not None, "the <img> had decoded no picture"
+    a = np.array(got["a"], np.int16).reshape(64, 64, 4)[..., :3]
+    b = np.array(got["b"], np.int16).reshape(64, 64, 4)[..., :3]
+    assert a.std() > 10, "the picture is flat: no call frame (a placeholder or nothing) was shown"
+    assert np.abs(a - b).mean() > 0.5, "two samples a second apart show the same picture"

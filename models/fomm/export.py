@@ -4,9 +4,9 @@ Usage:
   python -m models.fomm.export --weights models/weights/fomm_face256.pt --out out/detector.onnx
   python -m models.fomm.export --weights models/weights/fomm_face256.pt --cache-dir cache/web
 
-``--cache-dir`` writes ``detector-<fingerprint>.onnx`` there, the file the receiver's browser
-sender page (``receiver.sendpage``) serves; the receiver makes it itself on the first request
-when the set-up has not.
+``--cache-dir`` writes ``detector-<fingerprint>-<code>.onnx`` there, the file the receiver's
+browser sender page (``receiver.sendpage``) serves as ``detector-<fingerprint>.onnx``; the
+receiver makes it itself on the first request when the set-up has not.
 
 Input ``frame``: (1, 3, 64, 64) float32 RGB in [0, 1] (the detector's own size; shrink
 the capture first, with an area filter as the training frames were). Output
@@ -18,6 +18,7 @@ difference.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import logging
 import os
@@ -58,15 +59,32 @@ def detector_onnx(model: MotionModel) -> bytes:
     return buf.getvalue()
 
 
-def cached_detector_onnx(model: MotionModel, cache_dir: str | Path) -> Path:
-    """``cache_dir/detector-<fingerprint>.onnx`` for the model's detector, exported once.
+def code_id() -> str:
+    """The model code and exporter an exported graph came from: a change to a network's forward
+    (or to torch) must never be served a graph exported from the old code, even when the weights
+    are the same."""
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
-    Named by ``models.fomm.io.detector_id``, so a file can never be served for the wrong
-    detector; written to a temporary name and renamed, so a reader never sees half a file.
-    """
+
+def detector_cache_path(model: MotionModel, cache_dir: str | Path) -> Path:
+    """Where ``cached_detector_onnx`` keeps the model's detector: named by its weights and the code."""
     from models.fomm.io import detector_id
 
-    path = Path(cache_dir) / f"detector-{detector_id(model)}.onnx"
+    return Path(cache_dir) / f"detector-{detector_id(model)}-{code_id()}.onnx"
+
+
+def cached_detector_onnx(model: MotionModel, cache_dir: str | Path) -> Path:
+    """``detector_cache_path(model, cache_dir)``, exported once.
+
+    Named by ``models.fomm.io.detector_id`` and ``code_id``, so a file can never be served for the
+    wrong detector or a graph of older code; written to a temporary name and renamed, so a reader
+    never sees half a file.
+    """
+    path = detector_cache_path(model, cache_dir)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -95,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights", default="models/weights/fomm_face256.pt")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="write the ONNX file here")
-    out.add_argument("--cache-dir", help="write detector-<fingerprint>.onnx here (what the receiver serves)")
+    out.add_argument("--cache-dir", help="write detector-<fingerprint>-<code>.onnx here (what the receiver serves)")
     p.add_argument("--check-clip", default="assets/demo_face.mp4")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="fail when ONNX Runtime and PyTorch differ by more than this on the check frames")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.fomm.export import EXPORT_LOCK, onnx_session
+from models.fomm.export import EXPORT_LOCK, code_id, onnx_session
 from models.fomm.model import MotionModel
 
 log = logging.getLogger(__name__)
@@ -380,16 +380,6 @@ def find_ranges(model: MotionModel, folder: str | Path = WEIGHTS_DIR) -> dict[st
     return None
 
 
-def _code_id() -> str:
-    """The model and graph code a cached graph was built from (a change to ``render_tensors`` or to
-    this file must never be served a graph exported from the old code)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def cached_graph(model: MotionModel, example: tuple[torch.Tensor, ...], threads: int,
                  ranges: dict[str, Any] | None, cache_dir: str | Path | None) -> SplitGraph:
     """``SplitGraph`` of ``export_render(model, example)``, from ``cache_dir`` when it was built before.
@@ -403,7 +393,7 @@ def cached_graph(model: MotionModel, example: tuple[torch.Tensor, ...], threads:
     if cache_dir is None:
         return SplitGraph(export_render(model, example), threads, ranges)
     key = hashlib.sha256(json.dumps([
-        weights_id(model), _code_id(), json.dumps(ranges, sort_keys=True) if ranges else None,
+        weights_id(model), code_id(), json.dumps(ranges, sort_keys=True) if ranges else None,
         [list(t.shape) for t in example], torch.__version__, onnxruntime.__version__,
     ]).encode()).hexdigest()[:20]
     path = Path(cache_dir) / f"render-{model.config.size}-{key}.npz"

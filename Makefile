@@ -13,8 +13,9 @@ venv: .venv/.installed
 demo: venv
 	$(PY) -m bench.demo
 
+# two workers (pytest-xdist), a test module's tests on one of them (its module fixtures start once)
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 lint: venv
 	$(PY) -m ruff check .

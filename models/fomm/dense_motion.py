@@ -96,9 +96,17 @@ class DenseMotionNetwork(nn.Module):
         x = torch.cat([heat, deformed], dim=2).view(b, k1 * (c + 1), h, w)
         feature = self.hourglass(x)
         heads = F.conv2d(feature, *self._heads(), padding=3)
-        mask = F.softmax(heads[:, :k1], dim=1)  # B,K+1,h,w
+        mask = _softmax_channels(heads[:, :k1])  # B,K+1,h,w
         occlusion = torch.sigmoid(heads[:, k1:k1 + 1] / OCCLUSION_SCALE)
         # sum_k mask_k (A_k z + t_k) = (sum_k mask_k [A_k | t_k]) [z; 1]: one 2x3 matrix per pixel
         per_pixel = (mask.flatten(2).transpose(1, 2) @ maps.flatten(2)).view(b, h * w, 2, 3)
         deformation = (per_pixel * self.grid_h[None, :, None, :]).sum(-1).view(b, h, w, 2)
         return {"deformation": deformation, "occlusion": occlusion, "mask": mask}
+
+
+def _softmax_channels(x: torch.Tensor) -> torch.Tensor:
+    """``F.softmax(x, dim=1)`` written out: ONNX Runtime's Softmax over the channel axis of an
+    NCHW tensor took 0.59 ms a 64x64 frame (11 channels), the same exp / sum 0.05 ms (one-off
+    timing, 1 thread), 6 % of the 64 render graph."""
+    e = torch.exp(x - x.amax(dim=1, keepdim=True))
+    return e / e.sum(dim=1, keepdim=True)

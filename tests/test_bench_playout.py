@@ -93,7 +93,10 @@ def test_short_run_is_consistent(tmp_path: Path, tiny_weights: Path, capsys: pyt
     # every rendered frame is one kind, and the frames log agrees with the receiver's counters
     assert r["real"] + r["predicted"] + r["concealed"] + r["interpolated"] == r["rendered"] == r["rendered_logged"]
     assert r["concealed"] == r["call_concealed"] and r["interpolated"] == r["call_interpolated"]
-    assert r["frames_lost"] > 0 and r["frames_received"] <= 90
+    # lost messages are counted, not assumed: the predictive codec sends only ~35 messages in 90
+    # frames, and at 10 % loss (nftables' random drop, not seedable) none is lost in ~2 % of runs, so
+    # "> 0" failed a loaded run once; the loss rule itself is measured by tests/test_netns.py
+    assert 0 <= r["frames_lost"] <= r["frames_sent"] and r["frames_received"] <= 90
     assert r["source_sha256_match"] is True
     # kbps is the wire bytes over the media duration, and the wire bytes add 95 B per message
     assert r["kp_wire_bytes"] == r["kp_message_bytes"] + 95 * r["kp_messages"]

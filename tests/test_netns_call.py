@@ -150,8 +150,12 @@ def test_call_through_impaired_link(tmp_path: Path, tiny_weights: Path, demo_cli
                                "--frames-log", str(tmp_path / "frames.npz")],
                               netns=link.a, log_path=tmp_path / "receiver.log")
         try:
+            # 60 s to connect, as bench.playout gives: with 10 % loss both ways the SCTP handshake and the
+            # data channels' opening retransmit with backoff (a loaded fresh-clone run was connected
+            # through DTLS after 2 s, and its channels still not open at the default 15 s)
             res = run_sender(_sender_args(link.addr_a, link.addr_b, tiny_weights, demo_clip, frames, tmp_path)
-                             + ["--truth-out", str(tmp_path / "truth.npz")], netns=link.b, timeout_s=45)
+                             + ["--truth-out", str(tmp_path / "truth.npz"), "--connect-timeout", "60"],
+                             netns=link.b, timeout_s=105)
             assert res.returncode == 0, res.stderr[-2000:]
             deadline = time.monotonic() + 10
             while not (tmp_path / "call_1.json").exists() and time.monotonic() < deadline:

@@ -258,7 +258,11 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
                      "--weights", str(a.weights), "--playout", "clock", "--forecaster", cond.forecaster,
                      "--lookahead-ms", str(cond.lookahead_ms), "--stats-dir", str(work),
                      "--frames-log", str(work / "frames.npz"), "--stop-after-calls", "1",
-                     "--threads", str(a.render_threads), "--device", "cpu"]
+                     "--threads", str(a.render_threads), "--device", "cpu",
+                     # the receiver's side of the sender's --connect-timeout below: it hangs up on a peer
+                     # that has sent nothing for its setup timeout (15 s), and a loaded run's data
+                     # channels were still not open then
+                     "--setup-timeout", "60"]
         rlog = open(work / "receiver.log", "w")  # noqa: SIM115
         recv = netns_popen(link.a, recv_args, cwd=ROOT, env=_env(a.render_threads), stdout=subprocess.PIPE,
                            stderr=rlog, text=True)

@@ -520,8 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         print("sender: stopped", file=sys.stderr)
         return 130
     except TimeoutError:
-        print(f"sender: error: timed out connecting to the receiver (ICE, DTLS and the data channels were "
-              f"not all up within {cfg.connect_timeout:g} s: --connect-timeout)", file=sys.stderr)
+        print(f"sender: error: timed out connecting to the receiver: ICE, DTLS and the data channels were not "
+              f"all up (--connect-timeout {cfg.connect_timeout:g} s; the receiver also hangs up on a peer that "
+              f"sends nothing for its --setup-timeout)", file=sys.stderr)
         return 2
     except (CaptureError, CheckpointError, SignalingError, IceServerError) as e:
         print(f"sender: error: {e}", file=sys.stderr)

@@ -147,12 +147,14 @@ def test_call_through_impaired_link(tmp_path: Path, tiny_weights: Path, demo_cli
         # no --stop-after-calls: the receiver must still be serving after the lossy call
         recv = start_receiver(["--host", link.addr_a, "--port", str(PORT), "--weights", str(tiny_weights),
                                "--playout", "clock", "--forecaster", "linear", "--stats-dir", str(tmp_path),
-                               "--frames-log", str(tmp_path / "frames.npz")],
+                               "--frames-log", str(tmp_path / "frames.npz"), "--setup-timeout", "60"],
                               netns=link.a, log_path=tmp_path / "receiver.log")
         try:
-            # 60 s to connect, as bench.playout gives: with 10 % loss both ways the SCTP handshake and the
-            # data channels' opening retransmit with backoff (a loaded fresh-clone run was connected
-            # through DTLS after 2 s, and its channels still not open at the default 15 s)
+            # 60 s to connect, on both sides (the receiver's --setup-timeout above), as bench.playout
+            # gives: with 10 % loss both ways the SCTP handshake and the data channels' opening
+            # retransmit with backoff (loaded fresh-clone runs were through DTLS after 2-3 s and their
+            # channels still not open 15 s after the offer, when first the sender, then the receiver
+            # gave up)
             res = run_sender(_sender_args(link.addr_a, link.addr_b, tiny_weights, demo_clip, frames, tmp_path)
                              + ["--truth-out", str(tmp_path / "truth.npz"), "--connect-timeout", "60"],
                              netns=link.b, timeout_s=105)

@@ -22,7 +22,7 @@ import importlib.util
 import logging
 import time
 from dataclasses import dataclass
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     jobs = [(cache_key(c.path, a.data), str(c.path), c.format, a.stride) for c in clips]
     t0 = time.time()
     keys, lms, valids = [], [], []
-    with Pool(a.workers) as pool:
+    # Spawned, not forked, workers: a fork inherits the parent's signal handlers and threads. In a
+    # pytest-xdist worker a SIGTERM handler left by an in-process sender main kept the forked pool
+    # worker alive through Pool.terminate(), and the suite hung on its join.
+    with get_context("spawn").Pool(a.workers) as pool:
         for n, (key, lm, valid) in enumerate(pool.imap(_one_clip, jobs), 1):
             keys.append(key)
             lms.append(lm.astype(np.float16))

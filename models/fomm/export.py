@@ -5,8 +5,8 @@ Usage:
   python -m models.fomm.export --weights models/weights/fomm_face256.pt --cache-dir cache/web
 
 ``--cache-dir`` writes ``detector-<fingerprint>-<code>.onnx`` there, the file the receiver's
-browser sender page (``receiver.sendpage``) serves as ``detector-<fingerprint>.onnx``; the
-receiver makes it itself on the first request when the set-up has not.
+browser sender page (``receiver.sendpage``) serves under that name; the receiver makes it itself
+on the first request when the set-up has not.
 
 Input ``frame``: (1, 3, 64, 64) float32 RGB in [0, 1] (the detector's own size; shrink
 the capture first, with an area filter as the training frames were). Output

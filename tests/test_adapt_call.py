@@ -1,8 +1,14 @@
 """A live call whose receiver loses most of its CPU mid-call steps its render tier down, without stopping.
 
-The receiver process is moved into a cgroup with a CPU quota (half of one core) once the call
+The receiver process is moved into a cgroup with a CPU quota (a quarter of one core) once the call
 renders; the quota, not a fake renderer, slows the real ONNX Runtime renders. Behaviour only: the
 tier goes down from 256 with reason "overuse", frames keep coming, stats list the change.
+
+The overload must hold whatever the sender manages: a loaded fresh-clone suite (a busy core and the
+other pytest worker beside it) had the sender deliver ~10 of its 20 fps, refreshing its source every
+~2 s, and under half a core the receiver kept up with those (p95 render 37 ms of the 50 ms budget): no
+step down in 90 s. So the sender is light (centre framing, no refresh) and the quota a quarter core:
+256 renders then cost more than the budget even at 10 fps.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> Non
     recv = start_receiver(["--port", str(port), "--size", "256", "--adapt", "--max-calls", "1",
                            "--stats-dir", str(tmp_path)], log_path=tmp_path / "receiver.log", timeout_s=180)
     send = start_sender(port, ROOT / "models/weights/fomm_face64.pt", ROOT / "assets/demo_face.mp4",
-                        log_path=tmp_path / "sender.log")
+                        "--framing", "centre", "--refresh", "off", log_path=tmp_path / "sender.log")
     try:
         call = wait_for(lambda: [c for c in active_calls(port) if c["frames_rendered"] > 10], 90,
                         "the call to render")[0]
         assert call["render_size"] == 256 and call["tier_changes"] == []
-        with cpuquota.cpu_quota(recv.pid, 0.5):
+        with cpuquota.cpu_quota(recv.pid, 0.25):
             call = wait_for(lambda: [c for c in active_calls(port) if c["tier_changes"]], 90,
                             "a tier change under the CPU quota")[0]
             first = call["tier_changes"][0]

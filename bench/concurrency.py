@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     p.add_argument("--png")
     a = p.parse_args(argv)
+    if a.settle_s < 0:
+        p.error("--settle-s must be >= 0")
     weights = common.resolve_weights(a.weights)
     py = [sys.executable, "-m"]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(1) as pool:

@@ -177,7 +177,6 @@ def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> Fa
     return fast
 
 
-
 def batch_sizes_for(max_calls: int, max_batch: int, workers: int) -> list[int]:
     """The batch graphs ``receiver.batching.plan`` asks for with ``max_calls`` calls in a round:
     the round split across ``workers`` threads, at most ``max_batch`` frames per run."""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.concurrency import main as concurrency_main
 from bench.concurrency import overlap, window_stats
@@ -39,3 +40,9 @@ def test_all_up_window_leaves_out_each_calls_start() -> None:
     window = overlap([a, b], settle_s=0.5)
     assert window == (1.5, b[-1]) and window_stats(b, window)["stalls"] == 0
     assert overlap([a, b], settle_s=10.0) is None and overlap([a, a[:1]]) is None
+
+
+def test_negative_settle_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        concurrency_main(["--settle-s", "-1"])
+    assert e.value.code == 2 and "--settle-s must be >= 0" in capsys.readouterr().err

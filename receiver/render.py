@@ -157,10 +157,15 @@ class FastRender:
             time.sleep(0.01)
 
 
+def _fast_key(int8: bool) -> str:
+    """Where ``fast_render`` keeps a model's shared ``FastRender``."""
+    return f"_kpcast_fast_{int(int8)}"
+
+
 def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> FastRender | None:
     """The model's shared ``FastRender`` (one per model and ``int8``), built on first use; None if it
     cannot be built (then rendering stays eager)."""
-    key = f"_kpcast_fast_{int(int8)}"
+    key = _fast_key(int8)
     if key in model.__dict__:
         return model.__dict__[key]
     args = cache_tensors(cache)
@@ -192,7 +197,7 @@ def prewarm_concurrent(model: MotionModel, batches: list[int], int8: bool = True
     stalled (100-200 ms gaps) in their first 0.3 s, while the narrow and batch-2 graphs were made
     beside the calls' first renders. Does nothing when the model renders eagerly (no ``FastRender``
     was built: ``measure_render_fps`` builds it)."""
-    fast = model.__dict__.get(f"_kpcast_fast_{int(int8)}")
+    fast = model.__dict__.get(_fast_key(int8))
     if fast is None or not batches:
         return 0.0
     t0 = time.perf_counter()
@@ -200,6 +205,7 @@ def prewarm_concurrent(model: MotionModel, batches: list[int], int8: bool = True
     for b in batches:
         fast.batch_graph(b, wait=True)
     return time.perf_counter() - t0
+
 
 @dataclass(frozen=True)
 class PreparedSource:

@@ -18,7 +18,8 @@ import sys
 
 from models.checkpoint import CheckpointError
 from models.fomm.io import SHIPPED_SIZES, load_motion_model, weights_for_size
-from receiver.render import batch_sizes_for, choose_model, measure_render_fps, pick_device, prewarm_concurrent
+from receiver.batching import batch_sizes_for
+from receiver.render import choose_model, measure_render_fps, pick_device, prewarm_concurrent
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import DEFAULT_FORECASTER, SessionConfig
 from receiver.sinks import SinkError, check_sink_spec

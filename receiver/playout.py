@@ -54,11 +54,10 @@ import numpy as np
 
 from receiver.frames import KINDS, FrameKind, PlayoutFrame
 from receiver.jitter_buffer import DUPLICATE, OK, JitterBuffer, JitterConfig
+from shared.kpvector import KP_DIM, NC
 
 log = logging.getLogger(__name__)
 
-KP_DIM = 60
-N_COORD = 20  # x/y values at the start of the vector
 
 
 class Forecaster(Protocol):
@@ -101,7 +100,7 @@ class PlayoutConfig:
 
 def kp_error(a: np.ndarray, b: np.ndarray) -> float:
     """Mean Euclidean distance between the 10 keypoints of two vectors (normalised units)."""
-    d = (np.asarray(a[:N_COORD], np.float64) - np.asarray(b[:N_COORD], np.float64)).reshape(-1, 2)
+    d = (np.asarray(a[:NC], np.float64) - np.asarray(b[:NC], np.float64)).reshape(-1, 2)
     return float(np.sqrt((d * d).sum(axis=1)).mean())
 
 
@@ -406,7 +405,7 @@ class Playout:
         if extra > 0:  # long outage: fade the motion out instead of extrapolating forever
             v = last_vec + (v - last_vec) * (self.cfg.damp ** extra)
         v = np.asarray(v, dtype=np.float32)
-        v[:N_COORD] = np.clip(v[:N_COORD], -1.0, 1.0)
+        v[:NC] = np.clip(v[:NC], -1.0, 1.0)
         return v
 
     def _hist_array(self) -> np.ndarray:
@@ -439,7 +438,7 @@ class Playout:
             last_seq = newer[-1].seq
         self._counts["lookahead_forecast"] += 1
         v = self._forecast_to(target, hist, last_seq)
-        v[:N_COORD] = np.clip(v[:N_COORD], -1.0, 1.0)
+        v[:NC] = np.clip(v[:NC], -1.0, 1.0)
         return v, "concealed"
 
     # ------------------------------------------------------------------ error bookkeeping

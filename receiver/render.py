@@ -1,12 +1,18 @@
-"""Rendering stage: the source image plus one keypoint vector in, one RGB frame out."""
+"""Rendering stage: the source image plus one keypoint vector in, one RGB frame out.
+
+A frame to render is a :class:`RenderJob`; :func:`run_jobs` renders a list of them (batched where a
+batch graph exists). Which jobs run together, and when, is ``receiver.batching``'s plan."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +24,6 @@ from models.fomm.batchgraph import BatchGraph
 from models.fomm.export import onnx_session
 from models.fomm.io import SHIPPED_SIZES, detector_id, load_motion_model, weights_for_size
 from models.fomm.model import MotionModel, SourceCache, cache_tensors
-from receiver.batching import RenderJob, to_image
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,96 @@ RENDER_CACHE_DIR = Path(__file__).resolve().parents[1] / "cache" / "render"
 def pick_device() -> str:
     """CUDA when present, else CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_image(frame: np.ndarray) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 RGB."""
+    return (np.clip(frame, 0.0, 1.0).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One frame to render: a keypoint vector against one call's prepared source.
+
+    Exactly one of ``fast`` (with ``bound``, the source's share of its graph) and ``model`` (with
+    ``args``, ``render_tensors``' source arguments) is set. ``finish`` turns the (3, H, W) float
+    frame into what the call shows (uint8, at its display size).
+    """
+
+    keypoints: np.ndarray  # (1, 6K) float32
+    finish: Callable[[np.ndarray], np.ndarray] = to_image
+    fast: FastRender | None = None
+    bound: dict[str, np.ndarray] | None = None
+    model: MotionModel | None = None
+    args: tuple[torch.Tensor, ...] = ()
+
+    def then(self, step: Callable[[np.ndarray], np.ndarray]) -> RenderJob:
+        """The same job with ``step`` applied to its finished frame."""
+        first = self.finish
+        return replace(self, finish=lambda frame: step(first(frame)))
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Jobs with the same key can run as one batch."""
+        return ("fast", id(self.fast)) if self.fast is not None else ("eager", id(self.model))
+
+    def run(self, narrow: bool = False) -> np.ndarray:
+        """This frame alone (batch 1); ``narrow``: on one thread (``FastRender.narrow``)."""
+        return self.finish(_run_group([self], None, narrow)[0])
+
+
+def _run_group(jobs: list[RenderJob], fast_batch: Any, narrow: bool = False) -> list[np.ndarray]:  # noqa: ANN401
+    """(3, H, W) float frames of jobs sharing one key, in one run when ``len(jobs) > 1`` (``fast_batch``:
+    their ``BatchGraph``)."""
+    head = jobs[0]
+    kps = np.concatenate([j.keypoints for j in jobs])
+    if head.fast is not None:
+        if len(jobs) == 1:
+            return list(head.fast(head.bound, kps, narrow))
+        return list(fast_batch.run([j.bound for j in jobs], kps))
+    model = head.model
+    device = next(model.parameters()).device
+    args = [torch.cat([j.args[i] for j in jobs]) if head.args[i].dim() > 1 else head.args[i]
+            for i in range(len(head.args))]
+    with torch.no_grad():
+        out = model.render_tensors(torch.from_numpy(kps).to(device), *args)
+    return list(out.cpu().numpy())
+
+
+def run_jobs(jobs: list[RenderJob], max_batch: int, narrow: bool = False) -> list[np.ndarray | BaseException]:
+    """Render ``jobs`` (on a render worker): batched where a batch graph exists, else one by one;
+    ``narrow``: on single-threaded graphs (other workers render beside this one). A job that fails
+    gets its exception in its place, the others their frames."""
+    return [r for r, _ in run_sized(jobs, max_batch, narrow)]
+
+
+def run_sized(jobs: list[RenderJob], max_batch: int,
+              narrow: bool = False) -> list[tuple[np.ndarray | BaseException, int]]:
+    """``run_jobs``, each result with the number of frames it was rendered together with (itself included)."""
+    results: list[tuple[np.ndarray | BaseException, int] | None] = [None] * len(jobs)
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, j in enumerate(jobs):
+        groups[j.key].append(i)
+    for idx in groups.values():
+        for start in range(0, len(idx), max(1, max_batch)):
+            chunk = idx[start:start + max(1, max_batch)]
+            head = jobs[chunk[0]]
+            graph = head.fast.batch_graph(len(chunk)) if head.fast is not None and len(chunk) > 1 else None
+            batched = len(chunk) > 1 and (head.fast is None or graph is not None)
+            try:
+                if batched:
+                    frames = _run_group([jobs[i] for i in chunk], graph)
+                    for i, f in zip(chunk, frames, strict=True):
+                        results[i] = (jobs[i].finish(f), len(chunk))
+                    continue
+            except Exception as e:  # noqa: BLE001 - a batch that fails renders again one by one
+                log.warning("batched render of %d frames failed (%s); rendering them one by one", len(chunk), e)
+            for i in chunk:
+                try:
+                    results[i] = (jobs[i].run(narrow), 1)
+                except Exception as e:  # noqa: BLE001 - handed to the call that asked for it
+                    results[i] = (e, 1)
+    return results  # type: ignore[return-value]
 
 
 class OnnxRender:
@@ -180,13 +275,6 @@ def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> Fa
         fast = None
     object.__setattr__(model, key, fast)  # not a registered submodule: no state_dict entry
     return fast
-
-
-def batch_sizes_for(max_calls: int, max_batch: int, workers: int) -> list[int]:
-    """The batch graphs ``receiver.batching.plan`` asks for with ``max_calls`` calls in a round:
-    the round split across ``workers`` threads, at most ``max_batch`` frames per run."""
-    largest = min(max_batch, -(-max_calls // max(1, workers)))
-    return list(range(2, largest + 1))
 
 
 def prewarm_concurrent(model: MotionModel, batches: list[int], int8: bool = True) -> float:

@@ -157,7 +157,7 @@ class ReceiverServer:
             self.offers_pending += 1  # the slot is ours from here: nobody else takes it while the victim closes
             took.append(1)
             log.warning("call %s: no hello after %.1fs and every slot taken: giving its slot to a new offer from %s",
-                        victim.call_id, time.monotonic() - victim.created, request.remote)
+                        victim.call_id, time.monotonic() - victim.liveness.created, request.remote)
             await victim.close("evicted: no hello, and a new offer needed the slot")
             return True
 
@@ -170,9 +170,9 @@ class ReceiverServer:
     def _evictable(self) -> CallSession | None:
         """The longest-waiting peer that has not said Hello for ``evict_after_s``, if any."""
         now = time.monotonic()
-        waiting = [s for s in self.sessions.values()
-                   if s.hello is None and not s.closed.is_set() and now - s.created >= self.config.evict_after_s]
-        return min(waiting, key=lambda s: s.created, default=None)
+        waiting = [s for s in self.sessions.values() if s.hello is None and not s.closed.is_set()
+                   and now - s.liveness.created >= self.config.evict_after_s]
+        return min(waiting, key=lambda s: s.liveness.created, default=None)
 
     async def _answer(self, request: web.Request,
                       make_room: Callable[[], Awaitable[bool]] | None = None) -> web.Response:

@@ -3,10 +3,7 @@
 Everything a peer sends goes through ``shared.protocol.decode`` and per-call checks;
 a bad message is counted and dropped, never raised into aiortc's event handlers.
 
-A peer holds its slot only while it behaves like a caller: a valid Hello within
-``hello_timeout_s`` of its first message (``setup_timeout_s`` when it sends nothing at all),
-then a valid message at least every ``heartbeat_timeout_s``. Rejected messages never count
-as a sign of life, so junk cannot keep a call open.
+A peer holds its slot only while it behaves like a caller (``receiver.liveness``).
 
 Source images: a keypoint message may name the image it refers to (``image_id``); such a frame
 is rendered only against that image (``receiver.sources``). A new image is decoded and encoded
@@ -35,17 +32,22 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 
 from receiver.adapt import TierChange
 from receiver.batching import RenderBatcher
+from receiver.framelog import FramesLog
 from receiver.kpstream import PredictiveStream, StreamFrame
+from receiver.liveness import Liveness
 from receiver.render import Renderer
+from receiver.seqfilter import SequenceFilter
 from receiver.sinks import Sink, make_sink
 from receiver.sources import SourceRouter
-from receiver.stats import CallStats
+from receiver.stats import CallStats, transport_counters
 from receiver.tiers import TieredRenderer
 from shared import protocol as P
+from shared import source_image as S
+from shared.errors import RejectCounter
 
 log = logging.getLogger(__name__)
 
-MAX_SOURCE_PIXELS = P.MAX_SOURCE_PIXELS
+MAX_SOURCE_PIXELS = S.MAX_SOURCE_PIXELS
 # The concealment forecaster with the lowest keypoint error on held-out clips (bench.forecast).
 DEFAULT_FORECASTER = "last"
 
@@ -73,7 +75,6 @@ class SessionConfig:
 
 
 SOURCE_BURST_S = 0.1  # after the source image is ready, keypoints may still be draining out of SCTP
-FRAME_LOG_KINDS = ("real", "concealed", "interpolated", "predicted")  # ``kind`` codes in the frames log
 CHANNEL_LABELS = ("control", "kp")  # what sender.peer opens
 MAX_QUEUED_FRAMES = 64  # immediate playout renders only the newest few of what is queued anyway
 
@@ -94,17 +95,14 @@ class CallSession:
         self.on_closed = on_closed
         self.stats = CallStats(call_id)
         self.hello: P.Hello | None = None
-        self.assembler = P.SourceAssembler()
+        self.assembler = S.SourceAssembler()
         self.sources = SourceRouter()  # which image each frame is rendered against
-        self.seq_filter = P.SequenceFilter()
-        self.rejects = P.RejectCounter(counts=self.stats.rejected)
+        self.seq_filter = SequenceFilter()
+        self.rejects = RejectCounter(counts=self.stats.rejected)
         self.sink: Sink | None = None
         self.control: RTCDataChannel | None = None
         self._channels: set[str] = set()
-        self.created = time.monotonic()
-        self.last_seen = self.created  # last *valid* message
-        self._lag_since_seen = 0.0  # how late the event loop ran since then (the receiver's own stall)
-        self.first_message: float | None = None  # when the peer first sent anything
+        self.liveness = Liveness(config.heartbeat_timeout_s, config.setup_timeout_s, config.hello_timeout_s)
         self.closed = asyncio.Event()
         # immediate playout: (seq, capture_us, vector, skipped by the sender)
         self._queue: collections.deque[tuple[int, int, np.ndarray, bool]] = collections.deque()
@@ -118,8 +116,7 @@ class CallSession:
         self._last_rendered_seq = -1
         self._last_image: np.ndarray | None = None
         self._last_vector: np.ndarray | None = None  # what _last_image shows
-        self._frames_log: list[tuple] | None = [] if config.frames_log else None
-        self._arrival_us: dict[int, int] = {}  # seq -> wall-clock arrival, only while logging frames
+        self.frames_log: FramesLog | None = FramesLog() if config.frames_log else None
         self._tick_ms = 0.0  # time the last playout decision took (buffer + forecast)
         self.on_frame: Callable[[np.ndarray], None] | None = None  # every shown frame, e.g. to the viewer
 
@@ -152,8 +149,7 @@ class CallSession:
 
     def _on_message(self, label: str, data: bytes | str) -> None:
         now = time.monotonic()
-        if self.first_message is None:
-            self.first_message = now
+        self.liveness.message(now)
         self.stats.messages_received += 1
         self.stats.bytes_received += len(data)
         self._rate_window.append(now)
@@ -192,8 +188,7 @@ class CallSession:
             log.info("call %s: peer said bye (%s)", self.call_id, msg.reason)
             asyncio.ensure_future(self._drain_and_close(f"bye: {msg.reason}"))
         # Heartbeat: nothing but liveness; SourceRequest and KeyframeRequest are for senders.
-        self.last_seen = now  # reached only by a message that decoded and passed the call's checks
-        self._lag_since_seen = 0.0
+        self.liveness.valid(now)  # reached only by a message that decoded and passed the call's checks
 
     def _refuse_version(self, data: bytes | str, err: P.ProtocolError) -> None:
         """A peer of an older protocol version: tell it, in its own version, and hang up.
@@ -270,8 +265,8 @@ class CallSession:
                 self.rejects.reject(e)
                 continue
             self.stats.frames_received += 1
-            if self._frames_log is not None:
-                self._arrival_us[seq] = time.time_ns() // 1000
+            if self.frames_log is not None:
+                self.frames_log.arrived(seq)
             self._deliver(seq, capture_us, vec, now, skipped=False)
         self._wake.set()
 
@@ -302,8 +297,8 @@ class CallSession:
                 continue
             st.frames_received += 1
             st.frames_skipped += int(f.skipped)
-            if self._frames_log is not None:
-                self._arrival_us[f.seq] = time.time_ns() // 1000
+            if self.frames_log is not None:
+                self.frames_log.arrived(f.seq)
             self._deliver(f.seq, f.capture_us, f.vector, now, skipped=f.skipped)
         self._wake.set()
 
@@ -328,7 +323,7 @@ class CallSession:
 
     async def _set_source(self, blob: bytes, image_id: int = 0) -> None:
         try:
-            P.source_image_size(blob)  # from the header: a decoder allocates what it claims
+            S.source_image_size(blob)  # from the header: a decoder allocates what it claims
         except P.ProtocolError as e:
             self.rejects.reject(e)
             return
@@ -396,38 +391,17 @@ class CallSession:
 
     def _log_frame(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any, repeated: bool,
                    render_start_us: int = 0, render_ms: float = 0.0, sink_ms: float = 0.0) -> None:
-        """Append one shown frame to the frames log (``frame``: the PlayoutFrame, None when immediate).
-
-        Besides what was shown, it keeps the times of each receiver stage for ``bench.latency``:
-        arrival (wall clock, 0 for frames that never arrived), playout decision, render, sink.
-        """
-        if self._frames_log is None:
+        """One shown frame to the frames log (``frame``: the PlayoutFrame, None when immediate)."""
+        if self.frames_log is None:
             return
-        kind = FRAME_LOG_KINDS.index(frame.kind) if frame is not None else 0
-        arrival = self._arrival_us.get(seq, 0) if not repeated else 0
-        if len(self._arrival_us) > 4096:  # bounded: forget arrivals far behind what is shown
-            self._arrival_us = {s: t for s, t in self._arrival_us.items() if s > seq - 1024}
-        self._frames_log.append((
-            seq, kind, np.asarray(vec, np.float32).reshape(-1), int(capture_us), time.time_ns() // 1000,
-            repeated, frame.lookahead if frame is not None else 0, frame.blend if frame is not None else 0.0,
-            frame.target_delay_ms if frame is not None else 0.0, arrival, render_start_us,
-            self._tick_ms if frame is not None else 0.0, render_ms, sink_ms))
+        played = {} if frame is None else {"lookahead": frame.lookahead, "blend": frame.blend,
+                                            "target_delay_ms": frame.target_delay_ms, "tick_ms": self._tick_ms}
+        self.frames_log.shown(seq, frame.kind if frame is not None else None, vec, capture_us, repeated,
+                              render_start_us=render_start_us, render_ms=render_ms, sink_ms=sink_ms, **played)
 
-    def _write_frames_log(self) -> None:
+    def _frames_log_path(self) -> Path:
         path = Path(self.config.frames_log)
-        if self.index > 0:
-            path = path.with_name(f"{path.stem}_{self.index + 1}{path.suffix}")
-        rows = self._frames_log or []
-        cols = list(zip(*rows, strict=True)) if rows else [[] for _ in range(14)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, seq=np.asarray(cols[0], np.int64), kind=np.asarray(cols[1], np.int8),
-                 vector=np.asarray(cols[2], np.float32).reshape(-1, 60), capture_us=np.asarray(cols[3], np.int64),
-                 rendered_us=np.asarray(cols[4], np.int64), repeated=np.asarray(cols[5], bool),
-                 lookahead=np.asarray(cols[6], np.int32), blend=np.asarray(cols[7], np.float32),
-                 target_delay_ms=np.asarray(cols[8], np.float32), arrival_us=np.asarray(cols[9], np.int64),
-                 render_start_us=np.asarray(cols[10], np.int64), tick_ms=np.asarray(cols[11], np.float32),
-                 render_ms=np.asarray(cols[12], np.float32), sink_ms=np.asarray(cols[13], np.float32),
-                 kinds=np.asarray(FRAME_LOG_KINDS))
+        return path.with_name(f"{path.stem}_{self.index + 1}{path.suffix}") if self.index > 0 else path
 
     async def _render_loop(self) -> None:
         while not self.closed.is_set():
@@ -575,18 +549,7 @@ class CallSession:
 
     def _expired(self, now: float) -> str | None:
         """Why the peer no longer holds its slot, or None while it does."""
-        cfg = self.config
-        if self.hello is None:
-            if self.first_message is not None and now - self.first_message > cfg.hello_timeout_s:
-                return "no hello"
-            return "peer timeout" if now - self.created > cfg.setup_timeout_s else None
-        if not self.renderer.ready:
-            # Until the source image is in, the reliable channel may be retransmitting it (SCTP's
-            # timers are seconds on a lossy link) and holds everything behind it: a peer that said
-            # Hello is given the setup timeout to finish, not the heartbeat timeout.
-            return "peer timeout" if now - self.last_seen > cfg.setup_timeout_s else None
-        silent = now - self.last_seen - self._lag_since_seen
-        return "peer timeout" if silent > cfg.heartbeat_timeout_s else None
+        return self.liveness.expired(now, said_hello=self.hello is not None, source_ready=self.renderer.ready)
 
     async def _watchdog(self) -> None:
         period = 0.1  # a dead peer is noticed within heartbeat_timeout_s + 0.1 s
@@ -595,12 +558,13 @@ class CallSession:
             await asyncio.sleep(period)
             # A receiver starved of CPU runs this late and reads the peer's packets late too: time
             # the event loop was stalled is not the peer's silence (receiver.adapt relieves the load).
-            self._lag_since_seen += max(0.0, time.monotonic() - t - period - 0.01)
+            self.liveness.stalled(max(0.0, time.monotonic() - t - period - 0.01))
             reason = self._expired(time.monotonic())
             if reason is not None:
                 log.warning("call %s: %s (%d messages, %d rejected; silent %.1f s, of which the receiver "
                             "itself stalled %.1f s), hanging up", self.call_id, reason, self.stats.messages_received,
-                            self.rejects.total, time.monotonic() - self.last_seen, self._lag_since_seen)
+                            self.rejects.total, time.monotonic() - self.liveness.last_seen,
+                            self.liveness.lag_since_seen)
                 await self.close(reason)
                 return
 
@@ -614,23 +578,16 @@ class CallSession:
         for t in self._tasks:
             if t is not current:
                 t.cancel()
-        try:
-            report = self.pc.sctp.transport._get_stats() if self.pc.sctp else {}
-            s = next(iter(report.values()), None)
-            if s is not None:
-                self.stats.udp = {"udp_bytes_received": s.bytesReceived, "udp_packets_received": s.packetsReceived,
-                                  "udp_bytes_sent": s.bytesSent, "udp_packets_sent": s.packetsSent}
-        except Exception:  # stats are best effort
-            pass
+        self.stats.udp = transport_counters(self.pc)
         if self.playout is not None:
             self.stats.playout = self.playout.stats()
         if self.kp_stream is not None:
             self.stats.codec = self.kp_stream.stats()
         if self.sink is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.sink.close)
-        if self._frames_log is not None:
+        if self.frames_log is not None:
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self._write_frames_log)
+                await asyncio.get_running_loop().run_in_executor(None, self.frames_log.write, self._frames_log_path())
             except Exception:  # a benchmark log must not break the hang-up
                 log.exception("call %s: could not write the frames log", self.call_id)
         await self.pc.close()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from shared.protocol import ProtocolError
+from shared.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 

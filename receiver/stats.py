@@ -9,9 +9,25 @@ from typing import Any
 
 import numpy as np
 
-# Transport overhead of one data-channel message (IPv4 20 + UDP 8 + DTLS record ~29 +
-# SCTP common header 12 + DATA chunk 16, padded); measured ~95 B per message with aiortc 1.16.
-OVERHEAD_BYTES_PER_MESSAGE = 95
+from shared.kpvector import TRANSPORT_OVERHEAD_B
+
+
+def transport_counters(pc: Any) -> dict[str, int]:
+    """UDP bytes and packets each way on a peer connection's data-channel transport ({} if unknown).
+
+    aiortc's ``RTCPeerConnection.getStats()`` reports media senders and receivers only; the
+    data channels' DTLS transport has no public counters, so this reads its ``_get_stats``
+    (best effort: a later aiortc without it gives {}, and the call's stats just lack them).
+    """
+    try:
+        report = pc.sctp.transport._get_stats() if pc.sctp else {}
+        s = next(iter(report.values()), None)
+    except Exception:  # stats are best effort
+        return {}
+    if s is None:
+        return {}
+    return {"udp_bytes_received": s.bytesReceived, "udp_packets_received": s.packetsReceived,
+            "udp_bytes_sent": s.bytesSent, "udp_packets_sent": s.packetsSent}
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -69,7 +85,7 @@ class CallStats:
         times = np.asarray(self.render_times)
         gaps = np.diff(times) if len(times) > 1 else np.zeros(0)
         active = float(times[-1] - times[0]) if len(times) > 1 else 0.0
-        wire_bytes = self.keypoint_message_bytes + OVERHEAD_BYTES_PER_MESSAGE * self.keypoint_messages
+        wire_bytes = self.keypoint_message_bytes + TRANSPORT_OVERHEAD_B * self.keypoint_messages
         mean_render = float(np.mean(self.render_ms)) if self.render_ms else None
         return {
             "call_id": self.call_id,
@@ -117,7 +133,7 @@ class CallStats:
             "max_gap_ms": float(gaps.max() * 1000) if len(gaps) else None,
             # keypoint messages as sent on the wire: message bytes + fixed transport overhead per message
             "keypoint_wire_kbps": wire_bytes * 8 / 1000 / duration,
-            "wire_overhead_bytes_per_message": OVERHEAD_BYTES_PER_MESSAGE,
+            "wire_overhead_bytes_per_message": TRANSPORT_OVERHEAD_B,
             "udp": self.udp,
             "end_reason": self.end_reason,
             "playout": self.playout,

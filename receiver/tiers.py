@@ -23,8 +23,7 @@ import numpy as np
 from models.fomm.io import detector_id
 from models.fomm.model import MotionModel
 from receiver.adapt import AdaptConfig, TierAdapter, TierChange
-from receiver.batching import RenderJob
-from receiver.render import PreparedSource, Renderer
+from receiver.render import PreparedSource, Renderer, RenderJob
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from sender.pacing import PacingConfig, choose_stride, measure_work_ms
 from sender.peer import SenderPeer
 from sender.rate import RateConfig, RateController
 from sender.refresh import REFRESH_MODES, RefreshConfig, RefreshMonitor
+from shared import kpvector as V
 from shared import protocol as P
 from shared.ice import addresses_for_receiver, restrict_host_addresses
 from shared.ice_servers import IceServerError, IceServerOptions, add_ice_server_arguments, rtc_configuration
@@ -43,7 +44,6 @@ from shared.signaling import SignalingError
 log = logging.getLogger("sender")
 
 # Per-message transport overhead (IPv4 + UDP + DTLS + SCTP headers), as measured by receiver.stats.
-WIRE_OVERHEAD_BYTES_PER_MESSAGE = 95
 # --target-kbps may batch frames, but never so many that batching alone delays a frame by more.
 TARGET_MAX_BATCH_DELAY_MS = 100.0
 HEARTBEAT_S = 0.5  # a heartbeat goes out only when no keypoint message did for this long
@@ -215,10 +215,10 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
 def estimate_kp_wire_kbps(kp_every: int, batch: int, fps: float, codec: P.Codec = P.Codec.Q8) -> float:
     """Keypoint wire rate: encoded message bytes + transport overhead per message, at ``fps``."""
     # Large seq/timestamp values so variable-length integer fields are sized as in a long call.
-    msg = P.KeypointBatch.build(10_000_000, 2**62, [np.zeros(P.KP_DIM, np.float32)]
+    msg = P.KeypointBatch.build(10_000_000, 2**62, [np.zeros(V.KP_DIM, np.float32)]
                                 * batch, codec, step=kp_every, interval_us=int(1e6 * kp_every / fps))
     messages_per_s = fps / (kp_every * batch)
-    return (len(P.encode(msg)) + WIRE_OVERHEAD_BYTES_PER_MESSAGE) * messages_per_s * 8 / 1000
+    return (len(P.encode(msg)) + V.TRANSPORT_OVERHEAD_B) * messages_per_s * 8 / 1000
 
 
 def choose_rate(target_kbps: float, fps: float, codec: P.Codec = P.Codec.Q8,
@@ -296,8 +296,8 @@ async def run(cfg: SenderConfig) -> dict:
             replay = np.load(cfg.replay_keypoints)["vectors"].astype(np.float32)
         except (OSError, KeyError, ValueError) as e:
             raise CaptureError(f"cannot read keypoints from {cfg.replay_keypoints}: {e}") from e
-        if replay.ndim != 2 or replay.shape[1] != P.KP_DIM or len(replay) == 0:
-            raise CaptureError(f"{cfg.replay_keypoints} does not hold (N, {P.KP_DIM}) keypoint vectors")
+        if replay.ndim != 2 or replay.shape[1] != V.KP_DIM or len(replay) == 0:
+            raise CaptureError(f"{cfg.replay_keypoints} does not hold (N, {V.KP_DIM}) keypoint vectors")
     chosen = read_source_image(cfg.source_image) if cfg.source_image else None
     source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, cfg.size, cfg.loop,
                                        cfg.max_frames, cfg.mirror), make_framer(cfg))

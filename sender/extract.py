@@ -45,17 +45,17 @@ class KeypointExtractor:
         if fast and device == "cpu":
             try:
                 self.session = self._session(cache_dir, threads)
-            except Exception as e:  # noqa: BLE001 - any exporter/runtime failure must leave eager extraction working
+            except Exception as e:  # any exporter/runtime failure must leave eager extraction working
                 log.warning("ONNX Runtime keypoint extraction unavailable (%s); using eager PyTorch", e)
                 self.session = None
 
-    def _session(self, cache_dir: Path | None, threads: int):  # noqa: ANN202 (onnxruntime.InferenceSession)
+    def _session(self, cache_dir: Path | None, threads: int):  # returns an onnxruntime.InferenceSession
         frame = {"frame": np.zeros((1, 3, self.size, self.size), np.float32)}
         try:
             session = onnx_session(_detector_onnx(self.model, cache_dir), threads)
             session.run(None, frame)
             return session
-        except Exception as e:  # noqa: BLE001 - a damaged cached file: export afresh before giving up on ONNX
+        except Exception as e:  # a damaged cached file: export afresh before giving up on ONNX
             if cache_dir is None:
                 raise
             log.warning("cached detector graph unusable (%s): exporting it again", e)

@@ -12,6 +12,7 @@ import numpy as np
 
 from sender.capture import CaptureError
 from shared import protocol as P
+from shared import source_image as S
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ def read_source_image(path: str | Path) -> bytes:
         raise CaptureError(f"source image {p} is {len(blob)} B; the limit is {P.MAX_SOURCE_BYTES} B "
                            "(re-save it smaller, e.g. as a JPEG)")
     try:
-        P.source_image_size(blob)
+        S.source_image_size(blob)
     except P.ProtocolError as e:  # a receiver would refuse it
         raise CaptureError(f"source image {p} is not a picture OpenCV can decode and a receiver accepts "
-                           f"({e.detail}; re-save it as a JPEG of at most {P.MAX_SOURCE_PIXELS} pixels)") from None
+                           f"({e.detail}; re-save it as a JPEG of at most {S.MAX_SOURCE_PIXELS} pixels)") from None
     img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
     if img is None or img.ndim != 3:
         raise CaptureError(f"source image {p} is not a picture OpenCV can decode")

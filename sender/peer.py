@@ -10,6 +10,8 @@ from collections.abc import Callable
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
 
 from shared import protocol as P
+from shared import source_image as S
+from shared.errors import RejectCounter
 from shared.ice_servers import check_relay
 from shared.signaling import send_offer
 
@@ -33,7 +35,7 @@ class SenderPeer:
         self.bytes_sent = {"control": 0, "kp": 0}
         self.messages_sent = {"control": 0, "kp": 0}
         self.kp_dropped_congestion = 0
-        self.rejected = P.RejectCounter()
+        self.rejected = RejectCounter()
         self.control.on("message", self._on_control)
 
         @self.pc.on("connectionstatechange")
@@ -76,7 +78,7 @@ class SenderPeer:
         """Send the source image in chunks under the peer's max message size."""
         chunk = min(16 * 1024, _max_message_size(self.pc) - 256)
         total = 0
-        for part in P.split_source(jpeg, image_id, chunk):
+        for part in S.split_source(jpeg, image_id, chunk):
             total += self.send_control(part)
             while self.control.bufferedAmount > 256 * 1024:  # don't pile the whole image into SCTP at once
                 await asyncio.sleep(0.005)

@@ -25,9 +25,10 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+from shared.kpvector import TRANSPORT_OVERHEAD_B
+
 log = logging.getLogger(__name__)
 
-WIRE_OVERHEAD_BYTES_PER_MESSAGE = 95  # IPv4 + UDP + DTLS + SCTP per data-channel message (receiver.stats)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class RateConfig:
     """
 
     target_kbps: float
-    overhead_bytes: int = WIRE_OVERHEAD_BYTES_PER_MESSAGE
+    overhead_bytes: int = TRANSPORT_OVERHEAD_B
     window_s: float = 3.0
     gain: float = 0.5
     max_step: float = 2.0

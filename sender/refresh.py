@@ -97,7 +97,7 @@ def _small(image: np.ndarray) -> np.ndarray:
 class RenderEstimate:
     """The receiver's picture rebuilt at 64x64, and its SSIM against the real frame."""
 
-    def __init__(self, model=None, weights: str | Path | None = None) -> None:  # noqa: ANN001 - a MotionModel
+    def __init__(self, model=None, weights: str | Path | None = None) -> None:  # model: a MotionModel
         import torch  # noqa: F401 - loaded only where the render estimate is used
 
         if model is None or model.config.size != ESTIMATE_SIZE:
@@ -108,7 +108,7 @@ class RenderEstimate:
         self._cache = None
 
     @staticmethod
-    def _tensor(image: np.ndarray):  # noqa: ANN205
+    def _tensor(image: np.ndarray):
         import torch
 
         return torch.from_numpy(_small(image)).permute(2, 0, 1)[None].float() / 255.0
@@ -134,7 +134,7 @@ class RefreshMonitor:
     refresh); :meth:`observe` once per captured frame, True when a refresh is due now.
     """
 
-    def __init__(self, config: RefreshConfig, model=None) -> None:  # noqa: ANN001 - a MotionModel or None
+    def __init__(self, config: RefreshConfig, model=None) -> None:  # model: a MotionModel or None
         if config.mode not in REFRESH_MODES:
             raise ValueError(f"--refresh must be one of {REFRESH_MODES}, not {config.mode!r}")
         self.config = config
@@ -196,7 +196,7 @@ class RefreshMonitor:
         return self._decide(now_s)
 
     # ------------------------------------------------------------------ internals
-    def _submit(self, fn, *args) -> Future | None:  # noqa: ANN001
+    def _submit(self, fn, *args) -> Future | None:
         if self._pool is None:
             fn(*args)
             return None

@@ -4,7 +4,7 @@ Both ends run the same deterministic predictor on the same *decoded* history, in
 integers, so they agree bit for bit without ever exchanging the prediction:
 
 - quantisation: coordinates on a grid of ``coord_step`` over [-1, 1]; Jacobian entries on
-  the Q8 codec's logarithmic int8 scale (``shared.protocol``), whose steps are relative;
+  the Q8 codec's logarithmic int8 scale (``shared.kpvector``), whose steps are relative;
 - predictor: ``last`` (repeat the previous frame) or ``linear`` (constant velocity);
 - per frame the encoder either **skips** it (the prediction is within ``tolerance`` of
   the truth and fewer than ``max_gap`` frames were skipped: nothing is sent, and the
@@ -19,7 +19,8 @@ decodes; any other receiver has lost something, holds the frame until the missin
 turns up (the keypoint channel is unordered) and otherwise asks for a keyframe. A lost
 message can therefore never drift the decoder: it stops decoding until it is in sync.
 
-No torch and no I/O here; ``shared.protocol`` carries the frames on the wire.
+No torch and no I/O here; ``shared.kpvector`` holds the quantisers and the residual bitstream,
+``shared.protocol`` carries the frames on the wire.
 """
 
 from __future__ import annotations
@@ -30,22 +31,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.protocol import (
+from shared.kpvector import (
     JAC_RANGE,
     KP_DIM,
-    PREDICTORS,
+    NC,
     Codec,
-    PredParams,
-    _jac_to_q8,
-    _q8_to_jac,
+    decode_residual,
     decode_vectors,
+    encode_residual,
     encode_vector,
+    jac_to_q8,
+    q8_to_jac,
 )
+from shared.protocol import PREDICTORS, PredParams
 
 log = logging.getLogger(__name__)
 
-NC = 20  # coordinate values at the front of a 60-value vector; 40 Jacobian entries follow
-_MAX_EG = 24  # an Exp-Golomb prefix longer than this is not a residual of a keypoint
 SKIP_RULES = ("max", "mean")
 MAX_HELD = 16  # out-of-order frames a decoder holds waiting for their predecessor
 
@@ -130,14 +131,14 @@ def quantise(vec: np.ndarray, cfg: PredictiveConfig) -> np.ndarray:
         raise ValueError(f"keypoint vector must be {KP_DIM} finite values")
     lv = cfg.coord_levels
     c = np.clip(np.round(v[:NC] / cfg.coord_step), -lv, lv)
-    j = _jac_to_q8(np.clip(v[NC:], -JAC_RANGE, JAC_RANGE)).astype(np.int32)
+    j = jac_to_q8(np.clip(v[NC:], -JAC_RANGE, JAC_RANGE)).astype(np.int32)
     return np.concatenate([c.astype(np.int32), j])
 
 
 def dequantise(q: np.ndarray, cfg: PredictiveConfig) -> np.ndarray:
     q = np.asarray(q, np.int32)
     c = (q[:NC].astype(np.float64) * cfg.coord_step).astype(np.float32)
-    return np.concatenate([np.clip(c, -1.0, 1.0), _q8_to_jac(q[NC:].astype(np.int8))])
+    return np.concatenate([np.clip(c, -1.0, 1.0), q8_to_jac(q[NC:].astype(np.int8))])
 
 
 def predict(history: list[np.ndarray], cfg: PredictiveConfig) -> np.ndarray:
@@ -161,94 +162,6 @@ Predictor = Callable[[list[np.ndarray]], np.ndarray]
 
 def _builtin(cfg: PredictiveConfig) -> Predictor:
     return lambda history: predict(history, cfg)
-
-
-# --------------------------------------------------------------------------- entropy coding
-
-
-class _BitWriter:
-    def __init__(self) -> None:
-        self.acc = 0
-        self.n = 0
-
-    def put(self, value: int, bits: int) -> None:
-        self.acc = (self.acc << bits) | value
-        self.n += bits
-
-    def exp_golomb(self, v: int, k: int) -> None:
-        """Order-k Exp-Golomb code of v >= 0."""
-        x = v + (1 << k)
-        length = x.bit_length()
-        self.put(0, length - 1 - k)
-        self.put(x, length)
-
-    def bytes(self) -> bytes:
-        pad = (-self.n) % 8
-        return ((self.acc << pad) if self.n else 0).to_bytes((self.n + pad) // 8, "big")
-
-
-class _BitReader:
-    def __init__(self, data: bytes) -> None:
-        self.val = int.from_bytes(data, "big")
-        self.total = 8 * len(data)
-        self.pos = 0
-
-    def get(self, bits: int) -> int:
-        if self.pos + bits > self.total:
-            raise ValueError("residual bitstream ends early")
-        self.pos += bits
-        return (self.val >> (self.total - self.pos)) & ((1 << bits) - 1)
-
-    def exp_golomb(self, k: int) -> int:
-        zeros = 0
-        while self.get(1) == 0:
-            zeros += 1
-            if zeros > _MAX_EG:
-                raise ValueError("residual code too long")
-        rest = self.get(zeros + k)
-        return ((1 << (zeros + k)) | rest) - (1 << k)
-
-
-def _zigzag(r: np.ndarray) -> list[int]:
-    return [int(2 * x) if x >= 0 else int(-2 * x - 1) for x in r]
-
-
-def _unzigzag(u: int) -> int:
-    return u >> 1 if u % 2 == 0 else -((u + 1) >> 1)
-
-
-def _eg_bits(u: int, k: int) -> int:
-    return 2 * (u + (1 << k)).bit_length() - 1 - k
-
-
-# two groups with their own statistics: the 20 coordinates and the 40 Jacobian entries
-_GROUPS = ((0, NC), (NC, KP_DIM))
-
-
-def encode_residual(r: np.ndarray) -> bytes:
-    """60 int residuals -> bytes: per group a 3-bit Exp-Golomb order, then the codes."""
-    w = _BitWriter()
-    for a, b in _GROUPS:
-        u = _zigzag(r[a:b])
-        k = min(range(8), key=lambda k: sum(_eg_bits(x, k) for x in u))
-        w.put(k, 3)
-        for x in u:
-            w.exp_golomb(x, k)
-    return w.bytes()
-
-
-def decode_residual(data: bytes) -> np.ndarray:
-    """Inverse of ``encode_residual``; raises ValueError on a bitstream that is not one."""
-    if not data or len(data) > 4 * KP_DIM:
-        raise ValueError("residual payload size")
-    rd = _BitReader(data)
-    out = []
-    for a, b in _GROUPS:
-        k = rd.get(3)
-        out += [_unzigzag(rd.exp_golomb(k)) for _ in range(b - a)]
-    if rd.total - rd.pos >= 8:
-        raise ValueError("trailing bytes after the residual")
-    return np.array(out, np.int32)
 
 
 # --------------------------------------------------------------------------- frames

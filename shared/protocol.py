@@ -9,11 +9,11 @@ Messages
 --------
 - ``Hello``: protocol version, model id, frame size, fps, keypoint codec, decimation.
 - ``SourceChunk``: one piece of the JPEG source image (split under the peer's max
-  message size, reassembled by :class:`SourceAssembler` and checked by SHA-256).
-  :func:`source_image_size` reads the image's dimensions from its header, so a picture
-  too large to decode safely is refused before any decoder allocates its pixels.
+  message size, reassembled and checked by SHA-256 in ``shared.source_image``, which also
+  reads the image's dimensions from its header, so a picture too large to decode safely is
+  refused before any decoder allocates its pixels).
 - ``KeypointBatch``: one or more keypoint frames (``seq0 + i*step``), each a
-  60-value vector quantised by a :class:`Codec` (``--codec q8|f16`` streams).
+  60-value vector quantised by a ``Codec`` (``--codec q8|f16`` streams; ``shared.kpvector``).
 - ``CodedKeypoints``: one frame of the closed-loop predictive stream (``Codec.PRED``, the
   sender's default, ``shared.kpcodec``): a keyframe or a residual against the prediction
   both ends make from the decoded history; frames the receiver can predict are not sent.
@@ -59,39 +59,39 @@ Version 2 added the predictive stream; a peer speaking another version is refuse
 with ``ProtocolError("version")`` ("unsupported protocol version"), and
 :func:`legacy_bye` says so to a version-1 peer in a form it can read.
 
-Keypoint vector layout (60 = 10 keypoints x (x, y) + 10 Jacobians x 4):
-``[x0, y0, ..., x9, y9, J0_00, J0_01, J0_10, J0_11, ..., J9_11]``.
+The keypoint vector's layout and codecs live in ``shared.kpvector``; ``ProtocolError`` (what every
+refusal raises) in ``shared.errors``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import logging
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
+
+from shared.errors import ProtocolError
+from shared.kpvector import (
+    MAX_RESIDUAL_BYTES,
+    NUM_KP,
+    Codec,
+    decode_residual,
+    decode_vectors,
+    encode_vector,
+    frame_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 2
 LEGACY_VERSIONS = (1,)  # versions whose Bye layout [version, 6, reason] we can still write
-NUM_KP = 10
-KP_DIM = 6 * NUM_KP
 MAX_MESSAGE_BYTES = 64 * 1024  # peers without a max-message-size SDP line allow 64 KiB
-MAX_SOURCE_BYTES = 2 * 1024 * 1024  # a JPEG source image larger than this is refused
-# Decoded pixels of a source image: the largest receiver renders 256x256, so 2048x2048 is already
-# generous; a header may claim up to 65535x65535 (12 GB of pixels) in a few hundred bytes.
-MAX_SOURCE_PIXELS = 2048 * 2048
-MAX_JPEG_SCANS = 64  # progressive JPEGs use ~10; each scan re-walks every coefficient (a CPU bomb)
 MAX_FRAMES_PER_BATCH = 64
-COORD_LIMIT = 1.0 + 1e-3  # keypoints are soft-argmax means of a grid in [-1, 1]
-JACOBIAN_LIMIT = 16.0  # local affines larger than this are not a face moving
-DIGEST_BYTES = 16
+MAX_SOURCE_BYTES = 2 * 1024 * 1024  # an encoded source image larger than this is refused
+DIGEST_BYTES = 16  # SourceChunk.digest: the first bytes of the image's SHA-256
 
 
 class MsgType(enum.IntEnum):
@@ -106,111 +106,10 @@ class MsgType(enum.IntEnum):
     SOURCE_READY = 9
 
 
-class ProtocolError(ValueError):
-    """A message was rejected; ``reason`` is one of a small fixed set, for counting."""
+# --------------------------------------------------------------------------- messages
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-# --------------------------------------------------------------------------- codecs
-
-
-class Codec(enum.IntEnum):
-    """How a 60-value keypoint vector is quantised.
-
-    F16: every value float16 (120 B/frame).
-    Q8: coordinates as uint16 over [-1, 1] (step 3e-5); Jacobian entries as int8 on a
-        logarithmic scale over [-JAC_RANGE, JAC_RANGE] (80 B/frame): steps of ~0.014 near 0
-        growing to ~3% of the value for large entries. Trained detectors put a quarter of
-        their Jacobian entries beyond +-2, so a linear int8 scale would be either coarse or
-        clipped; relative precision is what the warp J_s J_d^-1 needs.
-    PRED: not a per-vector codec: the closed-loop predictive stream of ``CodedKeypoints``
-        messages (``shared.kpcodec``; keyframes are Q8 vectors, the rest residuals or nothing).
-    """
-
-    F16 = 0
-    Q8 = 1
-    PRED = 2
-
-
-VECTOR_CODECS = (Codec.F16, Codec.Q8)  # the codecs a KeypointBatch payload can use
 PREDICTORS = ("last", "linear")  # closed-loop predictors (shared.kpcodec.predict)
 MAX_PRED_GAP = 64  # largest max_gap a Hello may announce (frames skipped in a row)
-MAX_RESIDUAL_BYTES = 4 * KP_DIM  # a residual of a keypoint vector is never longer
-
-JAC_RANGE = 16.0
-_JAC_KNEE = 0.5  # the log scale is ~linear below this magnitude
-_JAC_NORM = float(np.log1p(JAC_RANGE / _JAC_KNEE))
-_NC = 2 * NUM_KP  # number of coordinate values
-
-
-def _jac_to_q8(j: np.ndarray) -> np.ndarray:
-    j = np.clip(j, -JAC_RANGE, JAC_RANGE)
-    return np.round(127 * np.sign(j) * np.log1p(np.abs(j) / _JAC_KNEE) / _JAC_NORM).astype("i1")
-
-
-def _q8_to_jac(q: np.ndarray) -> np.ndarray:
-    q = q.astype(np.float32)
-    j = (np.sign(q) * _JAC_KNEE * np.expm1(np.abs(q) / 127 * _JAC_NORM)).astype(np.float32)
-    # float32 rounding puts +-127 at 16.000002, past JACOBIAN_LIMIT: the decoder would refuse a
-    # sender's own keyframe whenever a Jacobian entry reached 15.78. The scale ends at JAC_RANGE.
-    return np.clip(j, -JAC_RANGE, JAC_RANGE)
-
-
-def frame_bytes(codec: Codec) -> int:
-    """Bytes of one vector in a KeypointBatch payload (F16 and Q8 only)."""
-    sizes = {Codec.F16: 2 * KP_DIM, Codec.Q8: 2 * _NC + (KP_DIM - _NC)}
-    if codec not in sizes:
-        raise ValueError(f"codec {codec} does not code single vectors")
-    return sizes[Codec(codec)]
-
-
-def encode_vector(vec: np.ndarray, codec: Codec = Codec.Q8) -> bytes:
-    """Quantise one 60-value keypoint vector. Raises ValueError on wrong size or NaN/inf."""
-    v = np.asarray(vec, dtype=np.float64).reshape(-1)
-    if v.size != KP_DIM:
-        raise ValueError(f"keypoint vector must have {KP_DIM} values, got {v.size}")
-    if not np.isfinite(v).all():
-        raise ValueError("keypoint vector contains NaN or inf")
-    coords = np.clip(v[:_NC], -1.0, 1.0)
-    jac = v[_NC:]
-    if codec == Codec.F16:
-        return np.concatenate([coords, np.clip(jac, -JACOBIAN_LIMIT, JACOBIAN_LIMIT)]).astype("<f2").tobytes()
-    if codec == Codec.Q8:
-        q_c = np.round((coords + 1.0) / 2.0 * 65535).astype("<u2")
-        return q_c.tobytes() + _jac_to_q8(jac).tobytes()
-    raise ValueError(f"unknown codec {codec}")
-
-
-def decode_vectors(payload: bytes, codec: int) -> np.ndarray:
-    """Payload of n frames -> (n, 60) float32. Raises ProtocolError."""
-    if codec not in VECTOR_CODECS:
-        raise ProtocolError("codec", f"codec {codec!r:.20} does not code single vectors")
-    codec = Codec(codec)
-    fb = frame_bytes(codec)
-    if len(payload) == 0 or len(payload) % fb:
-        raise ProtocolError("length", f"payload of {len(payload)} B is not a multiple of {fb} B")
-    n = len(payload) // fb
-    if codec == Codec.F16:
-        out = np.frombuffer(payload, dtype="<f2").reshape(n, KP_DIM).astype(np.float32)
-    else:
-        raw = np.frombuffer(payload, dtype=np.uint8).reshape(n, fb)
-        coords = raw[:, : 2 * _NC].copy().view("<u2").astype(np.float32) / 65535 * 2.0 - 1.0
-        jac = _q8_to_jac(raw[:, 2 * _NC:].copy().view("i1"))
-        out = np.concatenate([coords, jac], axis=1)
-    if not np.isfinite(out).all():
-        raise ProtocolError("nonfinite", "keypoints contain NaN or inf")
-    if np.abs(out[:, :_NC]).max() > COORD_LIMIT:
-        raise ProtocolError("range", "keypoint coordinate outside [-1, 1]")
-    if np.abs(out[:, _NC:]).max() > JACOBIAN_LIMIT:
-        raise ProtocolError("range", "Jacobian entry out of range")
-    return out
-
-
-# --------------------------------------------------------------------------- messages
 
 
 @dataclass(frozen=True)
@@ -527,8 +426,6 @@ def _coded_keypoints(f: list, image_id: int | None) -> CodedKeypoints:
         if len(payload) != frame_bytes(Codec.Q8):
             raise ProtocolError("length", "a keyframe carries one Q8 vector")
     else:
-        from shared.kpcodec import decode_residual  # lazily: kpcodec builds on this module
-
         try:
             decode_residual(payload)  # a valid bitstream of 60 residuals (their range is the decoder's call)
         except ValueError as e:
@@ -550,174 +447,3 @@ def legacy_bye(data: bytes | bytearray | memoryview, reason: str) -> bytes | Non
     if not isinstance(obj, list) or not obj or type(obj[0]) is not int or obj[0] not in LEGACY_VERSIONS:
         return None
     return msgpack.packb([obj[0], int(MsgType.BYE), reason[:256]], use_bin_type=True)
-
-
-# --------------------------------------------------------------------------- source image
-
-
-def split_source(jpeg: bytes, image_id: int, chunk_bytes: int = 16 * 1024) -> list[SourceChunk]:
-    """Split an encoded image into chunks that each fit one data-channel message."""
-    if not jpeg:
-        raise ValueError("empty source image")
-    if len(jpeg) > MAX_SOURCE_BYTES:
-        raise ValueError(f"source image of {len(jpeg)} B exceeds {MAX_SOURCE_BYTES} B")
-    digest = hashlib.sha256(jpeg).digest()[:DIGEST_BYTES]
-    parts = [jpeg[i:i + chunk_bytes] for i in range(0, len(jpeg), chunk_bytes)]
-    return [SourceChunk(image_id, i, len(parts), len(jpeg), digest, p) for i, p in enumerate(parts)]
-
-
-class SourceAssembler:
-    """Reassembles source-image chunks; returns the image bytes once complete and verified.
-
-    Only the newest image id is kept, so a stream of half-sent images cannot grow memory;
-    ids only go up, so the newest completed one is all it needs to refuse a replay.
-    """
-
-    def __init__(self) -> None:
-        self._id: int | None = None
-        self._parts: dict[int, bytes] = {}
-        self._size = 0  # bytes in _parts, kept as a sum: a peer may send thousands of tiny chunks
-        self._meta: tuple[int, int, bytes] | None = None
-        self.completed_id: int | None = None
-
-    def add(self, chunk: SourceChunk) -> bytes | None:
-        if chunk.image_id == self.completed_id:
-            raise ProtocolError("duplicate", f"image {chunk.image_id} already complete")
-        if self._id is not None and chunk.image_id < self._id:
-            raise ProtocolError("stale", f"chunk of old image {chunk.image_id}")
-        if chunk.image_id != self._id:
-            self._id, self._parts, self._meta = chunk.image_id, {}, (chunk.total, chunk.total_bytes, chunk.digest)
-            self._size = 0
-        if (chunk.total, chunk.total_bytes, chunk.digest) != self._meta:
-            raise ProtocolError("field", "chunk disagrees with earlier chunks of the same image")
-        if chunk.index in self._parts:
-            raise ProtocolError("duplicate", f"chunk {chunk.index} of image {chunk.image_id} twice")
-        if self._size + len(chunk.data) > chunk.total_bytes:
-            raise ProtocolError("length", "chunks exceed the announced image size")
-        self._parts[chunk.index] = chunk.data
-        self._size += len(chunk.data)
-        if len(self._parts) < chunk.total:
-            return None
-        blob = b"".join(self._parts[i] for i in range(chunk.total))
-        self._parts, self._size = {}, 0
-        if len(blob) != chunk.total_bytes or hashlib.sha256(blob).digest()[:DIGEST_BYTES] != chunk.digest:
-            raise ProtocolError("digest", "reassembled source image fails its checksum")
-        self.completed_id = chunk.image_id
-        return blob
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_JPEG_NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM and RSTn carry no segment length
-
-
-def _jpeg_size(blob: bytes) -> tuple[int, int]:
-    """(width, height) from the first SOF segment, the one libjpeg decodes with."""
-    if blob.count(b"\xff\xda") > MAX_JPEG_SCANS:  # FF DA cannot occur inside entropy-coded data
-        raise ProtocolError("source_image", f"JPEG with more than {MAX_JPEG_SCANS} scans")
-    pos, n = 2, len(blob)
-    while pos + 4 <= n:
-        if blob[pos] != 0xFF:
-            raise ProtocolError("source_image", "JPEG marker expected")
-        marker = blob[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _JPEG_NO_LENGTH:
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
-            break
-        length = int.from_bytes(blob[pos + 2:pos + 4], "big")
-        if length < 2:
-            raise ProtocolError("source_image", "JPEG segment length < 2")
-        if marker in _JPEG_SOF:
-            if length < 8 or pos + 9 > n:
-                raise ProtocolError("source_image", "truncated JPEG frame header")
-            h = int.from_bytes(blob[pos + 5:pos + 7], "big")
-            w = int.from_bytes(blob[pos + 7:pos + 9], "big")
-            return w, h
-        pos += 2 + length
-    raise ProtocolError("source_image", "JPEG without a frame header")
-
-
-def _webp_size(blob: bytes) -> tuple[int, int]:
-    kind = blob[12:16]
-    if kind == b"VP8 " and len(blob) >= 30 and blob[23:26] == b"\x9d\x01\x2a":
-        return int.from_bytes(blob[26:28], "little") & 0x3FFF, int.from_bytes(blob[28:30], "little") & 0x3FFF
-    if kind == b"VP8L" and len(blob) >= 25 and blob[20] == 0x2F:
-        bits = int.from_bytes(blob[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if kind == b"VP8X" and len(blob) >= 30:
-        return int.from_bytes(blob[24:27], "little") + 1, int.from_bytes(blob[27:30], "little") + 1
-    raise ProtocolError("source_image", "WebP without a frame header")
-
-
-def source_image_size(blob: bytes, max_pixels: int = MAX_SOURCE_PIXELS) -> tuple[int, int]:
-    """(width, height) of a JPEG, PNG or WebP source image, read from its header alone.
-
-    Raises ProtocolError("source_image") for any other format, a header without dimensions,
-    or more than ``max_pixels``: decoders allocate what the header claims before they notice
-    the data is missing, so this check has to come before decoding, not after.
-    """
-    b = bytes(blob)
-    if b.startswith(b"\xff\xd8\xff"):
-        w, h = _jpeg_size(b)
-    elif b.startswith(b"\x89PNG\r\n\x1a\n") and len(b) >= 24 and b[12:16] == b"IHDR":
-        w, h = int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
-    elif b.startswith(b"RIFF") and b[8:12] == b"WEBP":
-        w, h = _webp_size(b)
-    else:
-        raise ProtocolError("source_image", "source image must be a JPEG, PNG or WebP")
-    if w <= 0 or h <= 0:
-        raise ProtocolError("source_image", f"source image header claims {w}x{h}")
-    if w * h > max_pixels:
-        raise ProtocolError("source_image", f"source image of {w}x{h} exceeds {max_pixels} pixels")
-    return w, h
-
-
-# --------------------------------------------------------------------------- receiving side helpers
-
-
-class SequenceFilter:
-    """Rejects duplicate keypoint frames and frames older than ``window`` behind the newest."""
-
-    def __init__(self, window: int = 256) -> None:
-        self.window = window
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget every sequence number (the sender restarted its stream with a new Hello)."""
-        self.newest: int | None = None
-        self._seen: set[int] = set()
-
-    def check(self, seq: int) -> None:
-        if self.newest is not None and seq <= self.newest - self.window:
-            raise ProtocolError("stale", f"seq {seq} is {self.newest - seq} behind")
-        if seq in self._seen:
-            raise ProtocolError("duplicate", f"seq {seq} seen before")
-        self._seen.add(seq)
-        if self.newest is None or seq > self.newest:
-            self.newest = seq
-            floor = seq - self.window
-            if len(self._seen) > 2 * self.window:
-                self._seen = {s for s in self._seen if s > floor}
-
-
-@dataclass
-class RejectCounter:
-    """Counts rejected messages by reason and logs them without flooding the log."""
-
-    counts: Counter = field(default_factory=Counter)
-    log_interval_s: float = 2.0
-    _last_log: float = 0.0
-
-    def reject(self, err: ProtocolError) -> None:
-        self.counts[err.reason] += 1
-        now = time.monotonic()
-        if now - self._last_log >= self.log_interval_s:
-            self._last_log = now
-            log.warning("rejected message (%s); totals so far %s", err, dict(self.counts))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())

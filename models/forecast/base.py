@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.kpvector import KP_DIM
+
 log = logging.getLogger(__name__)
 
-KP_DIM = 60
 
 
 class Forecaster:

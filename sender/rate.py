@@ -17,6 +17,9 @@ The controller is deliberately plain, so it cannot oscillate:
 - it stays within ``[min_tolerance, max_tolerance]``: below the floor nothing more is
   gained in quality, above the ceiling the picture degrades while ``max_gap`` and the
   keyframes still set a minimum rate (the controller then reports ``saturated``).
+
+For the q8/f16 streams (every k-th frame's vector, in batches) ``choose_rate`` picks the
+decimation and batch whose estimated wire rate fits ``--target-kbps`` instead.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from shared.kpvector import TRANSPORT_OVERHEAD_B
+import numpy as np
+
+from shared import protocol as P
+from shared.kpvector import KP_DIM, TRANSPORT_OVERHEAD_B
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +124,40 @@ class RateController:
             self.tolerance = new
         self._last_change = t_s  # measure a whole window at this tolerance before judging it
         return self.tolerance
+
+
+# --------------------------------------------------------------------------- q8/f16 streams
+
+# --target-kbps may batch frames, but never so many that batching alone delays a frame by more.
+TARGET_MAX_BATCH_DELAY_MS = 100.0
+
+
+def estimate_kp_wire_kbps(kp_every: int, batch: int, fps: float, codec: P.Codec = P.Codec.Q8) -> float:
+    """Keypoint wire rate: encoded message bytes + transport overhead per message, at ``fps``."""
+    # Large seq/timestamp values so variable-length integer fields are sized as in a long call.
+    msg = P.KeypointBatch.build(10_000_000, 2**62, [np.zeros(KP_DIM, np.float32)]
+                                * batch, codec, step=kp_every, interval_us=int(1e6 * kp_every / fps))
+    messages_per_s = fps / (kp_every * batch)
+    return (len(P.encode(msg)) + TRANSPORT_OVERHEAD_B) * messages_per_s * 8 / 1000
+
+
+def choose_rate(target_kbps: float, fps: float, codec: P.Codec = P.Codec.Q8,
+                max_batch_delay_ms: float = TARGET_MAX_BATCH_DELAY_MS) -> tuple[int, int, float, bool]:
+    """Smallest decimation k, then smallest batch, whose estimated keypoint wire rate fits the target.
+
+    Returns ``(kp_every, batch, estimated_kbps, fits)``; when nothing fits, the cheapest candidate
+    with ``fits=False``. Batches are limited so batching delays a frame by at most
+    ``max_batch_delay_ms``: decimation costs accuracy, batching costs latency.
+    """
+    cheapest: tuple[int, int, float] | None = None
+    for k in range(1, 65):
+        for b in range(1, P.MAX_FRAMES_PER_BATCH + 1):
+            if b > 1 and (b - 1) * k / fps * 1000 > max_batch_delay_ms:
+                break
+            kbps = estimate_kp_wire_kbps(k, b, fps, codec)
+            if kbps <= target_kbps:
+                return k, b, kbps, True
+            if cheapest is None or kbps < cheapest[2]:
+                cheapest = (k, b, kbps)
+    assert cheapest is not None
+    return (*cheapest, False)

@@ -14,9 +14,11 @@ import pytest
 
 from bench.playout import Condition, analyse, kp_error
 from bench.playout import main as playout_main
-from sender.__main__ import choose_rate, estimate_kp_wire_kbps
+from sender.rate import choose_rate, estimate_kp_wire_kbps
 from shared import protocol as P
 from tests.utils import needs_netns
+
+pytestmark = pytest.mark.call  # a real call through network namespaces
 
 
 def _vec(x: float) -> np.ndarray:

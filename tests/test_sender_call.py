@@ -1,0 +1,38 @@
+"""The sender's call (sender.call): its stats record and the keypoint-file replay input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sender.call import SenderStats, load_replay
+from sender.capture import CaptureError
+
+
+def test_stats_dict_flattens_the_stages_and_summarises_extraction() -> None:
+    st = SenderStats(frames_captured=3, extract_ms=[10.0, 20.0, 30.0])
+    st.parts.update({"framing_changes": 2, "kp_messages": 7})
+    d = st.to_dict()
+    assert d["frames_captured"] == 3 and d["framing_changes"] == 2 and d["kp_messages"] == 7
+    assert d["extract_ms_p50"] == pytest.approx(20.0) and d["extract_ms_p95"] == pytest.approx(29.0)
+    assert "extract_ms" not in d and "parts" not in d
+    assert "source_sha256" not in d  # no image sent: no digest to compare
+    st.source_sha256 = "ab"
+    assert st.to_dict()["source_sha256"] == "ab"
+
+
+def test_stats_of_a_call_that_extracted_nothing() -> None:
+    d = SenderStats().to_dict()
+    assert d["extract_ms_p50"] == 0.0 and d["frames_sent"] == 0
+
+
+def test_replay_file_must_hold_keypoint_vectors(tmp_path: Path) -> None:
+    good = tmp_path / "truth.npz"
+    np.savez(good, vectors=np.zeros((5, 60)))
+    assert load_replay(str(good)).shape == (5, 60) and load_replay(str(good)).dtype == np.float32
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, vectors=np.zeros((5, 59)))
+    with pytest.raises(CaptureError, match="keypoint vectors"):
+        load_replay(str(bad))
+    with pytest.raises(CaptureError, match="cannot read"):
+        load_replay(str(tmp_path / "missing.npz"))

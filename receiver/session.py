@@ -33,6 +33,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from receiver.adapt import TierChange
 from receiver.batching import RenderBatcher
 from receiver.framelog import FramesLog
+from receiver.immediate import ImmediatePlayout, QueuedFrame
 from receiver.kpstream import PredictiveStream, StreamFrame
 from receiver.liveness import Liveness
 from receiver.render import Renderer
@@ -76,7 +77,6 @@ class SessionConfig:
 
 SOURCE_BURST_S = 0.1  # after the source image is ready, keypoints may still be draining out of SCTP
 CHANNEL_LABELS = ("control", "kp")  # what sender.peer opens
-MAX_QUEUED_FRAMES = 64  # immediate playout renders only the newest few of what is queued anyway
 
 
 class CallSession:
@@ -104,8 +104,7 @@ class CallSession:
         self._channels: set[str] = set()
         self.liveness = Liveness(config.heartbeat_timeout_s, config.setup_timeout_s, config.hello_timeout_s)
         self.closed = asyncio.Event()
-        # immediate playout: (seq, capture_us, vector, skipped by the sender)
-        self._queue: collections.deque[tuple[int, int, np.ndarray, bool]] = collections.deque()
+        self.immediate = ImmediatePlayout()  # --playout immediate (the clock's Playout is made at the Hello)
         self.kp_stream: PredictiveStream | None = None  # the decoder of a predictive (Codec.PRED) call
         self._wake = asyncio.Event()
         self._rate_window: collections.deque[float] = collections.deque()
@@ -113,7 +112,6 @@ class CallSession:
         self._next_source: tuple[bytes, int] | None = None  # complete while another image was decoding
         self._tasks: list[asyncio.Task] = []
         self.playout = None
-        self._last_rendered_seq = -1
         self._last_image: np.ndarray | None = None
         self._last_vector: np.ndarray | None = None  # what _last_image shows
         self.frames_log: FramesLog | None = FramesLog() if config.frames_log else None
@@ -225,8 +223,7 @@ class CallSession:
         if not first:  # the sender restarted its stream: its sequence numbers start over
             self.seq_filter.reset()
             self.sources.restart()
-            self._queue.clear()
-            self._last_rendered_seq = -1
+            self.immediate.reset()
             if self.playout is not None:
                 self.playout.reset()
         if first:
@@ -308,10 +305,8 @@ class CallSession:
             if not self.playout.push(seq, capture_us, vec, now, predicted=skipped) and not skipped:
                 self.rejects.reject(P.ProtocolError("late", f"seq {seq} arrived after its playout time"))
             return
-        if len(self._queue) >= MAX_QUEUED_FRAMES:  # e.g. no source image yet: keep the newest only
-            self._queue.popleft()
+        if not self.immediate.push(QueuedFrame(seq, capture_us, vec, skipped)):  # e.g. no source image yet
             self.stats.frames_dropped += 1
-        self._queue.append((seq, capture_us, vec, skipped))
 
     async def _set_sources(self, blob: bytes, image_id: int) -> None:
         """Decode this image, then any that completed meanwhile (the newest only)."""
@@ -410,34 +405,21 @@ class CallSession:
                 continue
             await self._wake.wait()
             self._wake.clear()
-            while self._queue and self.renderer.ready and not self.closed.is_set():
-                seq, capture_us, vec, skipped = self._queue[0]
-                route = self._route(seq, switch_ok=True)
-                if route == "old":
-                    self._queue.popleft()
-                    self.stats.frames_old_image += 1
-                    continue
-                if route == "wait":  # its image is not complete: wait (the queue is bounded) for it
+            while self.renderer.ready and not self.closed.is_set():
+                step = self.immediate.next(lambda seq: self._route(seq, switch_ok=True), self._shows)
+                if step is None:
                     break
-                if skipped and seq > self._last_rendered_seq and self._shows(vec):
-                    # a skipped frame predicted as the picture already shown ("last"): the same image,
-                    # shown again without rendering, so skipping frames never costs shown frames
-                    self._queue.popleft()
-                    self._last_rendered_seq = seq
-                    self._repeat(seq, capture_us, vec, None)
+                what, f = step
+                if what == "render":
+                    await self._render(f.seq, f.capture_us, f.vector)
+                    self.stats.frames_predicted += int(f.skipped)
+                elif what == "same":
+                    self._repeat(f.seq, f.capture_us, f.vector, None)
                     self.stats.frames_predicted += 1
-                    continue
-                if len(self._queue) > 3:  # behind real time: skip to the newest frames
-                    self._queue.popleft()
+                elif what == "old":
+                    self.stats.frames_old_image += 1
+                else:  # behind real time, or reordered
                     self.stats.frames_dropped += 1
-                    continue
-                self._queue.popleft()
-                if seq <= self._last_rendered_seq:  # reordered: an older frame is not worth showing
-                    self.stats.frames_dropped += 1
-                    continue
-                self._last_rendered_seq = seq
-                await self._render(seq, capture_us, vec)
-                self.stats.frames_predicted += int(skipped)
 
     async def _tick_clock(self) -> None:
         period = 1.0 / self.hello.fps
@@ -541,7 +523,7 @@ class CallSession:
         """After a Bye, show the frames already received before hanging up."""
         deadline = time.monotonic() + max_wait_s
         while time.monotonic() < deadline and not self.closed.is_set():
-            pending = len(self._queue) if self.playout is None else self.playout.pending()
+            pending = self.immediate.pending() if self.playout is None else self.playout.pending()
             if pending == 0 or not self.renderer.ready:
                 break
             await asyncio.sleep(0.02)

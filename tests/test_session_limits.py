@@ -15,6 +15,7 @@ import pytest
 
 from bench.fuzz import make_session, tiny_detector_id
 from shared import protocol as P
+from shared import source_image as S
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def _jpeg(h: int, w: int) -> bytes:
 
 
 async def _send_source(session, blob: bytes, image_id: int = 0) -> None:
-    for c in P.split_source(blob, image_id):
+    for c in S.split_source(blob, image_id):
         session.on_message("control", P.encode(c))
     if session._source_task is not None:
         await session._source_task
@@ -121,8 +122,8 @@ async def test_predictive_call_decodes_skipped_frames_and_asks_for_keyframes(exe
     for m in msgs[:5]:
         s.on_message("kp", P.encode(m))
     assert s.stats.frames_received == msgs[4].seq + 1 and s.stats.frames_skipped == msgs[4].seq + 1 - 5
-    assert [q[0] for q in s._queue] == list(range(msgs[4].seq + 1))  # every frame, in order
-    assert [q[3] for q in s._queue].count(True) == s.stats.frames_skipped
+    assert [q.seq for q in s.immediate.queued()] == list(range(msgs[4].seq + 1))  # every frame, in order
+    assert [q.skipped for q in s.immediate.queued()].count(True) == s.stats.frames_skipped
     # message 5 is lost: the following ones cannot be decoded, and the receiver asks for a keyframe, once
     for m in msgs[6:10]:
         s.on_message("kp", P.encode(m))
@@ -228,9 +229,9 @@ async def test_source_image_bombs_never_reach_the_decoder_and_decoding_is_off_th
     loop_thread = threading.get_ident()
 
     def spy(buf, flags):
-        w, h = P.source_image_size(bytes(buf), max_pixels=2**40)
+        w, h = S.source_image_size(bytes(buf), max_pixels=2**40)
         decoded.append((w * h, threading.get_ident() == loop_thread))
-        return real(buf, flags) if w * h <= P.MAX_SOURCE_PIXELS else None  # never allocate a bomb here
+        return real(buf, flags) if w * h <= S.MAX_SOURCE_PIXELS else None  # never allocate a bomb here
 
     monkeypatch.setattr(cv2, "imdecode", spy)
     s = make_session(executor)
@@ -263,27 +264,28 @@ async def test_a_second_hello_restarts_the_sequence_numbers(executor: ThreadPool
 
 async def test_only_valid_messages_are_signs_of_life(executor: ThreadPoolExecutor) -> None:
     s = make_session(executor, hello_timeout_s=5.0, heartbeat_timeout_s=1.5, setup_timeout_s=15.0)
-    t0 = s.created
+    t0 = s.liveness.created
     assert s._expired(t0 + 14.0) is None and s._expired(t0 + 16.0) == "peer timeout"  # silent peer
     s.on_message("control", b"\x00junk")  # its first message: the Hello is due within hello_timeout_s
-    first = s.first_message
+    first = s.liveness.first_message
     for _ in range(50):
         s.on_message("control", b"\x00junk")
     assert s._expired(first + 4.0) is None and s._expired(first + 6.0) == "no hello"
-    assert s.last_seen == t0  # junk does not refresh liveness
+    assert s.liveness.last_seen == t0  # junk does not refresh liveness
     stale = t0 - 100.0  # pretend the last valid message is long ago, so any refresh shows
-    s.last_seen = stale
+    s.liveness.last_seen = stale
     s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
-    hello_at = s.last_seen
+    hello_at = s.liveness.last_seen
     assert hello_at >= t0 and s._expired(hello_at + 1.0) is None
-    s.last_seen = stale
+    s.liveness.last_seen = stale
     s.on_message("kp", b"\x00more junk")  # after the Hello too
     # before the source image is in, the (possibly retransmitting) setup gets the setup timeout ...
-    assert s.last_seen == stale and s._expired(stale + 2.0) is None and s._expired(stale + 16.0) == "peer timeout"
+    assert s.liveness.last_seen == stale
+    assert s._expired(stale + 2.0) is None and s._expired(stale + 16.0) == "peer timeout"
     s.renderer.set_source(np.zeros((64, 64, 3), np.uint8))
     assert s._expired(stale + 2.0) == "peer timeout"  # ... and after it, the heartbeat timeout
     s.on_message("control", P.encode(P.Heartbeat(1)))
-    assert s.last_seen >= t0
+    assert s.liveness.last_seen >= t0
     await s.close("done")
 
 
@@ -304,5 +306,5 @@ async def test_keypoints_before_the_source_image_are_bounded(executor: ThreadPoo
     vec = np.array([0.0, 0.0] * 10 + [1.0, 0.0, 0.0, 1.0] * 10, np.float32)
     for i in range(100):
         s.on_message("kp", P.encode(P.KeypointBatch.build(i * 64, 0, [vec] * 64)))
-    assert s.stats.frames_received == 6400 and len(s._queue) <= 64
+    assert s.stats.frames_received == 6400 and s.immediate.pending() <= 64
     await s.close("done")

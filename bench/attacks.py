@@ -33,6 +33,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.rtcsctptransport import SCTP_DATA_FIRST_FRAG, USERDATA_MAX_LENGTH, DataChunk, tsn_plus_one
 
 from receiver.server import ServerConfig
+from shared import kpvector as V
 from shared import protocol as P
 from shared.signaling import OFFER_PATH, SignalingError, send_offer
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 WEBRTC_BINARY = 53  # SCTP payload protocol id of a binary data-channel message
 # A face-like keypoint vector: coordinates inside [-1, 1], identity Jacobians.
-NEUTRAL = np.array([0.1, -0.1] * P.NUM_KP + [1.0, 0.0, 0.0, 1.0] * P.NUM_KP, np.float32)
+NEUTRAL = np.array([0.1, -0.1] * V.NUM_KP + [1.0, 0.0, 0.0, 1.0] * V.NUM_KP, np.float32)
 FPS = 30.0
 OPEN_TIMEOUT_S = 20.0
 EVICT_AFTER_S = ServerConfig.evict_after_s  # a receiver's default: silent peers give way after this

@@ -48,34 +48,36 @@ its old name); ``ratio_equal_ssim_payload`` compares both without any transport 
 from __future__ import annotations
 
 import argparse
-import fractions
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
-import cv2
 import numpy as np
 
 from bench import common
+from bench.h264 import RTP_OVERHEAD_BYTES_PER_PACKET, aiortc_h264, h264_curve, rate_at_ssim
+from bench.wire_sim import (
+    FPS,
+    JPEG_QUALITY,
+    SACK_BYTES_ON_WIRE,
+    jpeg_source,
+    one_off_messages,
+    pred_stream_messages,
+    receive,
+    receive_pred,
+    stream_messages,
+    wire_kbps,
+)
 from models.fomm.io import weights_for_size
 from models.fomm.model import MotionModel
-from receiver.kpstream import PredictiveStream
-from sender.kpsend import PredictiveSender
 from shared import protocol
 from shared.kpcodec import DEFAULT_STREAM, PredictiveConfig
-from shared.protocol import Codec, Hello, KeypointBatch
+from shared.kpvector import TRANSPORT_OVERHEAD_B, Codec
 
 log = logging.getLogger(__name__)
 
-FPS = 30.0
-OVERHEAD_BYTES_PER_MSG = 95  # DTLS + SCTP + UDP + IPv4 per data-channel message, aiortc 1.16
-RTP_OVERHEAD_BYTES_PER_PACKET = 12 + 16 + 8 + 20  # RTP + SRTP AEAD-GCM tag + UDP + IPv4
 CRFS = (18, 23, 28, 33, 35, 38, 40, 43, 45, 48, 51)
-JPEG_QUALITY = 90
-TS_BASE_US = 5_000_000_000_000  # a sender clock that has passed 2^32 us, so ts fields take 9 B
-SACK_BYTES_ON_WIRE = 92  # one SCTP SACK back per received message (aiortc), measured in the demo
 HEADLINE = "PRED"  # the sender's default stream: the predictive codec with shared.kpcodec.DEFAULT_STREAM
 PREVIOUS_DEFAULT = "Q8:1:1"  # what the sender sent by default before the predictive codec
 
@@ -110,92 +112,6 @@ DEFAULT_PRED = PredSpec(DEFAULT_STREAM).key.removeprefix("PRED:")
 
 
 # --------------------------------------------------------------------------- keypoint stream
-
-
-def stream_messages(vectors: np.ndarray, codec: Codec, k: int, batch: int, fps: float = FPS,
-                    ts_base_us: int = TS_BASE_US) -> list[bytes]:
-    """Encoded KeypointBatch messages for a clip's keypoints (T,60): every k-th frame, B a message."""
-    sent = list(range(0, len(vectors), k))
-    out = []
-    for i in range(0, len(sent), batch):
-        group = sent[i:i + batch]
-        msg = KeypointBatch.build(seq0=group[0], ts0_us=ts_base_us + round(group[0] * 1e6 / fps),
-                                  vectors=[vectors[j] for j in group], codec=codec, step=k,
-                                  interval_us=round(k * 1e6 / fps))
-        out.append(protocol.encode(msg))
-    return out
-
-
-def receive(messages: list[bytes], n_frames: int) -> np.ndarray:
-    """What the receiver reconstructs: decode every message, interpolate to all frames (T,60)."""
-    seqs, vecs = [], []
-    for data in messages:
-        msg = protocol.decode(data)
-        assert isinstance(msg, KeypointBatch)
-        for seq, _ts, v in msg.frames():
-            seqs.append(seq)
-            vecs.append(v)
-    seqs_a, vecs_a = np.asarray(seqs, dtype=np.float64), np.stack(vecs)
-    t = np.arange(n_frames, dtype=np.float64)
-    # np.interp holds the end values, i.e. frames after the last sent one repeat it
-    return np.stack([np.interp(t, seqs_a, vecs_a[:, d]) for d in range(vecs_a.shape[1])], axis=1).astype(np.float32)
-
-
-def pred_stream_messages(vectors: np.ndarray, cfg: PredictiveConfig, fps: float = FPS) -> tuple[list[bytes], dict]:
-    """Encoded CodedKeypoints messages of a clip's keypoints (T,60), exactly as the sender's
-    PredictiveSender sends them (times after the Hello's base, the last frame always sent)."""
-    out: list[bytes] = []
-
-    def send(msg: protocol.CodedKeypoints) -> int:
-        out.append(protocol.encode(msg))
-        return len(out[-1])
-
-    ps = PredictiveSender(send, cfg, ts_base_us=0)
-    for i, v in enumerate(vectors):
-        ps.frame(i, round(i * 1e6 / fps), v, i / fps)
-    if len(vectors):
-        ps.finish(len(vectors) - 1, round((len(vectors) - 1) * 1e6 / fps), vectors[-1], len(vectors) / fps)
-    return out, ps.summary()
-
-
-def receive_pred(messages: list[bytes], n_frames: int, cfg: PredictiveConfig, fps: float = FPS) -> np.ndarray:
-    """What a lossless call shows: every frame decoded by the receiver's PredictiveStream (T,60).
-
-    A skipped frame is shown, at its own time, as the prediction the playout makes before the
-    next message arrives; ``PredictiveStream`` decodes it to the same integers (tests/test_playout).
-    """
-    stream = PredictiveStream(cfg, fps)
-    got: dict[int, np.ndarray] = {}
-    for data in messages:
-        msg = protocol.decode(data)
-        assert isinstance(msg, protocol.CodedKeypoints)
-        for f in stream.push(msg):
-            got[f.seq] = f.vector
-    if sorted(got) != list(range(n_frames)):
-        raise RuntimeError(f"the predictive stream decoded {len(got)} of {n_frames} frames")
-    return np.stack([got[i] for i in range(n_frames)]).astype(np.float32)
-
-
-def jpeg_source(frame: np.ndarray, quality: int = JPEG_QUALITY) -> tuple[bytes, np.ndarray]:
-    """JPEG bytes of an RGB uint8 frame, and the decoded image the receiver will use."""
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(frame[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    jpeg = buf.tobytes()
-    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
-    return jpeg, np.ascontiguousarray(decoded)
-
-
-def one_off_messages(jpeg: bytes, size: int, codec: Codec, k: int,
-                     pred: PredictiveConfig | None = None) -> list[bytes]:
-    """Hello + the source image's SourceChunk messages, sent once per call."""
-    hello = Hello(model="kp-" + "0" * 12, size=size, fps=FPS, codec=int(codec), kp_every=k,  # a detector id's length
-                  ts_base_us=TS_BASE_US, pred=pred.params() if pred is not None else None)
-    return [protocol.encode(hello)] + [protocol.encode(c) for c in protocol.split_source(jpeg, image_id=1)]
-
-
-def wire_kbps(msg_bytes: int, msgs: int, seconds: float) -> float:
-    return (msg_bytes + OVERHEAD_BYTES_PER_MSG * msgs) * 8 / seconds / 1000
 
 
 def keypoint_configs(model: MotionModel, clips: list[tuple[Any, np.ndarray]], codecs: list[Codec],
@@ -245,7 +161,7 @@ def keypoint_configs(model: MotionModel, clips: list[tuple[Any, np.ndarray]], co
     configs = []
     for key, a in acc.items():
         seconds = a["frames"] / FPS
-        one_off_wire = float(np.mean([by + OVERHEAD_BYTES_PER_MSG * n
+        one_off_wire = float(np.mean([by + TRANSPORT_OVERHEAD_B * n
                                       for by, n in zip(a["one_off_bytes"], a["one_off_msgs"], strict=True)]))
         kbps_stream = wire_kbps(a["msg_bytes"], a["msgs"], seconds)
         kbps_source = one_off_wire * 8 / call_seconds / 1000
@@ -281,137 +197,6 @@ def keypoint_configs(model: MotionModel, clips: list[tuple[Any, np.ndarray]], co
         })
     static = common.mean_over_clips(static_rows, ("ssim", "psnr", "l1", "l1_moving"))
     return configs, static
-
-
-# --------------------------------------------------------------------------- H.264
-
-
-def _encoder(w: int, h: int, options: dict[str, str], gop: int) -> av.video.codeccontext.VideoCodecContext:
-    ctx = av.CodecContext.create("libx264", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = w, h, "yuv420p"
-    ctx.framerate = fractions.Fraction(int(FPS), 1)
-    ctx.time_base = fractions.Fraction(1, int(FPS))
-    ctx.gop_size = gop  # keyframes only on request in a call: no periodic IDR within the clip
-    ctx.options = options
-    return ctx
-
-
-def _video_frame(f: np.ndarray, i: int) -> av.VideoFrame:
-    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24").reformat(format="yuv420p")
-    vf.pts = i
-    vf.time_base = fractions.Fraction(1, int(FPS))
-    return vf
-
-
-def rtp_packets(frame_bytes: bytes) -> list[bytes]:
-    """RTP payloads aiortc would send for one Annex-B access unit (its own packetiser)."""
-    from aiortc.codecs.h264 import H264Encoder
-
-    return H264Encoder._packetize(H264Encoder._split_bitstream(frame_bytes))
-
-
-def h264_encode(frames: np.ndarray, crf: int) -> tuple[list[bytes], np.ndarray, int]:
-    """Encode a clip (uint8 (T,H,W,3)); returns per-frame bitstreams, decoded frames, IDR count."""
-    t, h, w = frames.shape[:3]
-    enc = _encoder(w, h, {"preset": "veryfast", "tune": "zerolatency", "crf": str(crf)}, gop=t + 1)
-    dec = av.CodecContext.create("h264", "r")
-    per_frame: dict[int, bytes] = {}
-    decoded = []
-    keyframes = 0
-    packets = []
-    for i, f in enumerate(frames):
-        packets += enc.encode(_video_frame(f, i))
-    packets += enc.encode(None)
-    for p in packets:
-        per_frame[int(p.pts)] = bytes(p)
-        keyframes += int(p.is_keyframe)
-        decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(p)]
-    decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(None)]
-    if len(per_frame) != t or len(decoded) != t:
-        raise RuntimeError(f"libx264 gave {len(per_frame)} packets / {len(decoded)} frames for {t} frames")
-    return [per_frame[i] for i in range(t)], np.stack(decoded), keyframes
-
-
-def h264_curve(clips: list[tuple[Any, np.ndarray]], crfs: list[int], call_seconds: float) -> list[dict[str, Any]]:
-    curve = []
-    for crf in crfs:
-        rows, idr_bytes, steady_bytes, rtp_bytes, steady_frames, keyframes = [], [], 0, 0, 0, 0
-        for _info, frames in clips:
-            streams, decoded, kf = h264_encode(frames, crf)
-            ref = common.to_float(frames)
-            rows.append(common.frame_metrics(common.to_float(decoded[1:]), ref[1:], ref[0]))
-            idr_bytes.append(len(streams[0]))
-            steady_bytes += sum(len(s) for s in streams[1:])
-            rtp_bytes += sum(len(p) + RTP_OVERHEAD_BYTES_PER_PACKET for s in streams[1:] for p in rtp_packets(s))
-            steady_frames += len(frames) - 1
-            keyframes += kf
-        seconds = steady_frames / FPS
-        kbps = steady_bytes * 8 / seconds / 1000
-        idr_kbps = float(np.mean(idr_bytes)) * 8 / call_seconds / 1000
-        q = common.mean_over_clips(rows, ("ssim", "psnr", "l1"))
-        curve.append({"crf": crf, "kbps": kbps, "kbps_amortised_idr": kbps + idr_kbps,
-                      "kbps_rtp": rtp_bytes * 8 / seconds / 1000, "steady_bytes_total": steady_bytes,
-                      "steady_frames_total": steady_frames, "idr_bytes_mean": float(np.mean(idr_bytes)),
-                      "keyframes": keyframes, **q})
-        log.info("CRF %d: %.1f kbps SSIM %.3f", crf, kbps, q["ssim"])
-    return curve
-
-
-def aiortc_h264(clips: list[tuple[Any, np.ndarray]], target_bps: int) -> dict[str, Any]:
-    """Encode the clips with aiortc's own H264Encoder at a target bitrate; measure RTP payload bytes
-    (steady state, after the first frame) and decode them back for SSIM/PSNR."""
-    from aiortc.codecs.h264 import H264Encoder, h264_depayload
-
-    total, frames_n, rows = 0, 0, []
-    for _info, frames in clips:
-        enc = H264Encoder()
-        enc.target_bitrate = target_bps
-        dec = av.CodecContext.create("h264", "r")
-        decoded = []
-        for i, f in enumerate(frames):
-            payloads, _ts = enc.encode(_video_frame(f, i))
-            if i > 0:
-                total += sum(len(p) for p in payloads)
-            au = b"".join(h264_depayload(p) for p in payloads)
-            for pkt in dec.parse(au):
-                decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(pkt)]
-        for pkt in dec.parse(b""):
-            decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(pkt)]
-        decoded += [d.to_ndarray(format="rgb24") for d in dec.decode(None)]
-        frames_n += len(frames) - 1
-        ref = common.to_float(frames)
-        if len(decoded) == len(frames):
-            rows.append(common.frame_metrics(common.to_float(np.stack(decoded)[1:]), ref[1:], ref[0]))
-    q = common.mean_over_clips(rows, ("ssim", "psnr")) if rows else {"ssim": None, "psnr": None}
-    return {"target_kbps": enc.target_bitrate / 1000, "kbps": total * 8 / (frames_n / FPS) / 1000,
-            "clips_decoded": len(rows), **q}
-
-
-# --------------------------------------------------------------------------- comparison
-
-
-def monotone_curve(curve: list[dict[str, Any]], rate_key: str = "kbps") -> tuple[np.ndarray, np.ndarray]:
-    """The rate-SSIM frontier: points sorted by rate, keeping only those whose SSIM beats every
-    cheaper point (a dearer point with less SSIM is never the rate "needed" for a quality)."""
-    pts = sorted((c[rate_key], c["ssim"]) for c in curve)
-    keep = [pts[0]]
-    for r, s in pts[1:]:
-        if s > keep[-1][1]:
-            keep.append((r, s))
-    return np.array([p[0] for p in keep]), np.array([p[1] for p in keep])
-
-
-def rate_at_ssim(curve: list[dict[str, Any]], target: float, rate_key: str = "kbps") -> dict[str, Any]:
-    """H.264 rate needed for SSIM ``target``, linear in kbps between frontier points."""
-    rates, ssims = monotone_curve(curve, rate_key)
-    if target <= ssims[0]:
-        return {"kbps": float(rates[0]), "h264_floor_used": True, "h264_ceiling_used": False}
-    if target > ssims[-1]:  # beyond the best CRF tried: the highest rate is only a lower bound
-        return {"kbps": float(rates[-1]), "h264_floor_used": False, "h264_ceiling_used": True}
-    i = int(np.argmax(ssims >= target))
-    f = (target - ssims[i - 1]) / (ssims[i] - ssims[i - 1])
-    return {"kbps": float(rates[i - 1] + f * (rates[i] - rates[i - 1])), "h264_floor_used": False,
-            "h264_ceiling_used": False}
 
 
 # --------------------------------------------------------------------------- output
@@ -485,7 +270,7 @@ def tables(res: dict[str, Any]) -> str:
         f"previous default {prev['name']}: {prev['kbps_wire']:.2f} kbps on the wire, SSIM {prev['ssim']:.4f}, "
         f"ratio_equal_ssim {prev['ratio_equal_ssim']:.2f}x, _wire {prev['ratio_equal_ssim_wire']:.2f}x\n")
     summary = (
-        f"headline {kp['config']}: {kp['kbps_wire']:.2f} kbps on the wire (incl. {OVERHEAD_BYTES_PER_MSG} B/msg "
+        f"headline {kp['config']}: {kp['kbps_wire']:.2f} kbps on the wire (incl. {TRANSPORT_OVERHEAD_B} B/msg "
         f"transport, source amortised over {res['call_seconds']:.0f} s), {kp['msgs_per_s']:.1f} msg/s, "
         f"+{kp['added_delay_ms']:.0f} ms, SSIM {kp['ssim']:.4f}, PSNR {kp['psnr']:.2f} dB\n"
         f"H.264 at equal SSIM: {eq['kbps']:.2f} kbps{floor}{ceiling} -> ratio_equal_ssim "
@@ -581,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "clips": len(loaded), "size": size, "frames": int(sum(len(f) for _, f in loaded)), "fps": FPS,
         "weights": str(wpath), "weights_step": meta.get("step"), "split": a.split, "kinds": a.kinds,
         "call_seconds": a.call_seconds, "batches": batches,
-        "overhead_bytes_per_msg": OVERHEAD_BYTES_PER_MSG,
+        "overhead_bytes_per_msg": TRANSPORT_OVERHEAD_B,
         "overhead_note": "95 B per data-channel message = DTLS + SCTP + UDP + IPv4, measured for aiortc 1.16",
         "keypoints": {"config": head["name"], **head},
         # the sender's default before the predictive codec (every frame, Q8, one per message), when run
@@ -601,11 +386,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_vs_webrtc_h264_min_target": webrtc["min_bitrate_kbps"] / head["kbps_wire"],
         "assumptions": [
             "all clips played at 30 fps whatever their recorded rate; frame 0 is the source and is not scored",
-            (f"keypoint stream: exact shared.protocol message bytes + {OVERHEAD_BYTES_PER_MSG} B/message transport "
+            (f"keypoint stream: exact shared.protocol message bytes + {TRANSPORT_OVERHEAD_B} B/message transport "
             "(DTLS+SCTP+UDP+IPv4, measured for aiortc 1.16); SCTP acknowledgements flowing back "
             "(~22 kbps at 30 msg/s measured) are not counted, nor is RTCP for H.264"),
             (f"Hello + JPEG source (quality {JPEG_QUALITY}, model size) in SourceChunk messages, each + "
-            f"{OVERHEAD_BYTES_PER_MSG} B, sent once and amortised over {a.call_seconds:.0f} s"),
+            f"{TRANSPORT_OVERHEAD_B} B, sent once and amortised over {a.call_seconds:.0f} s"),
             ("timestamps use a sender clock past 2^32 us (ts fields 9 B in msgpack); seq starts at 0; the "
              "predictive stream's times count from its Hello's base (as the sender sends them)"),
             ("predictive stream: shared.kpcodec through the sender's own PredictiveSender and the receiver's "

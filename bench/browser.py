@@ -42,13 +42,13 @@ from bench.calls import env, start_receiver, stop
 from bench.netns import two_hosts
 from models.data import read_clip
 from models.fomm.io import WEIGHTS_DIR
+from shared.kpvector import TRANSPORT_OVERHEAD_B
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "assets" / "demo_face.mp4"
 FPS = 25  # the clip's rate, and the fake camera's
 PORT = 8080
-WIRE_OVERHEAD = 95  # bytes of IPv4 + UDP + DTLS + SCTP per data-channel message (receiver.stats)
 
 BENCH_JS = """(async () => {
   const timeout = (s) => new Promise((r) => setTimeout(() => r({ error: `no answer within ${s} s` }), s * 1000));
@@ -89,7 +89,7 @@ def _per_frame(call: dict, frames: int) -> dict[str, Any]:
     msgs, b = call["keypoint_messages"], call["keypoint_message_bytes"]
     return {"frames": frames, "messages": msgs, "message_bytes": b, "bytes_per_frame": b / frames,
             "bytes_per_message": b / msgs if msgs else None,
-            "wire_bytes_per_frame": (b + WIRE_OVERHEAD * msgs) / frames,
+            "wire_bytes_per_frame": (b + TRANSPORT_OVERHEAD_B * msgs) / frames,
             "frames_skipped": call["frames_skipped"], "keyframes": call["keyframes_received"]}
 
 

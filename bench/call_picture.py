@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from bench import common
-from bench.bandwidth import jpeg_source
+from bench.wire_sim import jpeg_source
 from models.fomm.model import MotionModel
 
 log = logging.getLogger(__name__)

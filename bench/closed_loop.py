@@ -40,12 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.bandwidth import FPS, OVERHEAD_BYTES_PER_MSG
 from bench.common import format_table, new_figure, set_threads, write_json
+from bench.wire_sim import FPS
 from models.fomm.io import DEFAULT_WEIGHTS
 from models.forecast import load_forecaster
 from models.forecast.base import Forecaster
 from models.forecast.dataset import DEFAULT_CACHE, extract_series, split_clips
+from shared import kpvector as V
 from shared import protocol as P
 from shared.kpcodec import (
     DEFAULT_STREAM,
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 
 BUILTIN = ("last", "linear")
 LEARNED = ("gru", "vrnn", "grunf")
-TS_BASE_US = 5_000_000_000_000  # as bench.bandwidth: a sender clock past 2^32 us
 
 
 def learned_predictor(f: Forecaster, cfg: PredictiveConfig, samples: int, seed: int = 0) -> Predictor:
@@ -91,14 +91,14 @@ def encode_clip(kp: np.ndarray, cfg: PredictiveConfig, predictor: Predictor | No
         if coded is not None:
             frames.append(coded)
             msg = P.CodedKeypoints(coded.seq, coded.prev_seq, coded.key, round(i * 1e6 / FPS), coded.payload)
-            wire += len(P.encode(msg)) + OVERHEAD_BYTES_PER_MSG
+            wire += len(P.encode(msg)) + V.TRANSPORT_OVERHEAD_B
     return frames, decoded, wire
 
 
 def decode_clip(frames: list[CodedFrame], n: int, cfg: PredictiveConfig, predictor: Predictor | None,
                 history_len: int) -> np.ndarray:
     dec = PredictiveDecoder(cfg, predictor=predictor, history_len=history_len)
-    out = np.full((n, P.KP_DIM), np.nan, np.float32)
+    out = np.full((n, V.KP_DIM), np.nan, np.float32)
     for f in frames:
         for d in dec.push(f):
             out[d.seq] = d.vector

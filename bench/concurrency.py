@@ -41,7 +41,7 @@ def _abandon(starting: Future[subprocess.Popen]) -> None:
     """Kill a receiver that was being started, once it has (or has failed to)."""
     try:
         proc = starting.result()
-    except Exception:  # noqa: BLE001 - it never started: nothing to kill
+    except Exception:  # it never started: nothing to kill
         return
     proc.kill()
     proc.wait()

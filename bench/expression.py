@@ -52,7 +52,8 @@ import cv2
 import numpy as np
 
 from bench import common
-from bench.bandwidth import FPS, h264_encode, pred_stream_messages, receive, receive_pred, stream_messages, wire_kbps
+from bench.h264 import h264_encode
+from bench.wire_sim import FPS, pred_stream_messages, receive, receive_pred, stream_messages, wire_kbps
 from models.fomm.io import weights_for_size
 from models.landmarks import LANDMARK_SIZE, FaceLandmarks
 from shared import protocol

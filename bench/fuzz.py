@@ -34,7 +34,9 @@ import msgpack
 import numpy as np
 
 from bench.common import format_table, write_json
+from shared import kpvector as V
 from shared import protocol as P
+from shared import source_image as S
 from shared.kpcodec import PredictiveConfig, PredictiveEncoder
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class Inputs:
         self.image_id += 1
         self.encoder, self.pred_seq = PredictiveEncoder(self.pred), 0  # a new stream starts with a keyframe
         self.pending = [P.encode(self._hello(tiny_detector_id(), MODEL_SIZE, 30.0, self.r.choice(list(P.Codec)), 1)),
-                        *(P.encode(c) for c in P.split_source(self.jpeg, self.image_id, chunk_bytes=1024))]
+                        *(P.encode(c) for c in S.split_source(self.jpeg, self.image_id, chunk_bytes=1024))]
 
     # valid messages -------------------------------------------------------
     def valid_message(self) -> P.Message:
@@ -121,7 +123,7 @@ class Inputs:
             self.seq += r.choice([1, 1, 1, 2, 0, -3])  # mostly forward, some duplicates and reorders
             self.seq = max(self.seq, 0)
             self.ts_us += 33_333
-            return P.KeypointBatch.build(self.seq, self.ts_us, vecs, r.choice(P.VECTOR_CODECS),
+            return P.KeypointBatch.build(self.seq, self.ts_us, vecs, r.choice(V.VECTOR_CODECS),
                                          step=r.choice([1, 1, 2]), interval_us=33_333)
         if k < 0.60:
             return P.Heartbeat(self.ts_us)
@@ -133,7 +135,7 @@ class Inputs:
                                r.choice(list(P.Codec)), r.choice([1, 1, 2]))
         if k < 0.90:
             self.image_id += r.choice([1, 1, 0])
-            chunks = P.split_source(self.jpeg, self.image_id, chunk_bytes=r.choice([256, 1024, 16384]))
+            chunks = S.split_source(self.jpeg, self.image_id, chunk_bytes=r.choice([256, 1024, 16384]))
             return r.choice(chunks)
         if k < 0.94:
             return P.SourceRequest(r.choice(["", "scene change", "x" * 300]))
@@ -163,10 +165,10 @@ class Inputs:
     def _still(self) -> np.ndarray:
         """A face that barely moves: most frames are skipped, the rest are small residuals."""
         v = np.concatenate([np.linspace(-0.5, 0.5, 20), np.tile([1, 0, 0, 1], 10)]).astype(np.float32)
-        return v + self.np.normal(0, 0.003, P.KP_DIM).astype(np.float32)
+        return v + self.np.normal(0, 0.003, V.KP_DIM).astype(np.float32)
 
     def _vector(self) -> np.ndarray:
-        v = np.empty(P.KP_DIM, np.float32)
+        v = np.empty(V.KP_DIM, np.float32)
         v[:20] = self.np.uniform(-1, 1, 20)
         v[20:] = np.tile([1, 0, 0, 1], 10) + self.np.normal(0, 0.2, 40)
         return v

@@ -54,12 +54,12 @@ from bench.calls import stop, wait_ready
 from bench.common import format_table, new_figure, write_json
 from bench.netns import NetnsUnavailable, impaired_link, netns_popen, require_root
 from receiver.session import DEFAULT_FORECASTER
+from shared.kpvector import TRANSPORT_OVERHEAD_B
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLIP = ROOT / "assets" / "demo_face.mp4"
-OVERHEAD_BYTES_PER_MESSAGE = 95  # as receiver.stats and sender.__main__
 STALL_S = 0.1
 SHORT_RUN = 5  # concealed frames at the start of a concealment run that count as a "short gap"
 PORT = 8080  # each condition has fresh namespaces, so a fixed port never collides
@@ -189,7 +189,7 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
     # arrives: counted, but apart, since no truth exists for those seqs
     out["concealed_after_end"] = int(((kind == "concealed") & (seq > last_seq)).sum())
     media_s = sender.get("frames_captured", 0) / fps if fps > 0 else 0.0
-    wire_bytes = int(sender.get("keypoint_message_bytes", 0)) + OVERHEAD_BYTES_PER_MESSAGE * int(
+    wire_bytes = int(sender.get("keypoint_message_bytes", 0)) + TRANSPORT_OVERHEAD_B * int(
         sender.get("messages_sent", 0))
     out.update({
         "frames_captured": int(sender.get("frames_captured", 0)),

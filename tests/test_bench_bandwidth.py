@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from bench import bandwidth, common
+from bench import bandwidth, common, h264, wire_sim
 from models.data import load_clips, load_frames
-from shared import protocol
+from shared import protocol, source_image
 from shared.protocol import Codec, Hello
 
 try:  # run as `python -m pytest` from the repo root (the project's way) ...
@@ -63,13 +63,13 @@ def test_bytes_are_the_encoded_messages(run: tuple[dict, Path, Path]) -> None:
     for c in res["configs"]:
         if c["codec"] == "PRED":
             cfg = bandwidth.PredSpec.parse(c["name"].removeprefix("PRED:")).cfg
-            msgs = [m for kp in kps for m in bandwidth.pred_stream_messages(kp, cfg)[0]]
+            msgs = [m for kp in kps for m in wire_sim.pred_stream_messages(kp, cfg)[0]]
             assert c["msgs_total"] == len(msgs) == c["frames_sent"]
             assert c["msg_bytes_total"] == sum(len(m) for m in msgs)
             assert c["frames_sent"] + c["frames_skipped"] == c["frames_total"]
             assert all(isinstance(protocol.decode(m), protocol.CodedKeypoints) for m in msgs)
             continue
-        msgs = [m for kp in kps for m in bandwidth.stream_messages(kp, Codec[c["codec"]], c["k"], c["batch"])]
+        msgs = [m for kp in kps for m in wire_sim.stream_messages(kp, Codec[c["codec"]], c["k"], c["batch"])]
         assert c["msgs_total"] == len(msgs)
         assert c["msg_bytes_total"] == sum(len(m) for m in msgs)
         assert c["payload_bytes_per_msg"] == pytest.approx(c["msg_bytes_total"] / c["msgs_total"])
@@ -81,7 +81,7 @@ def test_bytes_are_the_encoded_messages(run: tuple[dict, Path, Path]) -> None:
 def test_receiver_reconstruction_follows_the_wire() -> None:
     rng = np.random.default_rng(0)
     kp = np.concatenate([rng.uniform(-0.8, 0.8, (7, 20)), rng.uniform(-1.5, 1.5, (7, 40))], axis=1).astype(np.float32)
-    got = bandwidth.receive(bandwidth.stream_messages(kp, Codec.F16, 2, 3), 7)
+    got = wire_sim.receive(wire_sim.stream_messages(kp, Codec.F16, 2, 3), 7)
     np.testing.assert_allclose(got[::2], kp[::2], atol=2e-3)  # sent frames: F16 rounding only
     np.testing.assert_allclose(got[1], (got[0] + got[2]) / 2, atol=1e-6)  # missing frames interpolated
     assert not np.allclose(got[1], kp[1], atol=1e-3)  # ... which is not the true frame
@@ -95,13 +95,13 @@ def test_predictive_reconstruction_is_the_decoded_stream() -> None:
     coords = rng.uniform(-0.5, 0.5, 20) + np.cumsum(rng.normal(0, 0.002, (90, 20)), 0)  # a slow random walk
     kp = np.concatenate([coords, np.tile([1.0, 0, 0, 1.0], (90, 10))], axis=1).astype(np.float32)
     cfg = PredictiveConfig(tolerance=0.005, max_gap=6)
-    msgs, summary = bandwidth.pred_stream_messages(kp, cfg)
-    got = bandwidth.receive_pred(msgs, len(kp), cfg)
+    msgs, summary = wire_sim.pred_stream_messages(kp, cfg)
+    got = wire_sim.receive_pred(msgs, len(kp), cfg)
     assert np.abs(got[:, :20] - kp[:, :20]).max() <= 0.005 + cfg.coord_step
     assert summary["frames_skipped"] > 10 and len(msgs) == summary["frames_sent"] < len(kp)
     assert protocol.decode(msgs[-1]).seq == len(kp) - 1  # the last frame is always sent
     with pytest.raises(RuntimeError, match="decoded"):
-        bandwidth.receive_pred(msgs[:1] + msgs[2:], len(kp), cfg)  # a lost message: not a lossless stream
+        wire_sim.receive_pred(msgs[:1] + msgs[2:], len(kp), cfg)  # a lost message: not a lossless stream
 
 
 def test_rates_follow_their_definitions(run: tuple[dict, Path, Path]) -> None:
@@ -116,10 +116,10 @@ def test_rates_follow_their_definitions(run: tuple[dict, Path, Path]) -> None:
         one_off = []
         pred = bandwidth.PredSpec.parse(c["name"].removeprefix("PRED:")).cfg.params() if c["codec"] == "PRED" else None
         for f in frames:
-            jpeg, _ = bandwidth.jpeg_source(f[0])
+            jpeg, _ = wire_sim.jpeg_source(f[0])
             msgs = [protocol.encode(Hello("kp-" + "0" * 12, SIZE, FPS, int(Codec[c["codec"]]), c["k"],
-                                          ts_base_us=bandwidth.TS_BASE_US, pred=pred))]
-            msgs += [protocol.encode(ch) for ch in protocol.split_source(jpeg, 1)]
+                                          ts_base_us=wire_sim.TS_BASE_US, pred=pred))]
+            msgs += [protocol.encode(ch) for ch in source_image.split_source(jpeg, 1)]
             one_off.append(sum(len(m) + 95 for m in msgs))
         assert c["kbps_source_amortised"] == pytest.approx(np.mean(one_off) * 8 / CALL_S / 1000)
         assert c["kbps_wire"] == pytest.approx(c["kbps_stream"] + c["kbps_source_amortised"])
@@ -176,9 +176,9 @@ def test_ratios_equal_their_definitions(run: tuple[dict, Path, Path]) -> None:
 
 def test_floor_flag() -> None:
     curve = [{"kbps": 10.0, "ssim": 0.9}, {"kbps": 4.0, "ssim": 0.6}, {"kbps": 5.0, "ssim": 0.55}]
-    lo = bandwidth.rate_at_ssim(curve, 0.3)
+    lo = h264.rate_at_ssim(curve, 0.3)
     assert lo["h264_floor_used"] and lo["kbps"] == 4.0  # 5 kbps gives less SSIM than 4: not on the curve
-    mid = bandwidth.rate_at_ssim(curve, 0.75)
+    mid = h264.rate_at_ssim(curve, 0.75)
     assert not mid["h264_floor_used"] and mid["kbps"] == pytest.approx(7.0)
 
 
@@ -193,7 +193,7 @@ def test_webrtc_constants_and_static_row(run: tuple[dict, Path, Path]) -> None:
     # static source = the receiver's (JPEG) source shown for every scored frame
     ssims = []
     for f in load_frames(load_clips(data, ["face"]), SIZE):
-        _, src = bandwidth.jpeg_source(f[0])
+        _, src = wire_sim.jpeg_source(f[0])
         g = f.astype(np.float32) / 255
         s = src.astype(np.float32) / 255
         ssims.append(np.mean([structural_similarity(s, x, channel_axis=-1, data_range=1) for x in g[1:]]))

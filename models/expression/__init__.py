@@ -1,0 +1,23 @@
+"""Expression measured from pixels: eye and mouth openings (labels, patches, a regressor and its training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.checkpoint import load_state, read_checkpoint, save_checkpoint
+from models.expression.regressor import OpeningConfig, OpeningNet
+
+KIND = "opening-regressor"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "openings.pt"
+
+
+def save_regressor(path: str | Path, net: OpeningNet, meta: dict | None = None) -> int:
+    return save_checkpoint(path, net, KIND, net.config.to_dict(), meta)
+
+
+def load_regressor(path: str | Path = DEFAULT_WEIGHTS) -> tuple[OpeningNet, dict]:
+    """The regressor in eval mode and its checkpoint's meta; raises CheckpointError."""
+    blob = read_checkpoint(path, KIND)
+    net = OpeningNet(OpeningConfig(**blob["config"]))
+    load_state(net, blob["state_dict"], path)
+    return net.eval(), blob["meta"]

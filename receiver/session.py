@@ -40,10 +40,11 @@ from receiver.render import Renderer
 from receiver.seqfilter import SequenceFilter
 from receiver.sinks import Sink, make_sink
 from receiver.sources import SourceRouter
-from receiver.stats import CallStats, transport_counters
+from receiver.stats import CallStats
 from receiver.tiers import TieredRenderer
 from shared import protocol as P
 from shared import source_image as S
+from shared.channels import CHANNEL_LABELS, CONTROL_LABEL, KEYPOINT_LABEL, transport_counters
 from shared.errors import RejectCounter
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,6 @@ class SessionConfig:
 
 
 SOURCE_BURST_S = 0.1  # after the source image is ready, keypoints may still be draining out of SCTP
-CHANNEL_LABELS = ("control", "kp")  # what sender.peer opens
 
 
 class CallSession:
@@ -126,7 +126,7 @@ class CallSession:
             self.rejects.reject(P.ProtocolError("channel", "unexpected data channel"))
             return
         self._channels.add(channel.label)
-        if channel.label == "control":
+        if channel.label == CONTROL_LABEL:
             self.control = channel
         channel.on("message", lambda data, label=channel.label: self.on_message(label, data))
 
@@ -162,11 +162,11 @@ class CallSession:
                 self._refuse_version(data, e)
             raise
         if isinstance(msg, P.KeypointBatch):
-            if label != "kp":
+            if label != KEYPOINT_LABEL:
                 raise P.ProtocolError("channel", "keypoints on the control channel")
             self._on_keypoints(msg, len(data), now)
         elif isinstance(msg, P.CodedKeypoints):
-            if label != "kp":
+            if label != KEYPOINT_LABEL:
                 raise P.ProtocolError("channel", "keypoints on the control channel")
             self._on_coded(msg, len(data), now)
         elif isinstance(msg, P.Hello):

@@ -12,24 +12,6 @@ import numpy as np
 from shared.kpvector import TRANSPORT_OVERHEAD_B
 
 
-def transport_counters(pc: Any) -> dict[str, int]:
-    """UDP bytes and packets each way on a peer connection's data-channel transport ({} if unknown).
-
-    aiortc's ``RTCPeerConnection.getStats()`` reports media senders and receivers only; the
-    data channels' DTLS transport has no public counters, so this reads its ``_get_stats``
-    (best effort: a later aiortc without it gives {}, and the call's stats just lack them).
-    """
-    try:
-        report = pc.sctp.transport._get_stats() if pc.sctp else {}
-        s = next(iter(report.values()), None)
-    except Exception:  # stats are best effort
-        return {}
-    if s is None:
-        return {}
-    return {"udp_bytes_received": s.bytesReceived, "udp_packets_received": s.packetsReceived,
-            "udp_bytes_sent": s.bytesSent, "udp_packets_sent": s.packetsSent}
-
-
 def percentile(xs: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(xs), q)) if xs else None
 

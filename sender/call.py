@@ -38,7 +38,7 @@ from shared.ice import addresses_for_receiver, restrict_host_addresses
 from shared.ice_servers import rtc_configuration
 from shared.kpvector import KP_DIM
 
-log = logging.getLogger("sender")
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5  # a heartbeat goes out only when no keypoint message did for this long
 # A refreshed source image frames the face exactly as the one it replaces, so the keypoints fit

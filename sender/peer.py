@@ -11,14 +11,13 @@ from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
 
 from shared import protocol as P
 from shared import source_image as S
+from shared.channels import CONTROL_LABEL, KEYPOINT_LABEL, transport_counters
 from shared.errors import RejectCounter
 from shared.ice_servers import check_relay
 from shared.signaling import send_offer
 
 log = logging.getLogger(__name__)
 
-CONTROL_LABEL = "control"  # ordered, reliable: hello, source image, heartbeats, bye
-KEYPOINT_LABEL = "kp"  # unordered, maxRetransmits=0: a late keypoint is worth nothing
 MAX_BUFFERED_BYTES = 32 * 1024  # above this the link is congested: drop keypoints, don't queue them
 
 
@@ -32,8 +31,8 @@ class SenderPeer:
         self.kp: RTCDataChannel = self.pc.createDataChannel(KEYPOINT_LABEL, ordered=False, maxRetransmits=0)
         self.on_message = on_message
         self.closed = asyncio.Event()
-        self.bytes_sent = {"control": 0, "kp": 0}
-        self.messages_sent = {"control": 0, "kp": 0}
+        self.bytes_sent = {CONTROL_LABEL: 0, KEYPOINT_LABEL: 0}
+        self.messages_sent = {CONTROL_LABEL: 0, KEYPOINT_LABEL: 0}
         self.kp_dropped_congestion = 0
         self.rejected = RejectCounter()
         self.control.on("message", self._on_control)
@@ -70,8 +69,8 @@ class SenderPeer:
     def send_control(self, msg: P.Message) -> int:
         data = P.encode(msg)
         self.control.send(data)
-        self.bytes_sent["control"] += len(data)
-        self.messages_sent["control"] += 1
+        self.bytes_sent[CONTROL_LABEL] += len(data)
+        self.messages_sent[CONTROL_LABEL] += 1
         return len(data)
 
     async def send_source(self, jpeg: bytes, image_id: int) -> int:
@@ -94,19 +93,13 @@ class SenderPeer:
             return 0
         data = P.encode(msg)
         self.kp.send(data)
-        self.bytes_sent["kp"] += len(data)
-        self.messages_sent["kp"] += 1
+        self.bytes_sent[KEYPOINT_LABEL] += len(data)
+        self.messages_sent[KEYPOINT_LABEL] += 1
         return len(data)
 
     def wire_stats(self) -> dict[str, int]:
         """UDP payload bytes/packets through DTLS (all channels, handshakes included)."""
-        try:
-            report = self.pc.sctp.transport._get_stats()  # aiortc keeps per-transport counters here
-            s = next(iter(report.values()))
-            return {"udp_bytes_sent": s.bytesSent, "udp_packets_sent": s.packetsSent,
-                    "udp_bytes_received": s.bytesReceived, "udp_packets_received": s.packetsReceived}
-        except Exception:  # stats are best effort, never fatal
-            return {}
+        return transport_counters(self.pc)
 
     async def close(self, reason: str = "done") -> None:
         if self.control.readyState == "open":

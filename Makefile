@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv demo test lint bench bench-val train train-256 train-expr quantize clean
+.PHONY: venv demo test test-fast lint bench bench-val train train-256 train-expr quantize clean
 
 venv: .venv/.installed
 
@@ -16,6 +16,10 @@ demo: venv
 # two workers (pytest-xdist), a test module's tests on one of them (its module fixtures start once)
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadscope
+
+# the same without the modules that start real calls, processes or network peers (marked `call`): about a minute
+test-fast: venv
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not call"
 
 lint: venv
 	$(PY) -m ruff check .

@@ -216,7 +216,7 @@ async def probe_slots(host: str, port: int, max_calls: int) -> int:
 
 
 async def normal_call(http: aiohttp.ClientSession, rec: Receiver, weights: Path, frames: int, fps: float,
-                      work: Path) -> dict[str, Any]:
+                      work: Path, min_rendered: float = MIN_RENDERED) -> dict[str, Any]:
     """A real sender call; the receiver's account of it comes from /stats."""
     before = (await get_json(http, rec.url + "/stats") or {}).get("calls_finished", 0)
     out = work / "sender.json"
@@ -251,7 +251,7 @@ async def normal_call(http: aiohttp.ClientSession, rec: Receiver, weights: Path,
         await asyncio.sleep(0.1)
     if result["frames"]:
         result["rendered"] = result["frames_rendered"] / result["frames"]
-    result["ok"] = proc.returncode == 0 and result["frames"] > 0 and result["rendered"] >= MIN_RENDERED
+    result["ok"] = proc.returncode == 0 and result["frames"] > 0 and result["rendered"] >= min_rendered
     return result
 
 
@@ -277,7 +277,7 @@ def describe(outcome: Outcome, calls: list[dict[str, Any]]) -> str:
 
 
 async def run_attack(attack: Attack, rec: Receiver, target: Target, http: aiohttp.ClientSession, weights: Path,
-                     frames: int, fps: float, work: Path) -> dict[str, Any]:
+                     frames: int, fps: float, work: Path, min_rendered: float = MIN_RENDERED) -> dict[str, Any]:
     assert rec.proc is not None
     pid = rec.proc.pid
     before = (await get_json(http, rec.url + "/stats") or {}).get("calls_finished", 0)
@@ -304,7 +304,8 @@ async def run_attack(attack: Attack, rec: Receiver, target: Target, http: aiohtt
     stats = await get_json(http, rec.url + "/stats") or {}
     n_new = stats.get("calls_finished", before) - before
     calls = stats.get("finished", [])[-n_new:] if n_new > 0 else []
-    call = await normal_call(http, rec, weights, frames, fps, work) if rec.alive else {"ok": False, "rendered": 0.0}
+    call = (await normal_call(http, rec, weights, frames, fps, work, min_rendered) if rec.alive
+            else {"ok": False, "rendered": 0.0})
     survived = alive_after_attack and rec.alive and await get_json(http, rec.url + "/health") is not None
     row = {"attack": attack.name, "does": attack.does, "expect": attack.expect, "survived": survived,
            "did": describe(outcome, calls) if error is None else f"attack failed: {error}",
@@ -330,7 +331,8 @@ def _mb(kb: int | None) -> float | None:
 
 
 async def run_all(attacks: list[Attack], weights: Path, max_calls: int, playout: str, frames: int, fps: float,
-                  work: Path, setup_timeout_s: float | None = None) -> list[dict[str, Any]]:
+                  work: Path, setup_timeout_s: float | None = None,
+                  min_rendered: float = MIN_RENDERED) -> list[dict[str, Any]]:
     from models.fomm.io import detector_id, load_motion_model
 
     restrict_host_addresses(["127.0.0.1"])  # the attacker's aiortc peers, like every local call
@@ -347,7 +349,7 @@ async def run_all(attacks: list[Attack], weights: Path, max_calls: int, playout:
                     rec.start()
                 target = Target(rec.host, rec.port, detector, max_calls)
                 log.info("attack %s: %s", attack.name, attack.does)
-                row = await run_attack(attack, rec, target, http, weights, frames, fps, work)
+                row = await run_attack(attack, rec, target, http, weights, frames, fps, work, min_rendered)
                 row["receiver_restarts"] = rec.restarts
                 rows.append(row)
                 print(f"{attack.name:<18} survived={row['survived']} did: {row['did']}", flush=True)
@@ -362,7 +364,7 @@ def summary(rows: list[dict[str, Any]], max_calls: int) -> dict[str, Any]:
     health = [r["health_max_ms"] for r in rows if r["health_max_ms"] is not None]
     return {"attacks": len(rows), "crashes": sum(not r["survived"] for r in rows),
             "slots_not_freed": sum(not r["slot_freed"] or r["slots_free"] != max_calls for r in rows),
-            "calls_under_95pct": sum(not r["call_after"]["ok"] for r in rows),
+            "calls_under_min_rendered": sum(not r["call_after"]["ok"] for r in rows),
             "health_max_ms": max(health) if health else None,
             "rss_growth_mb": after[-1] - after[0] if len(after) > 1 else None,
             "passed": all(r["ok"] for r in rows)}
@@ -406,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup-timeout", type=float, default=None, metavar="SECONDS",
                    help="the receiver's --setup-timeout, which bounds how long the attacks that vanish or stay "
                         "silent hold their slot (default: the receiver's own default)")
+    p.add_argument("--min-rendered", type=float, default=MIN_RENDERED,
+                   help="share of the honest call's frames that must be rendered after each attack (default "
+                        "%(default)s; a test on a loaded machine asks less: rendering is CPU time)")
     p.add_argument("--logs", help="keep the receiver's logs in this folder (default: a temporary one)")
     p.add_argument("--list", action="store_true", help="print the catalogue and exit")
     p.add_argument("--json")
@@ -423,16 +428,18 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         rows = asyncio.run(run_all(attacks, weights, a.max_calls, a.playout, a.frames, a.fps, work,
-                                   a.setup_timeout))
+                                   a.setup_timeout, a.min_rendered))
         elapsed = time.monotonic() - t0
     result = {"weights": str(weights), "max_calls": a.max_calls, "playout": a.playout, "frames": a.frames,
-              "fps": a.fps, "setup_timeout_s": a.setup_timeout, "elapsed_s": elapsed, "targets": TARGETS,
+              "fps": a.fps, "setup_timeout_s": a.setup_timeout, "elapsed_s": elapsed,
+              "targets": {**TARGETS, "rendered": a.min_rendered},
               "summary": summary(rows, a.max_calls), "attacks": rows}
     print(table(rows))
     s = result["summary"]
     print(f"{s['attacks']} attacks in {elapsed:.0f} s: {s['crashes']} crashes, slowest /health "
           f"{common.fmt(s['health_max_ms'])} ms, RSS growth {common.fmt(s['rss_growth_mb'])} MB, "
-          f"{s['calls_under_95pct']} calls under 95 %, {'PASS' if s['passed'] else 'FAIL'}")
+          f"{s['calls_under_min_rendered']} calls under {a.min_rendered:.0%} rendered, "
+          f"{'PASS' if s['passed'] else 'FAIL'}")
     if a.json:
         common.write_json(a.json, result)
     if a.png:

@@ -81,7 +81,7 @@ class FaceLandmarks:
         r = max(rects, key=lambda r: r.width() * r.height())
         return r.left(), r.top(), r.right(), r.bottom()
 
-    def _shape(self, frame: np.ndarray, box: tuple[int, int, int, int]):  # noqa: ANN202 (dlib type)
+    def _shape(self, frame: np.ndarray, box: tuple[int, int, int, int]):  # returns a dlib type
         return self.predictor(np.ascontiguousarray(frame), self._dlib.rectangle(*box))
 
     def shape(self, frame: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -127,7 +127,7 @@ def clip_landmarks(frames: np.ndarray, fl: FaceLandmarks, stride: int = 5) -> tu
 # --------------------------------------------------------------------------- anchors
 
 
-def to_unit(points_px: np.ndarray | torch.Tensor, size: int = LANDMARK_SIZE):  # noqa: ANN201
+def to_unit(points_px: np.ndarray | torch.Tensor, size: int = LANDMARK_SIZE):
     """Pixel coordinates of a size x size frame -> the keypoints' [-1, 1] (pixel centres at the ends)."""
     return points_px * (2.0 / (size - 1)) - 1.0
 

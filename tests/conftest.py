@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests import harness
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_CLIP = ROOT / "assets" / "demo_face.mp4"
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +26,10 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return harness.free_port()
 
 
 @pytest.fixture(scope="session")
 def demo_clip() -> Path:
-    assert DEMO_CLIP.exists(), "the bundled demo clip is missing"
-    return DEMO_CLIP
+    assert harness.DEMO_CLIP.exists(), "the bundled demo clip is missing"
+    return harness.DEMO_CLIP

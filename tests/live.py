@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.procs import ROOT, env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.harness import ROOT
+from tests.procs import env
 
 
 def start_sender(port: int, weights: Path, clip: Path, *extra: str, log_path: Path | None = None) -> subprocess.Popen:
@@ -51,17 +43,6 @@ def post(url: str, body: bytes, headers: dict[str, str] | None = None, timeout_s
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
-
-
-def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail the test with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def active_calls(port: int, token: str | None = None) -> list[dict]:

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from bench.calls import ROOT, env, start_receiver, stop
+from bench.calls import env, start_receiver, stop
+from tests.harness import ROOT
 
-__all__ = ["ROOT", "env", "start_receiver", "stop", "run_sender", "sender_main", "receiver_main"]
+__all__ = ["env", "start_receiver", "stop", "run_sender", "sender_main", "receiver_main"]
 
 
 def run_sender(args: list[str], netns: str | None = None, timeout_s: float = 120.0) -> subprocess.CompletedProcess:

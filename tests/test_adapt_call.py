@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from bench import cpuquota
-from bench.calls import free_port, start_receiver, stop
-from tests.live import active_calls, kill, start_sender, wait_for
+from bench.calls import start_receiver, stop
+from tests.harness import DEMO_CLIP, WEIGHTS, free_port, wait_for
+from tests.live import active_calls, kill, start_sender
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.call  # real receiver and sender processes
 
 
 @pytest.mark.skipif(not cpuquota.available(), reason="needs root and a writable cpu cgroup controller")
@@ -29,7 +30,7 @@ def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> Non
     port = free_port()
     recv = start_receiver(["--port", str(port), "--size", "256", "--adapt", "--max-calls", "1",
                            "--stats-dir", str(tmp_path)], log_path=tmp_path / "receiver.log", timeout_s=180)
-    send = start_sender(port, ROOT / "models/weights/fomm_face64.pt", ROOT / "assets/demo_face.mp4",
+    send = start_sender(port, WEIGHTS / "fomm_face64.pt", DEMO_CLIP,
                         "--framing", "centre", "--refresh", "off", log_path=tmp_path / "sender.log")
     try:
         call = wait_for(lambda: [c for c in active_calls(port) if c["frames_rendered"] > 10], 90,

@@ -16,9 +16,10 @@ from models.fomm import MotionModel
 from models.fomm.batchgraph import BatchGraph
 from models.fomm.io import load_motion_model, weights_for_size
 from models.fomm.model import cache_tensors
-from receiver.batching import RenderBatcher, RenderJob, plan, run_jobs
-from receiver.render import Renderer
+from receiver.batching import RenderBatcher, plan
+from receiver.render import Renderer, RenderJob, run_jobs
 from receiver.tiers import TieredRenderer
+from tests.harness import ROOT
 from tests.utils import tiny_motion_model
 
 
@@ -218,12 +219,11 @@ def test_batch_graphs_built_at_once_all_succeed() -> None:
     assert all(fast.batch_graph(b, wait=True) is not None for b in (2, 3, 4))
 
 
-def test_receiver_process_exits_cleanly_while_a_batch_graph_builds(tmp_path) -> None:  # noqa: ANN001
+def test_receiver_process_exits_cleanly_while_a_batch_graph_builds(tmp_path) -> None:
     """A build thread still inside ONNX Runtime at interpreter exit aborted the process (SIGABRT,
     'terminate called without an active exception'): a receiver stopped right after its calls."""
     import subprocess
     import sys
-    from pathlib import Path
 
     script = tmp_path / "exit_while_building.py"
     script.write_text(
@@ -236,15 +236,14 @@ def test_receiver_process_exits_cleanly_while_a_batch_graph_builds(tmp_path) -> 
         "fast.batch_graph(3)\n"
         "fast.batch_graph(4)\n"  # exits while both build
     )
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "terminate called" not in res.stderr
 
 
 def test_batch_sizes_for_are_the_ones_plan_asks_for() -> None:
-    from receiver.render import batch_sizes_for
+    from receiver.batching import batch_sizes_for
 
     a = object()
     kp = np.zeros((1, 60), np.float32)

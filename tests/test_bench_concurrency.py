@@ -12,6 +12,8 @@ from bench.concurrency import main as concurrency_main
 from bench.concurrency import overlap, window_stats
 from tests.procs import sender_main
 
+pytestmark = pytest.mark.call  # real calls on a receiver process
+
 
 def test_two_concurrent_calls(tmp_path: Path, tiny_weights: Path) -> None:
     out = tmp_path / "c.json"

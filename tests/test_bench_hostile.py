@@ -9,21 +9,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.attacks import BY_NAME, jpeg_claiming, png_claiming, webp_claiming
 from bench.hostile import main as hostile_main
-from shared import protocol as P
+from shared import source_image as S
+
+pytestmark = pytest.mark.call  # a real receiver process and real calls
 
 MAX_CALLS = 2
 # The receiver's default (15 s) is sized for handshakes retransmitted on a lossy path; on loopback a
 # short one frees the vanished attacker's slot sooner and still shows that it is the timeout that does.
 SETUP_TIMEOUT_S = 4.0
+# The honest call after an attack is served: a share that holds at half speed (a loaded two-worker suite
+# rendered 35 of 40 after the truncated-JPEG bomb, clock playout concealing the rest; the bench's own 95 %
+# is for a quiet machine, and failed 2-3 calls at 90-95 % on a busy one).
+MIN_RENDERED = 0.75
 
 
 def test_bombs_are_what_they_claim() -> None:
     # the payloads must really claim what the catalogue says, or the bench tests nothing
-    assert P.source_image_size(jpeg_claiming(32767, 32767, keep=629), max_pixels=2**40) == (32767, 32767)
-    assert P.source_image_size(png_claiming(30000, 30000), max_pixels=2**40) == (30000, 30000)
-    assert P.source_image_size(webp_claiming(16383, 16383), max_pixels=2**40) == (16383, 16383)
+    assert S.source_image_size(jpeg_claiming(32767, 32767, keep=629), max_pixels=2**40) == (32767, 32767)
+    assert S.source_image_size(png_claiming(30000, 30000), max_pixels=2**40) == (30000, 30000)
+    assert S.source_image_size(webp_claiming(16383, 16383), max_pixels=2**40) == (16383, 16383)
     assert len(jpeg_claiming(32767, 32767, keep=629)) == 629
 
 
@@ -32,6 +40,7 @@ def test_short_catalogue_against_a_real_receiver(tmp_path: Path, tiny_weights: P
     attacks = ["jpeg-32767-trunc", "huge-8MiB", "slow-body"]
     rc = hostile_main(["--weights", str(tiny_weights), "--attacks", *attacks, "--max-calls", str(MAX_CALLS),
                        "--setup-timeout", str(SETUP_TIMEOUT_S), "--frames", "40", "--fps", "20",
+                       "--min-rendered", str(MIN_RENDERED),
                        "--logs", str(tmp_path / "logs"), "--json", str(out)])
     r = json.loads(out.read_text())
     rows = {row["attack"]: row for row in r["attacks"]}
@@ -43,9 +52,7 @@ def test_short_catalogue_against_a_real_receiver(tmp_path: Path, tiny_weights: P
         assert row["slot_held_s"] is not None and row["slot_held_s"] < 30, name
         call = row["call_after"]
         assert call["sender_rc"] == 0 and call["frames"] == 40, (name, call)
-        # the honest call after an attack is served: a share that holds at half speed (a loaded
-        # two-worker suite rendered 35 of 40 after the truncated-JPEG bomb, clock playout concealing the rest)
-        assert call["rendered"] >= 0.75, (name, call)
+        assert call["rendered"] >= MIN_RENDERED and call["ok"], (name, call)
         assert row["rss_peak_mb"] and row["health_probes"] > 0 and row["health_failures"] == 0, name
     bomb = rows["jpeg-32767-trunc"]["attacker_calls"]
     assert len(bomb) == 1 and bomb[0]["rejected_by_reason"].get("source_image") == 1

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.latency import STAGES, stage_times
 from bench.latency import main as latency_main
+
+pytestmark = pytest.mark.call  # a real call
 
 
 def test_stage_times_join_by_seq() -> None:

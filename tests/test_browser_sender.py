@@ -34,10 +34,12 @@ from models.fomm.export import code_id, onnx_session
 from models.fomm.io import WEIGHTS_DIR, detector_id, load_motion_model, save_motion_model
 from models.fomm.model import MotionModel
 from sender.framing import crop_square
+from tests.harness import DEMO_CLIP, ROOT, wait_for
 from tests.procs import start_receiver, stop
 from tests.utils import needs_netns
 
-pytestmark = [needs_netns, pytest.mark.skipif(chromium.available() is not None, reason=str(chromium.available()))]
+pytestmark = [needs_netns, pytest.mark.skipif(chromium.available() is not None, reason=str(chromium.available())),
+              pytest.mark.call]  # chromium and receivers in network namespaces
 
 TOKEN = "br0wser"
 PORT, OTHER_PORT = 8080, 8081
@@ -117,8 +119,6 @@ def call(receivers: Receivers, camera: Path) -> tuple[PageRun, dict]:
     page = run_page(url, r.args(fake_video=camera), netns=r.hosts.b, timeout_s=120, samples=True,
                     screenshot=(r.tmp / "page_mid_call.png", FRAMES // 2))
     path = r.tmp / "a" / "call_1.json"
-    from tests.live import wait_for
-
     wait_for(path.exists, 15, "the receiver to write the call's stats")
     return page, json.loads(path.read_text())
 
@@ -133,7 +133,7 @@ def test_call_from_a_browser(call: tuple[PageRun, dict], receivers: Receivers) -
     # clips: dlib's face box (sender/framing.py's detector) inside the square, the side ~1.9x the face width
     # (the keypoint-derived box and dlib's HOG box differ by some pixels, and both follow the moving head)
     x0, y0, side = page.square
-    left, top, right, bottom = _dlib_box(read_clip(chromium.ROOT / "assets" / "demo_face.mp4")[0])
+    left, top, right, bottom = _dlib_box(read_clip(DEMO_CLIP)[0])
     slack = 0.05 * side
     assert x0 - slack <= left and right <= x0 + side + slack and y0 - slack <= top and bottom <= y0 + side + slack, \
         (page.square, (left, top, right, bottom))
@@ -195,7 +195,7 @@ def test_browser_keypoints_match_python(call: tuple[PageRun, dict], camera: Path
     page, _ = call
     samples = page.samples
     assert samples and len(samples) == SAMPLES
-    onnx = chromium.ROOT / "cache" / "web" / f"detector-{page.detector['id']}-{code_id()}.onnx"
+    onnx = ROOT / "cache" / "web" / f"detector-{page.detector['id']}-{code_id()}.onnx"
     sess = onnx_session(onnx.read_bytes())
     frames = read_y4m(camera)
     pipeline: dict[tuple, np.ndarray] = {}  # square -> every camera frame through Python's pipeline

@@ -10,6 +10,8 @@ import pytest
 
 from tests.procs import receiver_main, run_sender, sender_main, start_receiver, stop
 
+pytestmark = pytest.mark.call  # real receiver and sender processes
+
 FRAMES = 60
 # 15 fps leaves the tiny renderer headroom on a loaded 2-core machine; the playout logic is the same at any rate
 FPS = 15

@@ -6,8 +6,7 @@ import numpy as np
 
 from bench import call_picture, common
 from models.fomm.io import weights_for_size
-
-CLIP = "assets/demo_face.mp4"
+from tests.harness import DEMO_CLIP
 
 
 def _log(seqs: list[int], vectors: np.ndarray, kinds: list[str], repeated: list[bool]) -> dict[str, np.ndarray]:
@@ -18,7 +17,7 @@ def _log(seqs: list[int], vectors: np.ndarray, kinds: list[str], repeated: list[
 
 def test_truth_keypoints_score_as_the_ceiling_and_wrong_ones_lower() -> None:
     model, _, _ = common.load_model(weights_for_size(64))
-    clip = call_picture.read_clip(CLIP, 64)
+    clip = call_picture.read_clip(DEMO_CLIP, 64)
     assert clip.shape[1:] == (64, 64, 3) and len(clip) > 100
     n = 24
     seqs = list(range(n))

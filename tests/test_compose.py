@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.procs import ROOT, env
+from tests.harness import ROOT
+from tests.procs import env
 
 
 def _compose() -> list[str] | None:

@@ -15,9 +15,8 @@ from models.fomm import FommConfig, MotionModel, fastgraph
 from models.fomm.io import SHIPPED_SIZES, load_motion_model, weights_for_size
 from models.fomm.model import cache_tensors
 from receiver.render import OnnxRender, Renderer
+from tests.harness import DEMO_CLIP
 from tests.utils import tiny_motion_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny(size: int, seed: int = 0) -> MotionModel:
@@ -124,7 +123,7 @@ def test_shipped_weights_ship_their_int8_ranges(size: int) -> None:
     ranges = fastgraph.find_ranges(model)
     assert ranges is not None, f"no int8 ranges for {weights_for_size(size)}: run python -m models.fomm.quantize"
     assert fastgraph.ranges_path(weights_for_size(size)).exists()
-    frames = np.stack([center_square(f, size) for f in read_clip(ROOT / "assets/demo_face.mp4", max_frames=40)])
+    frames = np.stack([center_square(f, size) for f in read_clip(DEMO_CLIP, max_frames=40)])
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
     cache = model.prepare_source(x[:1])
     kp = model.keypoints(x[::8])

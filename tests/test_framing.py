@@ -25,6 +25,8 @@ from sender.framing import (
 )
 from tests.procs import run_sender, start_receiver, stop
 
+pytestmark = pytest.mark.call  # a real call (receiver and sender processes)
+
 W, H = 640, 480
 PASTE = int(0.45 * H)  # the talking head fills 45 % of the frame's height, as a webcam user sitting back
 LEFT = (0.30 * W, 0.42 * H)  # left of centre

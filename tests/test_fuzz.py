@@ -11,7 +11,8 @@ import pytest
 
 from bench.fuzz import fuzz
 from shared import protocol as P
-from tests.procs import ROOT, env
+from tests.harness import ROOT
+from tests.procs import env
 
 KNOWN_REASONS = {"malformed", "oversized", "version", "type", "field", "codec", "length", "nonfinite", "range",
                  "channel", "order", "duplicate", "stale", "digest", "busy", "late", "rate_limited", "source_image",

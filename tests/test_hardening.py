@@ -13,8 +13,11 @@ from pathlib import Path
 import av
 import pytest
 
-from tests.live import active_calls, free_port, get, kill, post, start_sender, wait_for
-from tests.procs import ROOT, env, start_receiver, stop
+from tests.harness import ROOT, free_port, wait_for
+from tests.live import active_calls, get, kill, post, start_sender
+from tests.procs import env, start_receiver, stop
+
+pytestmark = pytest.mark.call  # real receiver and sender processes
 
 
 def _receiver(tmp: Path, weights: Path, port: int, *extra: str) -> subprocess.Popen:

@@ -8,6 +8,8 @@ from aiortc import RTCPeerConnection
 
 from shared.ice import addresses_for_host, addresses_for_receiver, restrict_host_addresses
 
+pytestmark = pytest.mark.call  # an aiortc peer gathering candidates
+
 
 @pytest.fixture(autouse=True)
 def _restore():

@@ -27,7 +27,10 @@ from shared.ice_servers import (
     ice_servers,
     rtc_configuration,
 )
-from tests.procs import run_sender, start_receiver, stop
+from tests.harness import ROOT, free_udp_port, poll, wait_for
+from tests.procs import env, run_sender, start_receiver, stop
+
+pytestmark = pytest.mark.call  # aiortc peers, coturn and a real relayed call
 
 USER, PASSWORD = "kp", "s3cret"
 
@@ -149,20 +152,12 @@ async def test_receiver_option_reaches_each_calls_peer_connection(monkeypatch: p
 
 
 def test_receiver_bad_ice_server_is_a_clear_error(free_port: int) -> None:
-    from tests.procs import ROOT, env
-
     res = subprocess.run([sys.executable, "-m", "receiver", "--port", str(free_port), "--ice-server", "turn:h"],
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "needs a username and a credential" in res.stderr
 
 
 # --------------------------------------------------------------------------- a call through coturn
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stun_answers(port: int) -> bool:
@@ -183,7 +178,7 @@ def turn_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     exe = shutil.which("turnserver")
     if exe is None:
         pytest.skip("coturn's turnserver is not installed (apt-get install coturn; .ci/setup.sh does as root)")
-    port = _free_udp_port()
+    port = free_udp_port()
     relay_lo = 40000 + (os.getpid() % 200) * 100  # a relay port range of its own per test process
     log = tmp_path / "turn.log"
     proc = subprocess.Popen(
@@ -193,10 +188,13 @@ def turn_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
          f"--log-file={log}", "--simple-log", f"--pidfile={tmp_path / 'turn.pid'}", f"--db={tmp_path / 'turndb'}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while not _stun_answers(port):
+        def answers() -> bool:
+            if _stun_answers(port):
+                return True
             assert proc.poll() is None, f"turnserver exited: {log.read_text()[-2000:] if log.exists() else ''}"
-            assert time.monotonic() < deadline, "turnserver did not answer STUN within 20 s"
+            return False
+
+        wait_for(answers, 20, "turnserver to answer STUN", interval_s=0)
         yield port, log
     finally:
         proc.terminate()
@@ -236,9 +234,8 @@ def test_call_relayed_through_turn(tmp_path: Path, tiny_weights: Path, demo_clip
     # relayed to and from the other end, at least the keypoints and the source image
     text = turn_log.read_text()
     assert len(re.findall(r"ALLOCATE processed, success", text)) >= 2, text[-3000:]
-    deadline = time.monotonic() + 15
-    while len(usage := _peer_usage(turn_log)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    poll(lambda: len(_peer_usage(turn_log)) >= 2, 15, interval_s=0.2)  # logged as each end hangs up
+    usage = _peer_usage(turn_log)
     assert len(usage) >= 2, turn_log.read_text()[-3000:]
     print(f"relayed (bytes from peer, to peer) per allocation: {usage}; rendered {got['frames_rendered']}/{frames}")
     assert sum(received for received, _ in usage) > got["keypoint_payload_bytes"] + got["source_image_bytes"]

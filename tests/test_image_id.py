@@ -15,11 +15,14 @@ import pytest
 from bench.fuzz import make_session, tiny_detector_id
 from receiver.sources import SourceRouter
 from sender.kpsend import PredictiveSender
+from shared import kpvector
 from shared import protocol as P
+from shared import source_image as S
 from shared.kpcodec import PredictiveConfig
+from tests.harness import until
 
 V = P.PROTOCOL_VERSION
-Q8 = P.encode_vector(np.zeros(60), P.Codec.Q8)
+Q8 = kpvector.encode_vector(np.zeros(60), P.Codec.Q8)
 
 
 def _vec(marker: float) -> np.ndarray:
@@ -123,7 +126,7 @@ def _spy(session) -> list[tuple[float, int]]:
     shown: list[tuple[float, int]] = []
     job = session.renderer.job  # a render is made against the source in use when it is asked for
 
-    def spy(vec: np.ndarray):  # noqa: ANN202 (receiver.batching.RenderJob)
+    def spy(vec: np.ndarray):  # returns a receiver.render.RenderJob
         shown.append((round(float(vec[0]), 3), int(session.renderer.source.mean())))
         return job(vec)
 
@@ -132,16 +135,9 @@ def _spy(session) -> list[tuple[float, int]]:
 
 
 async def _send_image(session, level: int, image_id: int) -> None:
-    for c in P.split_source(_jpeg(level), image_id):
+    for c in S.split_source(_jpeg(level), image_id):
         session.on_message("control", P.encode(c))
     await session._source_task
-
-
-async def _until(cond, timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def _kp(seq: int, image_id: int | None, marker: float) -> bytes:
@@ -155,18 +151,18 @@ async def test_immediate_playout_renders_each_frame_on_the_image_it_names(execut
     await _send_image(s, DARK, 0)
     s.start()
     s.on_message("kp", _kp(0, 0, 0.10))
-    await _until(lambda: len(shown) == 1)
+    await until(lambda: len(shown) == 1, "1 frame shown", interval_s=0.01)
     # the sender re-framed: keypoints of image 1 overtake its source image
     s.on_message("kp", _kp(1, 1, 0.21))
     await asyncio.sleep(0.2)
     assert len(shown) == 1  # not drawn on the dark image while the bright one is on its way
     await _send_image(s, BRIGHT, 1)
-    await _until(lambda: len(shown) == 2)
+    await until(lambda: len(shown) == 2, "2 frames shown", interval_s=0.01)
     s.on_message("kp", _kp(2, 1, 0.22))
-    await _until(lambda: len(shown) == 3)
+    await until(lambda: len(shown) == 3, "3 frames shown", interval_s=0.01)
     s.on_message("kp", _kp(3, 0, 0.13))  # a late frame of the replaced image (made-up seq order aside)
     s.on_message("kp", _kp(4, None, 0.24))  # untagged: the image in use
-    await _until(lambda: len(shown) == 4)
+    await until(lambda: len(shown) == 4, "4 frames shown", interval_s=0.01)
     assert shown == [(0.10, DARK), (0.21, BRIGHT), (0.22, BRIGHT), (0.24, BRIGHT)]
     assert s.stats.frames_old_image == 1 and s.rejects.total == 0
     assert s.summary()["frames_old_image"] == 1 and s.summary()["source_switches"] == 1
@@ -197,11 +193,12 @@ async def test_clock_playout_never_mixes_images(executor: ThreadPoolExecutor) ->
         if seq == 30:
             await _send_image(s, BRIGHT, 1)
     # once image 1 is in use (when is up to the playout clock, i.e. to the machine's speed):
-    await _until(lambda: s.stats.source_switches == 1)
+    await until(lambda: s.stats.source_switches == 1, "the switch to image 1", interval_s=0.01)
     s.on_message("kp", _kp(19, 0, 0.19))  # duplicate seq: rejected by the sequence filter anyway
     s.on_message("kp", _kp(200, 0, 0.5))  # an old image's frame after the switch: dropped, not shown
     # until the playout clock has passed the last frame (it may have been concealed on a busy machine)
-    await _until(lambda: s.playout.cursor is not None and s.playout.cursor >= 49)
+    await until(lambda: s.playout.cursor is not None and s.playout.cursor >= 49, "the playout past seq 49",
+                interval_s=0.01)
     await s.close("done")
     for marker, level in shown:
         seq = round(marker * 100)
@@ -226,7 +223,8 @@ async def test_a_refresh_that_arrives_before_its_keypoints_costs_no_frame(execut
             await _send_image(s, BRIGHT, 1)  # decoded and encoded here, in use only from seq 15 on
         s.on_message("kp", _kp(seq, 0 if seq < 15 else 1, 0.01 * seq))
         seq += 1
-    await _until(lambda: s.playout.cursor is not None and s.playout.cursor >= seq - 1)
+    await until(lambda: s.playout.cursor is not None and s.playout.cursor >= seq - 1, "the playout past the last frame",
+                interval_s=0.01)
     await s.close("done")
     assert all((level < 100) == (round(m * 100) < 15) for m, level in shown)  # markers of seq >= 100 are >= 1
     assert s.stats.source_switches == 1 and s.stats.frames_source_wait == 0 and s.stats.frames_old_image == 0
@@ -239,9 +237,9 @@ async def test_an_image_completed_while_another_decodes_is_not_lost(executor: Th
     await _send_image(s, DARK, 0)
     s.start()
     for image_id, level in ((1, 120), (2, BRIGHT)):  # a refresh, then at once a re-frame
-        for c in P.split_source(_jpeg(level), image_id):
+        for c in S.split_source(_jpeg(level), image_id):
             s.on_message("control", P.encode(c))
     s.on_message("kp", _kp(0, 2, 0.3))
-    await _until(lambda: len(shown) == 1)
+    await until(lambda: len(shown) == 1, "1 frame shown", interval_s=0.01)
     assert shown == [(0.3, BRIGHT)] and s.rejects.total == 0 and s.stats.source_images == 3
     await s.close("done")

@@ -17,7 +17,7 @@ def never(vec: np.ndarray) -> bool:
     return False
 
 
-def drain(p: ImmediatePlayout, route=ok, shows=never) -> list[tuple[str, int]]:  # noqa: ANN001
+def drain(p: ImmediatePlayout, route=ok, shows=never) -> list[tuple[str, int]]:
     out = []
     while (step := p.next(route, shows)) is not None:
         out.append((step[0], step[1].seq))

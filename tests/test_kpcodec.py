@@ -230,8 +230,8 @@ def test_a_peer_cannot_make_the_decoder_fill_or_hold_without_bound() -> None:
     assert len(dec.pending) <= 16 and dec.needs_keyframe
 
 
-def P_KEY(v: np.ndarray) -> bytes:  # noqa: N802 - a keyframe payload, as on the wire
-    from shared.protocol import Codec, encode_vector
+def P_KEY(v: np.ndarray) -> bytes:  # a keyframe payload, as on the wire
+    from shared.kpvector import Codec, encode_vector
 
     return encode_vector(v, Codec.Q8)
 

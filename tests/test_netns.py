@@ -17,7 +17,7 @@ from bench.netns import (
 )
 from tests.utils import needs_netns
 
-pytestmark = needs_netns
+pytestmark = [needs_netns, pytest.mark.call]  # network namespaces
 
 ECHO_SERVER = """
 import socket

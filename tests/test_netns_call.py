@@ -16,13 +16,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.netns import impaired_link, two_hosts
 from bench.playout import kp_error
-from tests.procs import ROOT, run_sender, start_receiver, stop
+from tests.harness import ROOT, poll
+from tests.procs import run_sender, start_receiver, stop
 from tests.utils import needs_netns
 
-pytestmark = needs_netns
+pytestmark = [needs_netns, pytest.mark.call]  # real calls through network namespaces
 
 PORT = 8080  # fresh namespaces: nothing else listens there
 FPS = 30
@@ -160,9 +162,7 @@ def test_call_through_impaired_link(tmp_path: Path, tiny_weights: Path, demo_cli
                              + ["--truth-out", str(tmp_path / "truth.npz"), "--connect-timeout", "60"],
                              netns=link.b, timeout_s=105)
             assert res.returncode == 0, res.stderr[-2000:]
-            deadline = time.monotonic() + 10
-            while not (tmp_path / "call_1.json").exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
+            poll((tmp_path / "call_1.json").exists, 10)
             assert recv.poll() is None, "the receiver died during a lossy call"
             assert _health(link.a, link.addr_a)["ok"] is True
         finally:

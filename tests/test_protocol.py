@@ -11,12 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from receiver.seqfilter import SequenceFilter
+from shared import kpvector
 from shared import protocol as P
+from shared import source_image as S
+from shared.errors import RejectCounter
 from shared.kpcodec import CodedFrame, PredictiveConfig, PredictiveDecoder, PredictiveEncoder, encode_residual
 
 
 def kp_vector(rng: np.random.Generator) -> np.ndarray:
-    v = np.empty(P.KP_DIM, np.float32)
+    v = np.empty(kpvector.KP_DIM, np.float32)
     v[:20] = rng.uniform(-1, 1, 20)
     v[20:] = np.tile([1, 0, 0, 1], 10) + rng.normal(0, 0.2, 40)
     return v
@@ -36,7 +40,7 @@ def test_keypoint_round_trip_within_quantisation_error(codec: P.Codec, tol_c: fl
         assert np.abs(got[:20] - want[:20]).max() <= tol_c
         # Jacobian error relative to the entry's size (+ a floor near zero)
         assert (np.abs(got[20:] - want[20:]) / (np.abs(want[20:]) + 0.5)).max() <= tol_j
-    assert len(msg.payload) == 3 * P.frame_bytes(codec)
+    assert len(msg.payload) == 3 * kpvector.frame_bytes(codec)
 
 
 def test_q8_keeps_large_jacobians() -> None:
@@ -123,17 +127,17 @@ def test_coded_stream_round_trips_through_the_wire(coords: list[float], seq0: in
 
 def test_source_image_split_and_reassembled() -> None:
     blob = np.random.default_rng(2).bytes(40_000)
-    chunks = P.split_source(blob, image_id=7, chunk_bytes=16_384)
+    chunks = S.split_source(blob, image_id=7, chunk_bytes=16_384)
     assert len(chunks) == 3 and all(len(P.encode(c)) < 17_000 for c in chunks)
-    asm = P.SourceAssembler()
+    asm = S.SourceAssembler()
     results = [asm.add(P.decode(P.encode(c))) for c in reversed(chunks)]  # any order
     assert results[:2] == [None, None] and results[2] == blob
 
 
 def test_source_image_corruption_detected() -> None:
-    chunks = P.split_source(b"a" * 1000 + b"b" * 1000, image_id=1, chunk_bytes=1000)
+    chunks = S.split_source(b"a" * 1000 + b"b" * 1000, image_id=1, chunk_bytes=1000)
     bad = P.SourceChunk(1, 1, 2, 2000, chunks[1].digest, b"c" * 1000)
-    asm = P.SourceAssembler()
+    asm = S.SourceAssembler()
     asm.add(chunks[0])
     with pytest.raises(P.ProtocolError) as e:
         asm.add(bad)
@@ -141,8 +145,8 @@ def test_source_image_corruption_detected() -> None:
 
 
 def test_source_duplicate_and_inconsistent_chunks() -> None:
-    chunks = P.split_source(b"x" * 3000, image_id=1, chunk_bytes=1000)
-    asm = P.SourceAssembler()
+    chunks = S.split_source(b"x" * 3000, image_id=1, chunk_bytes=1000)
+    asm = S.SourceAssembler()
     asm.add(chunks[0])
     with pytest.raises(P.ProtocolError, match="duplicate"):
         asm.add(chunks[0])
@@ -154,8 +158,8 @@ def _raw(*fields: object) -> bytes:
     return msgpack.packb(list(fields), use_bin_type=True)
 
 
-GOOD_PAYLOAD = P.encode_vector(np.zeros(60), P.Codec.F16)
-GOOD_Q8 = P.encode_vector(np.zeros(60), P.Codec.Q8)
+GOOD_PAYLOAD = kpvector.encode_vector(np.zeros(60), P.Codec.F16)
+GOOD_Q8 = kpvector.encode_vector(np.zeros(60), P.Codec.Q8)
 ZERO_RESIDUAL = encode_residual(np.zeros(60, np.int32))
 
 
@@ -215,13 +219,13 @@ def test_bad_messages_rejected_with_reason(data: bytes, reason: str) -> None:
 
 def test_encode_refuses_bad_vectors() -> None:
     with pytest.raises(ValueError, match="60 values"):
-        P.encode_vector(np.zeros(59))
+        kpvector.encode_vector(np.zeros(59))
     with pytest.raises(ValueError, match="NaN"):
-        P.encode_vector(np.full(60, math.nan))
+        kpvector.encode_vector(np.full(60, math.nan))
 
 
 def test_sequence_filter_rejects_duplicates_and_stale() -> None:
-    f = P.SequenceFilter(window=10)
+    f = SequenceFilter(window=10)
     for s in [0, 2, 1, 5]:
         f.check(s)
     with pytest.raises(P.ProtocolError, match="duplicate"):
@@ -233,7 +237,7 @@ def test_sequence_filter_rejects_duplicates_and_stale() -> None:
 
 
 def test_reject_counter_counts_by_reason() -> None:
-    c = P.RejectCounter()
+    c = RejectCounter()
     for r in ["range", "range", "oversized"]:
         c.reject(P.ProtocolError(r))
     assert c.counts == {"range": 2, "oversized": 1} and c.total == 3
@@ -270,7 +274,7 @@ def test_any_valid_vector_round_trips(values: list[float], seq: int) -> None:
 
 
 def test_sequence_filter_reset_forgets_every_seq() -> None:
-    f = P.SequenceFilter(window=10)
+    f = SequenceFilter(window=10)
     for s in range(50):
         f.check(s)
     f.reset()  # a restarted stream: the same numbers again are neither duplicates nor stale
@@ -295,7 +299,7 @@ def _claiming(jpeg: bytes, w: int, h: int, keep: int | None = None) -> bytes:
                                         (".webp", (cv2.IMWRITE_WEBP_QUALITY, 101))])  # VP8 and VP8L
 def test_source_image_size_from_the_header(ext: str, params: tuple) -> None:
     for h, w in [(30, 50), (257, 129)]:
-        assert P.source_image_size(_encoded(ext, h, w, *params)) == (w, h)
+        assert S.source_image_size(_encoded(ext, h, w, *params)) == (w, h)
 
 
 def test_source_image_bombs_are_refused_from_the_header() -> None:
@@ -317,9 +321,9 @@ def test_source_image_bombs_are_refused_from_the_header() -> None:
     }
     for what, blob in bombs.items():
         with pytest.raises(P.ProtocolError) as e:
-            P.source_image_size(blob)
+            S.source_image_size(blob)
         assert e.value.reason == "source_image", what
-    assert P.source_image_size(_claiming(jpeg, 2048, 2048)) == (2048, 2048)  # the limit itself is fine
+    assert S.source_image_size(_claiming(jpeg, 2048, 2048)) == (2048, 2048)  # the limit itself is fine
 
 
 @settings(max_examples=300, deadline=None)
@@ -348,11 +352,11 @@ def test_any_coded_keypoints_either_decode_or_are_refused(seq: int, back: int, k
 
 
 def test_q8_round_trips_jacobians_at_the_end_of_its_range() -> None:
-    v = np.zeros(P.KP_DIM, np.float32)
-    v[P.NUM_KP * 2:] = np.linspace(-16.0, 16.0, 4 * P.NUM_KP)  # 15.78 and beyond quantise to +-127
+    v = np.zeros(kpvector.KP_DIM, np.float32)
+    v[kpvector.NUM_KP * 2:] = np.linspace(-16.0, 16.0, 4 * kpvector.NUM_KP)  # 15.78 and beyond quantise to +-127
     msg = P.KeypointBatch.build(seq0=0, ts0_us=0, vectors=[v], codec=P.Codec.Q8)
     (_seq, _ts, got), = P.decode(P.encode(msg)).frames()
-    assert np.abs(got[20:]).max() == P.JAC_RANGE  # exactly the range's end, not 16.000002
+    assert np.abs(got[20:]).max() == kpvector.JAC_RANGE  # exactly the range's end, not 16.000002
     assert np.allclose(got[20:], v[20:], rtol=0.03, atol=0.02)
 
 
@@ -360,7 +364,7 @@ def test_coded_keypoints_carry_their_predecessor_once_more_when_asked() -> None:
     r = encode_residual(np.arange(60, dtype=np.int32) % 3 - 1)
     m = P.CodedKeypoints(10, 8, False, 1234, r, 0, P.RedundantFrame(5, False, r))
     assert P.decode(P.encode(m)) == m
-    key = P.encode_vector(np.zeros(P.KP_DIM, np.float32))
+    key = kpvector.encode_vector(np.zeros(kpvector.KP_DIM, np.float32))
     first = P.CodedKeypoints(3, 0, False, 99, r, 2, P.RedundantFrame(-1, True, key))  # its predecessor is the keyframe
     assert P.decode(P.encode(first)) == first
     with pytest.raises(ValueError):

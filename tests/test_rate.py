@@ -8,6 +8,7 @@ import pytest
 
 from sender.kpsend import PredictiveSender
 from sender.rate import RateConfig, RateController
+from shared import kpvector as V
 from shared import protocol as P
 from shared.kpcodec import DEFAULT_STREAM
 
@@ -28,7 +29,7 @@ def recorded(demo_clip) -> np.ndarray:
     frames = np.stack([center_square(f, 64) for f in read_clip(demo_clip)])
     kp = detect_keypoints(model, frames)
     loop = np.concatenate([kp, kp[::-1]])  # no jump where the clip starts over
-    return np.resize(loop, (1800, P.KP_DIM)).astype(np.float32) if len(loop) else kp
+    return np.resize(loop, (1800, V.KP_DIM)).astype(np.float32) if len(loop) else kp
 
 
 def simulate(kp: np.ndarray, target: float, tolerance: float = DEFAULT_STREAM.tolerance) -> dict:

@@ -19,6 +19,9 @@ from aiortc.rtcsctptransport import SCTP_DATA_FIRST_FRAG, SCTP_DATA_LAST_FRAG, S
 
 from receiver.sctp_limits import ADVERTISED_MAX_MESSAGE_BYTES, limit_inbound
 from shared.ice import restrict_host_addresses
+from tests.harness import until
+
+pytestmark = pytest.mark.call  # aiortc peers on loopback
 
 WEBRTC_BINARY = 53  # SCTP payload protocol id of a binary data-channel message
 
@@ -33,15 +36,6 @@ class Pair:
 
     def held_bytes(self) -> int:
         return sum(len(c.user_data) for s in self.victim.sctp._inbound_streams.values() for c in s.reassembly)
-
-    async def until(self, cond, what: str, timeout_s: float = 20.0) -> None:
-        async def poll() -> None:
-            while not cond():
-                await asyncio.sleep(0.01)
-        try:
-            await asyncio.wait_for(poll(), timeout_s)
-        except TimeoutError:
-            raise AssertionError(f"timed out waiting for {what}") from None
 
     def inject(self, tsn: int, data: bytes, flags: int = SCTP_DATA_UNORDERED, stream_id: int | None = None):
         """A DATA chunk as the victim's transport would parse it from the attacker's packet."""
@@ -89,13 +83,13 @@ def test_pinned_aiortc_has_what_the_limits_wrap() -> None:
 async def test_messages_within_the_advertised_size_pass(pair: Pair) -> None:
     pair.channel.send(b"small")
     pair.channel.send(b"y" * (200 * 1024))  # fragmented into ~170 chunks, under the limit
-    await pair.until(lambda: len(pair.received) == 2, "both messages")
+    await until(lambda: len(pair.received) == 2, "both messages", interval_s=0.01)
     assert pair.received == [b"small", b"y" * (200 * 1024)] and pair.violations == []
 
 
 async def test_message_over_the_advertised_size_is_refused(pair: Pair) -> None:
     pair.channel.send(b"x" * (300 * 1024))
-    await pair.until(lambda: pair.violations, "a violation")
+    await until(lambda: pair.violations, "a violation", interval_s=0.01)
     pair.channel.send(b"after")  # the association is dropped from now on: nothing more is delivered
     await asyncio.sleep(0.3)
     assert pair.received == [] and len(pair.violations) == 1
@@ -104,7 +98,7 @@ async def test_message_over_the_advertised_size_is_refused(pair: Pair) -> None:
 
 async def test_huge_message_is_stopped_at_about_the_advertised_size(pair: Pair) -> None:
     pair.channel.send(b"z" * (8 * 1024 * 1024))
-    await pair.until(lambda: pair.violations, "a violation")
+    await until(lambda: pair.violations, "a violation", interval_s=0.01)
     assert pair.received == [] and pair.held_bytes() == 0
     assert "message over" in pair.violations[0]
 

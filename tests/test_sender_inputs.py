@@ -13,8 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.live import free_port
-from tests.procs import ROOT, env, run_sender, sender_main, start_receiver, stop
+from tests.harness import ROOT, free_port
+from tests.procs import env, run_sender, sender_main, start_receiver, stop
+
+pytestmark = pytest.mark.call  # real receiver and sender processes
 
 
 def test_list_cameras_says_clearly_when_there_are_none() -> None:

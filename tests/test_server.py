@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
@@ -24,24 +23,11 @@ from receiver.session import SessionConfig
 from shared import protocol as P
 from shared.ice import restrict_host_addresses
 from shared.signaling import send_offer
+from tests.harness import free_port, until
+
+pytestmark = pytest.mark.call  # a receiver HTTP server and aiortc peers on loopback
 
 ORIGIN = "http://app.example"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _until(cond: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
-    async def poll() -> None:
-        while not cond():
-            await asyncio.sleep(0.02)
-    try:
-        await asyncio.wait_for(poll(), timeout_s)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @pytest.fixture
@@ -51,7 +37,7 @@ async def make_server() -> AsyncIterator[Callable[..., object]]:
 
     async def make(**kw) -> ReceiverServer:
         session = kw.pop("session", SessionConfig(sink="null", playout="immediate"))
-        cfg = ServerConfig(host="127.0.0.1", port=_port(), session=session, fast_render=False, **kw)
+        cfg = ServerConfig(host="127.0.0.1", port=free_port(), session=session, fast_render=False, **kw)
         server = ReceiverServer(tiny_model(), cfg)
         await server.start()
         servers.append(server)
@@ -136,7 +122,7 @@ async def test_a_peer_that_sends_only_junk_is_dropped_for_want_of_a_hello(make_s
                 ch.send(b"\x93\x01\x04junk")
                 await asyncio.sleep(0.05)
         task = asyncio.ensure_future(junk())
-        await _until(lambda: not server.sessions, "the junk peer to be dropped")
+        await until(lambda: not server.sessions, "the junk peer to be dropped")
         task.cancel()
     finally:
         await pc.close()
@@ -159,7 +145,7 @@ async def test_with_every_slot_taken_a_peer_without_hello_gives_way_to_a_caller(
         assert server.finished[-1]["end_reason"].startswith("evicted")
         assert len(server.sessions) == 1 and server.offers_pending == 0
         ch.send(P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
-        await _until(lambda: all(s.hello is not None for s in server.sessions.values()), "the caller's Hello")
+        await until(lambda: all(s.hello is not None for s in server.sessions.values()), "the caller's Hello")
         await asyncio.sleep(0.4)
         # a caller that said Hello is never evicted: the next offer is refused before it is read
         assert (await _post(server, {"sdp": "v=0", "type": "offer"}))[0] == 503
@@ -176,7 +162,7 @@ async def test_a_message_over_the_advertised_size_ends_the_call(make_server) -> 
     try:
         pc.sctp._remote_max_message_size = 16 * 1024 * 1024  # this peer ignores what the receiver advertised
         ch.send(b"x" * (8 * 1024 * 1024))
-        await _until(lambda: not server.sessions, "the call to end")
+        await until(lambda: not server.sessions, "the call to end")
     finally:
         await pc.close()
     assert server.finished[-1]["end_reason"].startswith("sctp: message")

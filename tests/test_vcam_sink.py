@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from receiver.sinks import SinkError, VirtualCamSink, check_sink_spec, make_sink
-from tests.live import free_port
-from tests.procs import ROOT, env, run_sender, stop
+from tests.harness import ROOT, free_port
+from tests.procs import env, run_sender, stop
+
+pytestmark = pytest.mark.call  # real receiver and sender processes
 
 FAKE_PYVIRTUALCAM = '''
 """Stand-in for pyvirtualcam: records what a real virtual camera would have been sent."""

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from bench import chromium
-from tests.live import active_calls, free_port, get, kill, start_sender, wait_for
+from tests.harness import free_port, wait_for
+from tests.live import active_calls, get, kill, start_sender
 from tests.procs import start_receiver, stop
+
+pytestmark = pytest.mark.call  # a real call and headless chromium
 
 TOKEN = "v13wer"
 SENDER_FPS = 20  # tests.live.start_sender's rate

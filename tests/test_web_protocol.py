@@ -17,13 +17,14 @@ import hashlib
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import msgpack
 import numpy as np
 import pytest
 
+from shared import kpvector as V
 from shared import protocol as P
+from shared import source_image as S
 from shared.kpcodec import (
     DEFAULT_STREAM,
     CodedFrame,
@@ -32,8 +33,8 @@ from shared.kpcodec import (
     PredictiveEncoder,
     encode_residual,
 )
+from tests.harness import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "web" / "protocol_check.mjs"
 NODE = shutil.which("node")
 
@@ -45,9 +46,9 @@ pytestmark = pytest.mark.skipif(
 def _vectors(n: int = 400, seed: int = 0) -> np.ndarray:
     """A talking head's keypoints (a slow random walk with jitter) plus edge values."""
     rng = np.random.default_rng(seed)
-    walk = np.cumsum(rng.normal(0, 0.004, (n, P.KP_DIM)), axis=0)
+    walk = np.cumsum(rng.normal(0, 0.004, (n, V.KP_DIM)), axis=0)
     base = np.concatenate([rng.uniform(-0.6, 0.6, 20), rng.normal(0, 1.5, 40)])
-    v = base + walk + rng.normal(0, 0.002, (n, P.KP_DIM))
+    v = base + walk + rng.normal(0, 0.002, (n, V.KP_DIM))
     v[50:60] = v[49]  # a still face: skipped frames
     v[100:103, :20] = np.array([1.0 / 1024, -3.0 / 1024, 0.5 + 1.0 / 1024])[:, None]  # exact half steps of 1/512
     v[103, :20] = np.linspace(-1.2, 1.2, 20)  # coordinates beyond the clip
@@ -55,7 +56,7 @@ def _vectors(n: int = 400, seed: int = 0) -> np.ndarray:
     # JAC_RANGE (it once decoded to 16.000002 > JACOBIAN_LIMIT and the decoder refused its own keyframe)
     v[104, 20:] = np.linspace(-16.0, 16.0, 40)
     v[105, 20:] = 0.0
-    v[200:210] += rng.normal(0, 0.2, (10, P.KP_DIM))  # fast motion: large residuals
+    v[200:210] += rng.normal(0, 0.2, (10, V.KP_DIM))  # fast motion: large residuals
     return v.astype(np.float32)
 
 
@@ -86,19 +87,19 @@ def _from_js(d: dict) -> dict:
 
 
 MESSAGES: list[P.Message] = [
-    P.Hello("kp-0a75f148200c", 256, 30.0, int(P.Codec.PRED), 1, P.NUM_KP, 1_764_000_000_123_456,
+    P.Hello("kp-0a75f148200c", 256, 30.0, int(P.Codec.PRED), 1, V.NUM_KP, 1_764_000_000_123_456,
             DEFAULT_STREAM.params()),
     P.Hello("kp-x", 64, 24.5, int(P.Codec.Q8), 3),
     P.SourceChunk(7, 1, 3, 40_000, bytes(range(16)), b"\xff\xd8jpeg bytes"),
-    P.KeypointBatch.build(12, 5000, [np.zeros(P.KP_DIM, np.float32), np.full(P.KP_DIM, 0.25, np.float32)],
+    P.KeypointBatch.build(12, 5000, [np.zeros(V.KP_DIM, np.float32), np.full(V.KP_DIM, 0.25, np.float32)],
                           P.Codec.Q8, step=2, interval_us=66_666),
-    P.KeypointBatch.build(0, 0, [np.linspace(-1, 1, P.KP_DIM, dtype=np.float32)], P.Codec.F16),
-    P.CodedKeypoints(0, -1, True, 0, P.encode_vector(np.zeros(P.KP_DIM), P.Codec.Q8)),
+    P.KeypointBatch.build(0, 0, [np.linspace(-1, 1, V.KP_DIM, dtype=np.float32)], P.Codec.F16),
+    P.CodedKeypoints(0, -1, True, 0, V.encode_vector(np.zeros(V.KP_DIM), P.Codec.Q8)),
     P.CodedKeypoints(2**40, 2**40 - 3, False, 2**33, encode_residual(np.arange(-30, 30))),
-    P.CodedKeypoints(9, 8, False, 300_000, encode_residual(np.zeros(P.KP_DIM, int)), image_id=2),
+    P.CodedKeypoints(9, 8, False, 300_000, encode_residual(np.zeros(V.KP_DIM, int)), image_id=2),
     P.CodedKeypoints(12, 9, False, 400_000, encode_residual(np.arange(-30, 30)), 2,
-                     P.RedundantFrame(8, False, encode_residual(np.zeros(P.KP_DIM, int)))),
-    P.KeypointBatch.build(3, 7, [np.zeros(P.KP_DIM, np.float32)], P.Codec.Q8, image_id=0),
+                     P.RedundantFrame(8, False, encode_residual(np.zeros(V.KP_DIM, int)))),
+    P.KeypointBatch.build(3, 7, [np.zeros(V.KP_DIM, np.float32)], P.Codec.Q8, image_id=0),
     P.KeyframeRequest(41), P.KeyframeRequest(), P.SourceReady(3),
     P.Heartbeat(1_764_000_000_000_000),
     P.SourceRequest("lost"), P.Bye("done"), P.Bye(""),
@@ -153,9 +154,9 @@ def js() -> dict:
 
 def test_vector_codecs_are_the_same_bytes(js: dict) -> None:
     for i, v in enumerate(js["vectors"]):
-        assert js["q8"][i] == P.encode_vector(v, P.Codec.Q8).hex(), f"Q8 differs at vector {i}"
-        assert js["f16"][i] == P.encode_vector(v, P.Codec.F16).hex(), f"F16 differs at vector {i}"
-        ref = P.decode_vectors(bytes.fromhex(js["q8"][i]), P.Codec.Q8)[0]
+        assert js["q8"][i] == V.encode_vector(v, P.Codec.Q8).hex(), f"Q8 differs at vector {i}"
+        assert js["f16"][i] == V.encode_vector(v, P.Codec.F16).hex(), f"F16 differs at vector {i}"
+        ref = V.decode_vectors(bytes.fromhex(js["q8"][i]), P.Codec.Q8)[0]
         assert np.array_equal(np.array(js["q8_decoded"][i], np.float32), ref), f"Q8 decodes differently at {i}"
 
 
@@ -219,11 +220,11 @@ def test_both_refuse_the_same_malformed_messages(js: dict) -> None:
 
 def test_source_chunks_reassemble_in_python(js: dict) -> None:
     image = bytes.fromhex(js["job"]["source_image"])
-    asm = P.SourceAssembler()
+    asm = S.SourceAssembler()
     out = None
     chunks = [P.decode(bytes.fromhex(h)) for h in js["source_chunks"]]
     assert len(chunks) == -(-len(image) // (16 * 1024)) and all(c.image_id == 3 for c in chunks)
-    assert [P.encode(c) for c in chunks] == [P.encode(c) for c in P.split_source(image, 3, 16 * 1024)]
+    assert [P.encode(c) for c in chunks] == [P.encode(c) for c in S.split_source(image, 3, 16 * 1024)]
     for c in chunks:
         out = asm.add(c)
     assert out == image and hashlib.sha256(out).digest()[:16] == chunks[0].digest

@@ -182,7 +182,7 @@ _NETNS_MISSING = _netns_unavailable()
 needs_netns = pytest.mark.skipif(bool(_NETNS_MISSING), reason=f"needs root with ip and nft: {_NETNS_MISSING}")
 
 
-def tiny_motion_model(size: int, seed: int = 0):  # noqa: ANN201 (models.fomm.MotionModel; torch imported late)
+def tiny_motion_model(size: int, seed: int = 0):  # returns a models.fomm.MotionModel (torch imported late)
     """A tiny untrained motion model whose refiner changes the picture (an untrained refiner adds
     nothing, so a render path that dropped it would pass unnoticed)."""
     import torch

@@ -94,7 +94,7 @@ def cached_detector_onnx(model: MotionModel, cache_dir: str | Path) -> Path:
     return path
 
 
-def onnx_session(onnx_bytes: bytes, threads: int = 1):  # noqa: ANN201 (onnxruntime.InferenceSession)
+def onnx_session(onnx_bytes: bytes, threads: int = 1):  # returns an onnxruntime.InferenceSession
     """A CPU ONNX Runtime session that does not spin (the sender shares its cores with aiortc)."""
     import onnxruntime as ort
 

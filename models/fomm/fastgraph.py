@@ -110,7 +110,7 @@ class Segment:
                 "has_conv": self.has_conv, "grid_samples": [dataclasses.asdict(g) for g in self.grid_samples]}
 
 
-def _grid_sample(node: Any) -> _GridSample:  # noqa: ANN401 (onnx.NodeProto)
+def _grid_sample(node: Any) -> _GridSample:  # node: an onnx.NodeProto
     from onnx import helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -280,7 +280,7 @@ class SplitGraph:
         try:
             for seg in parts:
                 seg.session = onnx_session(seg.data, threads)
-        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error types: a model it cannot read
+        except Exception as e:  # ONNX Runtime's own error types: a model it cannot read
             raise ValueError(f"damaged render graph cache {path}: {e}") from e
         return g
 

@@ -84,28 +84,31 @@ PREVIOUS_DEFAULT = "Q8:1:1"  # what the sender sent by default before the predic
 
 @dataclass(frozen=True)
 class PredSpec:
-    """One predictive stream configuration (``--pred RULE:TOLERANCE:MAX_GAP[:PREDICTOR]``)."""
+    """One predictive stream configuration (``--pred RULE:TOLERANCE:MAX_GAP[:PREDICTOR[:bundle]]``;
+    ``bundle``: two consecutive coded frames per message, as ``sender --bundle``)."""
 
     cfg: PredictiveConfig
+    bundle: bool = False
 
     @staticmethod
     def parse(text: str) -> PredSpec:
         parts = text.split(":")
-        if len(parts) not in (3, 4):
-            raise ValueError(f"--pred wants RULE:TOLERANCE:MAX_GAP[:PREDICTOR], got {text!r}")
+        bundle = len(parts) == 5 and parts[4] == "bundle"
+        if len(parts) not in (3, 4, 5) or (len(parts) == 5 and not bundle):
+            raise ValueError(f"--pred wants RULE:TOLERANCE:MAX_GAP[:PREDICTOR[:bundle]], got {text!r}")
         rule, tol, gap = parts[0], float(parts[1]), int(parts[2])
-        predictor = parts[3] if len(parts) == 4 else DEFAULT_STREAM.predictor
+        predictor = parts[3] if len(parts) >= 4 else DEFAULT_STREAM.predictor
         return PredSpec(PredictiveConfig(predictor=predictor, tolerance=tol, max_gap=gap, skip_rule=rule,
-                                         keyframe_interval=DEFAULT_STREAM.keyframe_interval))
+                                         keyframe_interval=DEFAULT_STREAM.keyframe_interval), bundle)
 
     @property
     def key(self) -> str:
         c = self.cfg
-        return f"PRED:{c.skip_rule}:{c.tolerance:g}:{c.max_gap}:{c.predictor}"
+        return f"PRED:{c.skip_rule}:{c.tolerance:g}:{c.max_gap}:{c.predictor}" + (":bundle" if self.bundle else "")
 
     @property
     def is_default(self) -> bool:
-        return self.cfg == DEFAULT_STREAM
+        return self.cfg == DEFAULT_STREAM and not self.bundle
 
 
 DEFAULT_PRED = PredSpec(DEFAULT_STREAM).key.removeprefix("PRED:")
@@ -142,7 +145,7 @@ def keypoint_configs(model: MotionModel, clips: list[tuple[Any, np.ndarray]], co
         src_f = common.to_float(src[None])[0]
         static_rows.append(common.frame_metrics(np.broadcast_to(src_f, ref[1:].shape), ref[1:], ref[0]))
         for spec in preds:
-            msgs, summary = pred_stream_messages(kp, spec.cfg)
+            msgs, summary = pred_stream_messages(kp, spec.cfg, bundle=spec.bundle)
             received = receive_pred(msgs, len(frames), spec.cfg)
             q = common.frame_metrics(common.render_vectors(model, cache, received[1:]), ref[1:], ref[0])
             extra = {k: summary[k] for k in ("frames_sent", "frames_skipped", "keyframes_sent")}
@@ -172,8 +175,9 @@ def keypoint_configs(model: MotionModel, clips: list[tuple[Any, np.ndarray]], co
             desc = {"codec": "PRED", "name": spec.key, "k": 1, "batch": 1, "default": spec.is_default,
                     "predictor": c.predictor, "tolerance": c.tolerance, "max_gap": c.max_gap,
                     "skip_rule": c.skip_rule, "keyframe_interval": c.keyframe_interval,
-                    # nothing waits: a coded frame goes out when captured, a skipped one is shown predicted
-                    "added_delay_ms": 0.0, **a["extra"]}
+                    # nothing waits: a coded frame goes out when captured, a skipped one is shown predicted;
+                    # bundled, a coded frame may wait one period for the next
+                    "bundle": spec.bundle, "added_delay_ms": 1000 / FPS if spec.bundle else 0.0, **a["extra"]}
         else:
             codec_name, k, b = key
             # a receiver waits k-1 frames to interpolate, and B*k-k frames more for a full batch

@@ -65,16 +65,23 @@ def receive(messages: list[bytes], n_frames: int) -> np.ndarray:
     return np.stack([np.interp(t, seqs_a, vecs_a[:, d]) for d in range(vecs_a.shape[1])], axis=1).astype(np.float32)
 
 
-def pred_stream_messages(vectors: np.ndarray, cfg: PredictiveConfig, fps: float = FPS) -> tuple[list[bytes], dict]:
+def pred_stream_messages(vectors: np.ndarray, cfg: PredictiveConfig, fps: float = FPS,
+                         bundle: bool = False) -> tuple[list[bytes], dict]:
     """Encoded CodedKeypoints messages of a clip's keypoints (T,60), exactly as the sender's
-    PredictiveSender sends them (times after the Hello's base, the last frame always sent)."""
+    PredictiveSender sends them (times after the Hello's base, the last frame always sent).
+
+    ``bundle``: two consecutive coded frames per message (``sender --bundle``); the frames then name
+    their source image (``image_id`` 0), as the sender's always do, since a bundled frame travels as
+    the message's RedundantFrame."""
     out: list[bytes] = []
 
     def send(msg: protocol.CodedKeypoints) -> int:
         out.append(protocol.encode(msg))
         return len(out[-1])
 
-    ps = PredictiveSender(send, cfg, ts_base_us=0)
+    ps = PredictiveSender(send, cfg, ts_base_us=0, bundle=bundle)
+    if bundle:
+        ps.new_source(0)
     for i, v in enumerate(vectors):
         ps.frame(i, round(i * 1e6 / fps), v, i / fps)
     if len(vectors):

@@ -203,7 +203,8 @@ class SenderCall:
         ts_base_us = time.time_ns() // 1000  # capture times count from here (fewer bytes per message)
         if self.codec == P.Codec.PRED:
             rate = None if cfg.target_kbps is None else RateController(RateConfig(cfg.target_kbps), cfg.tolerance)
-            self.pred = PredictiveSender(self.peer.send_keypoints, cfg.pred_config(), ts_base_us, rate)
+            self.pred = PredictiveSender(self.peer.send_keypoints, cfg.pred_config(), ts_base_us, rate,
+                                         bundle=cfg.bundle)
         self.peer.send_control(P.Hello(model=detector_id(self.model), size=cfg.size, fps=self.source.fps,
                                        codec=int(self.codec), kp_every=cfg.kp_every, ts_base_us=ts_base_us,
                                        pred=self.pred.hello_params() if self.pred is not None else None))
@@ -230,7 +231,8 @@ class SenderCall:
                     break
             finished = self.pred is not None and last is not None and not self.peer.closed.is_set()
             if finished and self.pred.finish(*last, time.monotonic()) and self.cfg.truth_out:
-                self.timing[last[0]][4] = time.time_ns() // 1000
+                for seq in self.pred.last_sent_seqs:
+                    self.timing[seq][4] = time.time_ns() // 1000
         finally:
             await self._close(time.monotonic() - t_start)
         self.stats.fps = self.source.fps
@@ -332,7 +334,8 @@ class SenderCall:
                 self.kp_sent_at = time.monotonic()
                 if self.cfg.truth_out:
                     self.timing[frame.seq][2] = (time.perf_counter() - t_enc) * 1000
-                    self.timing[frame.seq][4] = time.time_ns() // 1000
+                    for seq in self.pred.last_sent_seqs:  # this frame, and one that waited to share its message
+                        self.timing[seq][4] = time.time_ns() // 1000
             return
         if frame.seq % self.cfg.kp_every == 0:
             self.pending.append((frame.seq, frame.capture_us, vec))

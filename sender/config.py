@@ -34,6 +34,9 @@ class SenderConfig:
     predictor: str = DEFAULT_STREAM.predictor  # pred: last | linear
     max_gap: int = DEFAULT_STREAM.max_gap  # pred: at most this many frames skipped in a row
     keyframe_interval: int = DEFAULT_STREAM.keyframe_interval  # pred: an absolute frame at least this often
+    # pred: a coded frame waits one frame period so that two consecutive ones share a message (half the
+    # per-message transport bytes, one period of added delay for the frame that waited)
+    bundle: bool = False
     kp_every: int = 1  # q8/f16: send every k-th frame's keypoints; the receiver fills the rest
     batch: int = 1  # q8/f16: keypoint frames per message (fewer messages, more latency)
     target_kbps: float | None = None  # pred: adjust the tolerance to this rate; q8/f16: pick kp_every and batch

@@ -65,3 +65,70 @@ def test_keyframe_requests_are_honoured_and_the_last_frame_is_always_sent() -> N
     assert seqs == list(range(9))
     st = ps.summary()
     assert st["frames_sent"] + st["frames_skipped"] == 9 and st["keyframe_requests"] == 1
+
+
+def moving(i: int) -> np.ndarray:
+    """Every frame moves: every frame is coded (in-the-wild faces send most of theirs)."""
+    return BASE + np.float32(0.01 * i)
+
+
+def decode_all(msgs: list[P.CodedKeypoints], cfg: PredictiveConfig, n: int) -> dict[int, np.ndarray]:
+    from receiver.kpstream import PredictiveStream
+
+    stream = PredictiveStream(cfg, 30.0)
+    got = {}
+    for m in msgs:
+        for f in stream.push(m):
+            got[f.seq] = f.vector
+    assert sorted(got) == list(range(n))
+    return got
+
+
+def test_bundled_frames_share_messages_and_decode_exactly_as_unbundled() -> None:
+    cfg = PredictiveConfig(max_gap=8)
+    plain, bundled = Wire(), Wire()
+    a = PredictiveSender(plain, cfg, ts_base_us=0)
+    b = PredictiveSender(bundled, cfg, ts_base_us=0, bundle=True)
+    for ps in (a, b):
+        ps.new_source(0)
+    arrived: dict[int, int] = {}
+    for i in range(20):
+        a.frame(i, 33_333 * i, moving(i), i / 30)
+        b.frame(i, 33_333 * i, moving(i), i / 30)
+        for s in b.last_sent_seqs:
+            arrived[s] = i
+    b.finish(19, 19 * 33_333, moving(19), 20 / 30)
+    for s in b.last_sent_seqs:
+        arrived[s] = 20
+    assert len(plain.msgs) == 20 and len(bundled.msgs) == 10  # two frames a message
+    assert all(m.redundant is not None and m.image_id == 0 for m in bundled.msgs)
+    assert max(arrived[s] - s for s in range(20)) <= 1  # a frame waits one frame period at most
+    got_a, got_b = decode_all(plain.msgs, cfg, 20), decode_all(bundled.msgs, cfg, 20)
+    assert all(np.array_equal(got_a[s], got_b[s]) for s in range(20))
+    st = b.summary()
+    assert st["frames_sent"] == 20 and st["messages_sent"] == 10 and st["bundled_frames"] == 10
+
+
+def test_a_waiting_frame_goes_alone_when_the_next_is_skipped_a_new_image_comes_or_the_stream_ends() -> None:
+    wire = Wire()
+    ps = PredictiveSender(wire, PredictiveConfig(max_gap=8), ts_base_us=0, bundle=True)
+    ps.new_source(0)
+    assert ps.frame(0, 0, BASE, 0.0) == 0  # the keyframe waits for a partner
+    assert ps.frame(1, 33_333, BASE, 1 / 30) > 0 and ps.last_sent_seqs == [0]  # skipped: the keyframe goes alone
+    ps.frame(2, 2 * 33_333, moving(2), 2 / 30)  # coded, waits
+    ps.new_source(1)  # the waiting frame still belongs to image 0
+    assert [(m.seq, m.image_id) for m in wire.msgs][-1] == (2, 0)  # (its redundant copy: the start's protection)
+    ps.frame(3, 3 * 33_333, moving(3), 3 / 30)  # the new image's keyframe waits
+    assert ps.finish(3, 3 * 33_333, moving(3), 4 / 30) > 0  # the end sends it
+    assert [(m.seq, m.image_id, m.key) for m in wire.msgs][-1] == (3, 1, True)
+
+
+def test_a_dropped_bundle_loses_both_frames_and_asks_for_a_keyframe() -> None:
+    wire = Wire(refuse={3})
+    ps = PredictiveSender(wire, PredictiveConfig(max_gap=8), ts_base_us=0, bundle=True)
+    ps.new_source(0)
+    for i in range(6):
+        ps.frame(i, 33_333 * i, moving(i), i / 30)
+    assert [m.seq for m in wire.msgs] == [1, 5]  # 0+1 together, 2+3 refused, 4 is a keyframe waiting for 5
+    assert wire.msgs[-1].redundant is not None and wire.msgs[-1].redundant.key  # the keyframe rides along
+    assert ps.summary()["kp_dropped"] == 1

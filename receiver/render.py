@@ -73,7 +73,7 @@ class RenderJob:
         return self.finish(_run_group([self], None, narrow)[0])
 
 
-def _run_group(jobs: list[RenderJob], fast_batch: Any, narrow: bool = False) -> list[np.ndarray]:  # noqa: ANN401
+def _run_group(jobs: list[RenderJob], fast_batch: Any, narrow: bool = False) -> list[np.ndarray]:
     """(3, H, W) float frames of jobs sharing one key, in one run when ``len(jobs) > 1`` (``fast_batch``:
     their ``BatchGraph``)."""
     head = jobs[0]
@@ -117,12 +117,12 @@ def run_sized(jobs: list[RenderJob], max_batch: int,
                     for i, f in zip(chunk, frames, strict=True):
                         results[i] = (jobs[i].finish(f), len(chunk))
                     continue
-            except Exception as e:  # noqa: BLE001 - a batch that fails renders again one by one
+            except Exception as e:  # a batch that fails renders again one by one
                 log.warning("batched render of %d frames failed (%s); rendering them one by one", len(chunk), e)
             for i in chunk:
                 try:
                     results[i] = (jobs[i].run(narrow), 1)
-                except Exception as e:  # noqa: BLE001 - handed to the call that asked for it
+                except Exception as e:  # handed to the call that asked for it
                     results[i] = (e, 1)
     return results  # type: ignore[return-value]
 
@@ -159,7 +159,7 @@ def onnx_render(model: MotionModel, cache: SourceCache) -> OnnxRender | None:
         fast: OnnxRender | None = OnnxRender(model, example, torch.get_num_threads())
         for _ in range(2):
             fast(*example)
-    except Exception as e:  # noqa: BLE001 - any exporter/runtime failure must leave eager rendering working
+    except Exception as e:  # any exporter/runtime failure must leave eager rendering working
         log.warning("ONNX Runtime renderer unavailable (%s)", e)
         fast = None
     object.__setattr__(model, "_kpcast_onnx", fast)  # not a registered submodule: no state_dict entry
@@ -236,7 +236,7 @@ class FastRender:
             graph: BatchGraph | None = BatchGraph.build(model, example, self.graph, batch, 1, ranges, cache_dir)
             log.info("%dx%d batch-%d render graph ready in %.1f s", model.config.size, model.config.size, batch,
                      time.perf_counter() - t0)
-        except Exception as e:  # noqa: BLE001 - without it the frames render one by one, as before
+        except Exception as e:  # without it the frames render one by one, as before
             log.warning("no batch-%d render graph for %dx%d (%s)", batch, model.config.size, model.config.size, e)
             graph = None
         with self._lock:
@@ -270,7 +270,7 @@ def fast_render(model: MotionModel, cache: SourceCache, int8: bool = True) -> Fa
         bound = fast.bind(args)
         for _ in range(2):
             fast(bound, example[0].numpy())
-    except Exception as e:  # noqa: BLE001 - any exporter/runtime failure must leave eager rendering working
+    except Exception as e:  # any exporter/runtime failure must leave eager rendering working
         log.warning("ONNX Runtime renderer unavailable (%s); rendering with eager PyTorch", e)
         fast = None
     object.__setattr__(model, key, fast)  # not a registered submodule: no state_dict entry

@@ -75,6 +75,7 @@ class Condition:
     forecaster: str = DEFAULT_FORECASTER
     kp_every: int = 1
     lookahead_ms: float = 0.0
+    max_delay_ms: float = 1000.0  # the receiver's --max-delay-ms (1000: its default, buffered playout)
 
 
 def kp_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -256,7 +257,8 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
     with impaired_link(loss=cond.loss, delay_ms=cond.delay_ms, jitter_ms=cond.jitter_ms, seed=a.seed) as link:
         recv_args = [sys.executable, "-m", "receiver", "--host", link.addr_a, "--port", str(PORT),
                      "--weights", str(a.weights), "--playout", "clock", "--forecaster", cond.forecaster,
-                     "--lookahead-ms", str(cond.lookahead_ms), "--stats-dir", str(work),
+                     "--lookahead-ms", str(cond.lookahead_ms), "--max-delay-ms", str(cond.max_delay_ms),
+                     "--stats-dir", str(work),
                      "--frames-log", str(work / "frames.npz"), "--stop-after-calls", "1",
                      "--threads", str(a.render_threads), "--device", "cpu",
                      # the receiver's side of the sender's --connect-timeout below: it hangs up on a peer
@@ -338,9 +340,12 @@ def picture(a: argparse.Namespace, frames: dict[str, np.ndarray], truth: dict[st
 # --------------------------------------------------------------------------- CLI
 
 def conditions(a: argparse.Namespace) -> list[Condition]:
-    base = Condition("", a.loss, a.delay_ms, a.jitter_ms, a.forecaster, a.kp_every, a.lookahead_ms)
+    base = Condition("", a.loss, a.delay_ms, a.jitter_ms, a.forecaster, a.kp_every, a.lookahead_ms, a.max_delay_ms)
+    if a.delay_targets:
+        return [replace(base, name=f"max {t:g} ms", max_delay_ms=t) for t in a.delay_targets]
     if not a.sweep:
-        return [replace(base, name=f"loss{a.loss:.0%} k{a.kp_every} la{a.lookahead_ms:g}")]
+        name = f"loss{a.loss:.0%} k{a.kp_every} la{a.lookahead_ms:g}"
+        return [replace(base, name=name if a.max_delay_ms >= 1000 else f"{name} max{a.max_delay_ms:g}")]
     plain = replace(base, kp_every=1, lookahead_ms=0.0)
     out = [replace(plain, name=f"loss {p:.0%}", loss=p) for p in (0.0, 0.05, 0.10)]
     out.append(replace(plain, name="loss 10% k=2", loss=0.10, kp_every=2))
@@ -357,6 +362,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forecaster", default=DEFAULT_FORECASTER, help="receiver concealment forecaster")
     p.add_argument("--kp-every", type=int, default=1, help="sender decimation k")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="receiver render-ahead")
+    p.add_argument("--max-delay-ms", type=float, default=1000.0, help="receiver --max-delay-ms (low-delay playout)")
+    p.add_argument("--delay-targets", type=float, nargs="*", default=[], metavar="MS",
+                   help="one call per receiver --max-delay-ms value (e.g. 0 40 80 120 1000), same link")
     p.add_argument("--frames", type=int, default=300, help="frames to stream (the clip is looped)")
     p.add_argument("--fps", type=float, default=30.0, help="call frame rate (sender --fps)")
     p.add_argument("--clip", default=str(DEFAULT_CLIP))

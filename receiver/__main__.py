@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help=f"concealment: vrnn, grunf, gru, linear, last (default: {DEFAULT_FORECASTER}, the most "
                         "accurate on held-out clips)")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="render ahead by this much (latency hiding)")
+    p.add_argument("--max-delay-ms", type=float, default=SessionConfig.max_delay_ms, metavar="MS",
+                   help="low-delay playout: the jitter buffer never holds frames longer than this; later frames "
+                        "are forecast when due and blended in when they arrive (default %(default)g: the buffer "
+                        "follows the 95th percentile of arrivals)")
     p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
     p.add_argument("--max-batch", type=int, default=ServerConfig.max_batch,
                    help="render up to this many concurrent calls' frames in one run (default: %(default)s; "
@@ -89,8 +93,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         ice = options_from_args(a)
     except IceServerError as e:
         p.error(str(e))
+    if not a.max_delay_ms >= 0:
+        p.error("--max-delay-ms must be >= 0")
     session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms,
-                            frames_log=a.frames_log, setup_timeout_s=a.setup_timeout)
+                            frames_log=a.frames_log, setup_timeout_s=a.setup_timeout, max_delay_ms=a.max_delay_ms)
     cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session,
                        fast_render=not a.eager_render, int8_render=not a.no_int8, ice=ice,
                        cors_origins=a.cors_origin, max_batch=a.max_batch)

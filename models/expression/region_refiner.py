@@ -1,0 +1,224 @@
+"""The region refiner: redraws the eyes and the mouth of a rendered frame at full resolution.
+
+Warping the source image cannot open an eye that is closed in the source, nor show teeth it does
+not have; the motion model's renders keep the source's eye state and open the mouth a third as wide
+(issue #29). The refiner works on the three patches ``openings.cut_patches`` cuts around the
+landmark-anchored keypoints of the frame being shown:
+
+- input, per patch: the rendered patch (3 channels), the source image's patch of the same region (3:
+  the person's own eye / teeth to copy from), and constant planes holding the **target** opening (the
+  driving frame's, sent beside the keypoints) and the source's opening, standardised (eyes: 2 planes,
+  the eye's own opening; mouth: 4 planes, mouth_open and mouth_width of target and source);
+- a small U-Net per region kind (two stride-2 downsamplings, ``width``-2x-4x channels; one for both
+  eyes, since the image-right eye arrives mirrored, one for the mouth) -> an RGB residual and a mask
+  logit; output = rendered + sigmoid(mask) * residual, clamped to [0, 1]. The output convolution is
+  zero-initialised, so an untrained refiner returns the rendered patch exactly.
+
+``paste_patches`` warps the refined patches back into the frame (the inverse of ``cut_patches``'
+affines, the image-right eye un-mirrored) with a feathered window, and ``refine_frame`` does cut ->
+refine -> paste for one frame. Training: ``models.expression.train_refiner``; samples:
+``models.expression.region_data``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.checkpoint import load_state, read_checkpoint, save_checkpoint
+from models.expression.openings import (
+    CHANNELS,
+    EYE_PATCH,
+    EYE_SIDE,
+    MOUTH_BELOW,
+    MOUTH_H,
+    MOUTH_PATCH,
+    MOUTH_W,
+    _affine,
+    cut_patches,
+)
+
+KIND = "region-refiner"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "region_refiner.pt"
+FEATHER = 0.25  # paste window: fraction of each patch side over which the weight ramps from 0 to 1
+
+
+@dataclass
+class RefinerConfig:
+    width: int = 16  # channels at full patch resolution; 2x and 4x after the two downsamplings
+    # opening statistics for the constant planes (set by training): planes hold (opening - mean) / std
+    open_mean: list[float] = field(default_factory=lambda: [0.0] * len(CHANNELS))
+    open_std: list[float] = field(default_factory=lambda: [1.0] * len(CHANNELS))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
+
+
+class _UNet(nn.Module):
+    """(B, cin, H, W) -> residual (B, 3, H, W) and mask logit (B, 1, H, W); H, W divisible by 4."""
+
+    def __init__(self, cin: int, width: int) -> None:
+        super().__init__()
+        w = width
+        self.enc0 = nn.Sequential(_conv(cin, w), _conv(w, w))
+        self.enc1 = nn.Sequential(_conv(w, 2 * w, 2), _conv(2 * w, 2 * w))
+        self.enc2 = nn.Sequential(_conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w))
+        self.dec1 = _conv(4 * w + 2 * w, 2 * w)
+        self.dec0 = _conv(2 * w + w, w)
+        self.out = nn.Conv2d(w, 4, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e0 = self.enc0(x)
+        e1 = self.enc1(e0)
+        e2 = self.enc2(e1)
+        d1 = self.dec1(torch.cat([F.interpolate(e2, size=e1.shape[-2:], mode="bilinear", align_corners=False), e1], 1))
+        d0 = self.dec0(torch.cat([F.interpolate(d1, size=e0.shape[-2:], mode="bilinear", align_corners=False), e0], 1))
+        o = self.out(d0)
+        return o[:, :3], o[:, 3:]
+
+
+def _planes(values: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, k) -> (B, k, h, w) constant planes."""
+    return values[:, :, None, None].expand(-1, -1, h, w)
+
+
+class RegionRefiner(nn.Module):
+    def __init__(self, config: RefinerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or RefinerConfig()
+        self.eye = _UNet(3 + 3 + 2, self.config.width)
+        self.mouth = _UNet(3 + 3 + 4, self.config.width)
+        self.register_buffer("open_mean", torch.tensor(self.config.open_mean, dtype=torch.float32))
+        self.register_buffer("open_std", torch.tensor(self.config.open_std, dtype=torch.float32))
+
+    def set_open_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.open_mean.copy_(mean)
+        self.open_std.copy_(std)
+        self.config.open_mean, self.config.open_std = mean.tolist(), std.tolist()
+
+    @staticmethod
+    def _apply(net: _UNet, rendered: torch.Tensor, source: torch.Tensor,
+               planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = rendered.shape[-2:]
+        x = torch.cat([rendered * 2 - 1, source * 2 - 1, _planes(planes, h, w)], 1)
+        residual, logit = net(x)
+        mask = torch.sigmoid(logit)
+        return (rendered + mask * residual).clamp(0.0, 1.0), mask
+
+    def forward(self, rendered_eyes: torch.Tensor, source_eyes: torch.Tensor, rendered_mouth: torch.Tensor,
+                source_mouth: torch.Tensor, target: torch.Tensor, source_open: torch.Tensor) -> dict[str, torch.Tensor]:
+        """eyes (B, 2, 3, 32, 32), mouth (B, 3, 32, 48), floats in [0, 1]; ``target`` / ``source_open`` (B, 4)
+        openings in label units (``CHANNELS`` order) -> {"eyes", "mouth", "eye_mask" (B, 2, 1, 32, 32),
+        "mouth_mask" (B, 1, 32, 48)}."""
+        b = rendered_eyes.shape[0]
+        t = (target - self.open_mean) / self.open_std
+        s = (source_open - self.open_mean) / self.open_std
+        eye_planes = torch.stack([t[:, :2], s[:, :2]], -1).flatten(0, 1)  # (B*2, 2): this eye's target, source
+        eyes, eye_mask = self._apply(self.eye, rendered_eyes.flatten(0, 1), source_eyes.flatten(0, 1), eye_planes)
+        mouth, mouth_mask = self._apply(self.mouth, rendered_mouth, source_mouth, torch.cat([t[:, 2:], s[:, 2:]], 1))
+        return {"eyes": eyes.view_as(rendered_eyes), "mouth": mouth,
+                "eye_mask": eye_mask.view(b, 2, 1, *eyes.shape[-2:]), "mouth_mask": mouth_mask}
+
+
+def save_refiner(path: str | Path, net: RegionRefiner, meta: dict | None = None) -> int:
+    return save_checkpoint(path, net, KIND, net.config.to_dict(), meta)
+
+
+def load_refiner(path: str | Path = DEFAULT_WEIGHTS) -> tuple[RegionRefiner, dict]:
+    """The refiner in eval mode and its checkpoint's meta; raises CheckpointError."""
+    blob = read_checkpoint(path, KIND)
+    net = RegionRefiner(RefinerConfig(**blob["config"]))
+    load_state(net, blob["state_dict"], path)
+    return net.eval(), blob["meta"]
+
+
+# --------------------------------------------------------------------------- frame <-> patches
+
+
+def patch_affines(centres: np.ndarray) -> list[np.ndarray]:
+    """The three 2x3 frame -> patch matrices ``cut_patches`` uses (image-left eye, image-right eye mirrored,
+    mouth), from (3, 2) px centres."""
+    left, right, mouth = (np.asarray(c, np.float64) for c in centres)
+    v = right - left
+    d = max(float(np.linalg.norm(v)), 1.0)
+    axis = v / d
+    down = np.array([-axis[1], axis[0]])
+    mw, mh = MOUTH_PATCH
+    return [_affine(left, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, False),
+            _affine(right, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, True),
+            _affine(mouth + MOUTH_BELOW * d * down, axis, MOUTH_W * d, MOUTH_H * d, mw, mh, False)]
+
+
+def _window(w: int, h: int, feather: float) -> np.ndarray:
+    """(h, w) float32 weights: 1 in the middle, a smooth ramp to 0 at the patch's border."""
+    def ramp(n: int) -> np.ndarray:
+        x = np.arange(n, dtype=np.float64) + 0.5
+        edge = np.minimum(x, n - x) / max(feather * n, 1e-6)  # 0 at the border, 1 at feather * n inside
+        e = np.clip(edge, 0.0, 1.0)
+        return e * e * (3 - 2 * e)  # smoothstep
+
+    return (ramp(h)[:, None] * ramp(w)[None, :]).astype(np.float32)
+
+
+def paste_patches(frame: np.ndarray, centres: np.ndarray, eyes: np.ndarray, mouth: np.ndarray,
+                  feather: float = FEATHER) -> np.ndarray:
+    """Frame (H, W, 3) uint8 + (3, 2) px centres + eye patches (2, 32, 32, 3) (the image-right one mirrored, as
+    ``cut_patches`` gives them) + mouth patch (32, 48, 3), uint8 -> a new frame with the patches warped back in,
+    each blended with a feathered window (weight 1 inside, ramping to 0 over ``feather`` of the patch's side)."""
+    h, w = frame.shape[:2]
+    out = frame.copy()
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # m maps frame -> patch: sample the patch at m(frame px)
+    for m, patch in zip(patch_affines(centres), (eyes[0], eyes[1], mouth), strict=True):
+        ph, pw = patch.shape[:2]
+        # only the patch's bounding box in the frame is touched: warp into that box (shifted matrix)
+        inv = cv2.invertAffineTransform(m)
+        corners = np.array([[-0.5, -0.5, 1], [pw - 0.5, -0.5, 1], [-0.5, ph - 0.5, 1], [pw - 0.5, ph - 0.5, 1]]) @ inv.T
+        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
+        x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 1, (w, h))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        shifted = m.copy()
+        shifted[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)  # box px (u, v) = frame px (u + x0, v + y0)
+        size = (int(x1 - x0), int(y1 - y0))
+        back = cv2.warpAffine(patch.astype(np.float32), shifted, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+        alpha = cv2.warpAffine(_window(pw, ph, feather), shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                               borderValue=0.0)[..., None]
+        roi = out[y0:y1, x0:x1].astype(np.float32)
+        out[y0:y1, x0:x1] = np.clip(np.rint(roi * (1 - alpha) + back * alpha), 0, 255).astype(np.uint8)
+    return out
+
+
+def _to_tensor(patches: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(patches)).movedim(-1, -3).float() / 255.0
+
+
+def _to_uint8(t: torch.Tensor) -> np.ndarray:
+    return (t.movedim(-3, -1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def refine_frame(net: RegionRefiner, frame: np.ndarray, centres: np.ndarray, source_eyes: np.ndarray,
+                 source_mouth: np.ndarray, target: np.ndarray, source_open: np.ndarray) -> np.ndarray:
+    """One rendered 256x256 uint8 frame -> the same frame with its eyes and mouth refined.
+
+    ``centres``: the driving keypoints' region centres (``centres_from_keypoints``); ``source_eyes`` /
+    ``source_mouth``: ``cut_patches`` of the source image at its own centres (once per call); ``target`` /
+    ``source_open``: (4,) openings of the driving frame and of the source."""
+    eyes, mouth = cut_patches(frame, centres)
+    out = net(_to_tensor(eyes)[None], _to_tensor(source_eyes)[None], _to_tensor(mouth)[None],
+              _to_tensor(source_mouth)[None], torch.as_tensor(target, dtype=torch.float32)[None],
+              torch.as_tensor(source_open, dtype=torch.float32)[None])
+    return paste_patches(frame, centres, _to_uint8(out["eyes"][0]), _to_uint8(out["mouth"][0]))

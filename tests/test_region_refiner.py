@@ -1,0 +1,216 @@
+"""The region refiner (models.expression.region_refiner): identity when untrained, cut/paste round trip,
+its training loop and the sample builder (models.expression.region_data)."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from models.data import ClipInfo, center_square, read_clip
+from models.expression import save_regressor
+from models.expression.openings import EYE_LEFT, EYE_PATCH, EYE_RIGHT, MOUTH, MOUTH_PATCH, cut_patches
+from models.expression.region_data import RegionSamples, build_samples, load_samples, save_samples
+from models.expression.region_refiner import (
+    RefinerConfig,
+    RegionRefiner,
+    load_refiner,
+    paste_patches,
+    patch_affines,
+    refine_frame,
+)
+from models.expression.regressor import OpeningConfig, OpeningNet
+from models.expression.train_refiner import RefinerTrainConfig, train, write_card, write_sheet
+from tests.utils import tiny_motion_model
+
+CENTRES = np.array([[100, 110], [156, 106], [128, 175]], np.float32)  # a face of the demo clip's size
+
+
+def demo_frame(demo_clip: Path) -> np.ndarray:
+    return center_square(read_clip(demo_clip, max_frames=1)[0], 256)
+
+
+def test_untrained_refiner_returns_the_rendered_patches_exactly() -> None:
+    torch.manual_seed(0)
+    net = RegionRefiner().eval()
+    eyes, mouth = torch.rand(3, 2, 3, EYE_PATCH, EYE_PATCH), torch.rand(3, 3, MOUTH_PATCH[1], MOUTH_PATCH[0])
+    out = net(eyes, torch.rand_like(eyes), mouth, torch.rand_like(mouth), torch.rand(3, 4), torch.rand(3, 4))
+    assert torch.equal(out["eyes"], eyes) and torch.equal(out["mouth"], mouth)
+    assert out["eye_mask"].shape == (3, 2, 1, EYE_PATCH, EYE_PATCH) and out["mouth_mask"].shape == (3, 1, 32, 48)
+
+
+def test_untrained_refine_frame_changes_nothing_and_the_checkpoint_loads(demo_clip: Path, tmp_path: Path) -> None:
+    from models.expression.region_refiner import save_refiner
+
+    frame = demo_frame(demo_clip)
+    net = RegionRefiner(RefinerConfig(width=8))
+    e, m = cut_patches(frame, CENTRES)
+    out = refine_frame(net.eval(), frame, CENTRES, e, m, np.full(4, 0.3), np.full(4, 0.2))
+    assert out.shape == frame.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - frame.astype(int)).mean() < 0.1  # only the cut/paste resampling
+    save_refiner(tmp_path / "r.pt", net, {"x": 1})
+    again, meta = load_refiner(tmp_path / "r.pt")
+    assert meta == {"x": 1} and again.config.width == 8
+
+
+@pytest.mark.parametrize("roll", [0.0, 25.0])
+def test_pasting_the_cut_patches_back_changes_the_frame_by_under_2_grey_levels(demo_clip: Path, roll: float) -> None:
+    frame = demo_frame(demo_clip)
+    rot = cv2.getRotationMatrix2D((128.0, 128.0), roll, 1.0)
+    frame = cv2.warpAffine(frame, rot, (256, 256), borderMode=cv2.BORDER_REFLECT)
+    centres = (rot[:, :2] @ CENTRES.T).T + rot[:, 2]
+    eyes, mouth = cut_patches(frame, centres)
+    out = paste_patches(frame, centres, eyes, mouth)
+    diff = np.abs(out.astype(int) - frame.astype(int)).max(-1)
+    for m, (w, h) in zip(patch_affines(centres), [(EYE_PATCH, EYE_PATCH)] * 2 + [MOUTH_PATCH], strict=True):
+        inside = cv2.warpAffine(np.ones((h, w), np.float32), m, (256, 256),
+                                flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP) > 0
+        assert inside.sum() > 200
+        assert diff[inside].mean() < 2.0
+    assert diff.max() < 40  # nothing pasted far off
+
+
+def test_pasting_puts_each_patch_where_it_was_cut_with_the_right_eye_unmirrored() -> None:
+    frame = np.full((256, 256, 3), 128, np.uint8)
+    eyes = np.full((2, EYE_PATCH, EYE_PATCH, 3), 128, np.uint8)
+    eyes[:, 10:22, 2:10] = 255  # a mark on the patch's left side (towards the nose for the mirrored right eye)
+    mouth = np.full((MOUTH_PATCH[1], MOUTH_PATCH[0], 3), 0, np.uint8)
+    out = paste_patches(frame, CENTRES, eyes, mouth)
+    bright = out[..., 0] > 200
+    ys, xs = np.nonzero(bright[:, :128])
+    assert xs.mean() < CENTRES[0, 0]  # image-left eye: left of its centre
+    ys, xs = np.nonzero(bright[:, 128:])
+    assert xs.mean() + 128 > CENTRES[1, 0]  # image-right eye, un-mirrored: right of its centre
+    assert out[175, 128, 0] < 10 and out[30, 128, 0] == 128  # the mouth is dark, the forehead untouched
+
+
+# --------------------------------------------------------------------------- training
+
+
+def synthetic_samples(n: int, seqs: int, seed: int) -> RegionSamples:
+    """The driving patch is the rendered one brightened by its target opening: learnable from the planes."""
+    rng = np.random.default_rng(seed)
+    target = rng.uniform(0.0, 1.0, (n, 4)).astype(np.float32)
+    base_e = rng.integers(60, 140, (n, 2, 32, 32, 3)).astype(np.float32)
+    base_m = rng.integers(60, 140, (n, 32, 48, 3)).astype(np.float32)
+    de = base_e + 100 * target[:, :2, None, None, None]
+    dm = base_m + 100 * target[:, 2, None, None, None]
+    n_src = seqs
+    return RegionSamples(
+        rendered_eyes=base_e.astype(np.uint8), rendered_mouth=base_m.astype(np.uint8),
+        driving_eyes=de.clip(0, 255).astype(np.uint8), driving_mouth=dm.clip(0, 255).astype(np.uint8),
+        target=target, centres=np.zeros((n, 3, 2), np.float32), source=(np.arange(n) % n_src).astype(np.int32),
+        clip=(np.arange(n) % n_src).astype(np.int32), frame=np.arange(n, dtype=np.int32),
+        seq=(np.arange(n) % n_src).astype(np.int32),
+        source_eyes=rng.integers(0, 255, (n_src, 2, 32, 32, 3), dtype=np.uint8),
+        source_mouth=rng.integers(0, 255, (n_src, 32, 48, 3), dtype=np.uint8),
+        source_open=rng.uniform(0, 1, (n_src, 4)).astype(np.float32), source_frame=np.zeros(n_src, np.int32),
+        meta={"clips": [f"c{i}" for i in range(n_src)], "persons": [f"p{seed}{i}" for i in range(n_src)]})
+
+
+def test_training_reduces_the_loss_keeps_the_best_check_and_resumes(tmp_path: Path) -> None:
+    reg = OpeningNet(OpeningConfig(width=4, stages=2))  # an untrained but frozen judge: exercises the opening term
+    reg.set_label_stats(torch.full((4,), 0.5), torch.full((4,), 0.3))
+    save_regressor(tmp_path / "openings.pt", reg.eval())
+    cfg = RefinerTrainConfig(out=str(tmp_path / "refiner.pt"), run_dir=str(tmp_path / "run"),
+                             regressor=str(tmp_path / "openings.pt"), steps=40, batch=8, val_every=20, tiny=True,
+                             lr=3e-3, minutes=5, target="dlib")  # the synthetic patches follow the labels
+    tr, va = synthetic_samples(96, 4, 0), synthetic_samples(32, 4, 1)
+    summary = train(cfg, tr, va, {"n": 1})
+    assert summary["last_loss"] < 0.8 * summary["first_loss"]
+    best, base = summary["best"], summary["baselines"]
+    assert best["l1_eyes"] < base["rendered"]["l1_eyes"]  # closer to the driving patches than the render is
+    assert len(best["corr"]) == 4 and summary["meta"]["opening_loss"] is True
+    net, meta = load_refiner(cfg.out)
+    assert meta["selected"]["step"] == best["step"]
+    rows = (tmp_path / "run" / "val.jsonl").read_text().splitlines()
+    assert len(rows) == 3  # steps 0, 20, 40
+    card = write_card(cfg, summary, summary["meta"] | {"train_data": {}, "val_data": {}, "n_train": 96,
+                                                        "n_val": 32, "n_train_sources": 4, "n_val_sources": 4},
+                      "cmd")
+    assert "rendered as is" in card.read_text() and "source patch (static)" in card.read_text()
+    # resumable: a second run continues from the saved state, not from step 0
+    cfg2 = RefinerTrainConfig(**{**cfg.__dict__, "steps": 50, "resume": True})
+    assert train(cfg2, tr, va, {"n": 1})["final"]["step"] == 50
+    assert len((tmp_path / "run" / "val.jsonl").read_text().splitlines()) == 5  # + steps 40 (again) and 50
+
+
+def test_training_without_a_regressor_selects_by_l1_and_says_so(tmp_path: Path) -> None:
+    cfg = RefinerTrainConfig(out=str(tmp_path / "refiner.pt"), run_dir=str(tmp_path / "run"),
+                             regressor=str(tmp_path / "missing.pt"), steps=10, batch=8, val_every=5, tiny=True)
+    summary = train(cfg, synthetic_samples(32, 2, 0), synthetic_samples(16, 2, 1), {})
+    assert summary["meta"]["opening_loss"] is False and "corr" not in summary["best"]
+    assert summary["best"]["select"] == -(summary["best"]["l1_eyes"] + summary["best"]["l1_mouth"])
+    meta = summary["meta"] | {"train_data": {}, "val_data": {}, "n_train": 32, "n_val": 16, "n_train_sources": 2,
+                              "n_val_sources": 2}
+    assert "**off**" in write_card(cfg, summary, meta, "cmd").read_text()
+
+
+# --------------------------------------------------------------------------- samples
+
+
+class FakeLandmarks:
+    """A landmark cache with one plausible face per frame (eyes at the CENTRES, blinking every 4th frame)."""
+
+    def __init__(self, n: int) -> None:
+        lm = np.zeros((n, 68, 2), np.float32)
+        for t in range(n):
+            gap = 1.0 if t % 4 == 3 else 6.0
+            for idx, (cx, cy) in ((EYE_LEFT, CENTRES[0]), (EYE_RIGHT, CENTRES[1])):
+                lm[t, idx, 0] = cx + np.array([-10, -4, 4, 10, 4, -4])
+                lm[t, idx, 1] = cy + np.array([0, -gap, -gap, 0, gap, gap]) / 2
+            lm[t, MOUTH] = CENTRES[2] + np.random.default_rng(t).normal(0, 6, (len(MOUTH), 2))
+        self.lm, self.valid = lm, np.ones(n, bool)
+        self.valid[1] = False
+
+    def get(self, path, root):  # LandmarkCache.get
+        return self.lm, self.valid
+
+
+def test_sample_builder_renders_cuts_and_labels_with_the_documented_shapes(demo_clip: Path, tmp_path: Path) -> None:
+    model = tiny_motion_model(256)
+    clip = ClipInfo(demo_clip, "face", "video", "demo")
+    n, every = 12, 3
+    s = build_samples(model, [clip], demo_clip.parent, FakeLandmarks(n), [9, 4, 5, 0], every=every, sources=2,
+                      seed=0, max_frames=n)
+    drive = [t for t in range(0, n, every) if t != 1]  # frame 1 has no landmarks (not a multiple of 3 anyway)
+    assert len(s.source_open) == 2 and s.source_frame[0] == 0 and s.source_frame[1] >= n // 3
+    assert len(s) == 2 * len(drive) and sorted(set(s.frame.tolist())) == drive
+    assert s.rendered_eyes.shape == (len(s), 2, EYE_PATCH, EYE_PATCH, 3) and s.rendered_eyes.dtype == np.uint8
+    assert s.driving_mouth.shape == (len(s), MOUTH_PATCH[1], MOUTH_PATCH[0], 3)
+    assert s.source_eyes.shape == (2, 2, EYE_PATCH, EYE_PATCH, 3) and s.source_mouth.shape == (2, 32, 48, 3)
+    assert s.target.shape == (len(s), 4) and s.target.dtype == np.float32 and s.centres.shape == (len(s), 3, 2)
+    assert s.target[s.frame == 3, 0] == pytest.approx(1 / 56, abs=0.01)  # frame 3 blinks
+    assert s.source_open[0, 0] == pytest.approx(6 / 56, abs=0.01)
+    assert set(s.seq.tolist()) == {0, 1} and set(s.source.tolist()) == {0, 1}
+    assert not np.array_equal(s.rendered_eyes, s.driving_eyes)  # the render is not the driving frame
+    assert s.meta["render_ms_per_frame"] > 0 and s.meta["renders"] == len(s)
+    assert s.rendered_frames is None and s.boxes is None  # kept only when asked (validation samples)
+    again = load_samples(save_samples(tmp_path / "s.npz", s))
+    assert np.array_equal(again.rendered_mouth, s.rendered_mouth) and again.meta == s.meta
+    sub = again.subset(np.array([0, 2]))
+    assert len(sub) == 2 and len(sub.source_open) == 2
+
+
+def test_validation_samples_keep_frames_for_the_dlib_judge_which_selects(demo_clip: Path, tmp_path: Path) -> None:
+    pytest.importorskip("dlib")
+    model = tiny_motion_model(256)
+    clip = ClipInfo(demo_clip, "face", "video", "demo")
+    s = build_samples(model, [clip], demo_clip.parent, FakeLandmarks(9), [9, 4, 5, 0], every=2, sources=1,
+                      max_frames=9, keep_frames=True)
+    assert s.rendered_frames.shape == (len(s), 256, 256, 3) and s.boxes.shape == (len(s), 4)
+    assert (s.boxes[:, 2] > s.boxes[:, 0]).all()  # the demo clip's face is found in every driving frame
+    s = load_samples(save_samples(tmp_path / "v.npz", s))
+    assert s.rendered_frames is not None and s.subset(np.array([1])).rendered_frames.shape[0] == 1
+    cfg = RefinerTrainConfig(out=str(tmp_path / "refiner.pt"), run_dir=str(tmp_path / "run"), regressor="",
+                             steps=2, batch=4, val_every=2, tiny=True)
+    summary = train(cfg, s, s, {})
+    base = summary["baselines"]
+    assert summary["meta"]["dlib_judge"] and len(summary["best"]["dlib_corr"]) == 4
+    assert summary["best"]["select"] == pytest.approx(np.mean(summary["best"]["dlib_corr"][:3]))
+    assert base["rendered"]["dlib_frames"] == len(s)
+    # an untrained refiner's frames are the rendered frames up to the cut/paste resampling
+    assert summary["baselines"]["rendered"]["dlib_mae"][0] < 0.05
+    sheet = write_sheet(load_refiner(cfg.out)[0], s, s.target, tmp_path / "sheet.png", rows=3)
+    assert cv2.imread(str(sheet)).shape == (3 * 32 * 2, 4 * (32 + 32 + 48) * 2, 3)

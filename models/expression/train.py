@@ -255,6 +255,14 @@ def train(cfg: TrainConfig, tr: Patches, va: Patches, meta: dict) -> dict:
     return {"best": best, "final": final, "baselines": base}
 
 
+def summary_of_run(cfg: TrainConfig) -> dict:
+    """``train``'s summary for a run that was stopped: the best check (the shipped weights' meta), the
+    last check in RUN_DIR/val.jsonl as the final one, the baselines from the shipped weights' meta."""
+    meta = load_regressor(cfg.out)[1]
+    rows = [json.loads(x) for x in (Path(cfg.run_dir) / "val.jsonl").read_text().splitlines() if x.strip()]
+    return {"best": meta["selected"], "final": rows[-1], "baselines": meta["baselines"]}
+
+
 def write_card(cfg: TrainConfig, summary: dict, meta: dict, command: str) -> Path:
     best, final, base = summary["best"], summary["final"], summary["baselines"]
     def row(name: str, values: list[float], fmt: str = ".3f") -> str:
@@ -308,9 +316,18 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(flag, action="store_true")
         else:
             p.add_argument(flag, type=type(value), default=value)
+    p.add_argument("--card-only", action="store_true",
+                   help="write OUT's model card from RUN_DIR's state and val.jsonl (a run stopped early) and exit")
     a = p.parse_args(argv)
+    card_only = a.card_only
+    del a.card_only
     cfg = TrainConfig(**vars(a))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if card_only:
+        command = ".venv/bin/python -m models.expression.train " + " ".join(
+            shlex.quote(x) for x in (argv or sys.argv[1:]) if x != "--card-only")
+        print(write_card(cfg, summary_of_run(cfg), load_regressor(cfg.out)[1], command))
+        return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(cfg.threads)
     from models.landmarks import LandmarkCache

@@ -65,7 +65,7 @@ def centres_from_keypoints(kp: np.ndarray, anchor_kp: list[int], size: int = 256
     return (pts + 1.0) * (size / 2.0) - 0.5
 
 
-def _affine(centre: np.ndarray, axis: np.ndarray, width: float, height: float, out_w: int, out_h: int,
+def patch_affine(centre: np.ndarray, axis: np.ndarray, width: float, height: float, out_w: int, out_h: int,
             mirror: bool) -> np.ndarray:
     """2x3 matrix taking frame pixels to patch pixels: ``axis`` (unit vector along the eye line) maps to
     the patch's x axis, a ``width`` x ``height`` box around ``centre`` fills the patch."""
@@ -89,11 +89,11 @@ def cut_patches(frame: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.
     axis = v / d
     eyes = []
     for c, mirror in ((left, False), (right, True)):
-        m = _affine(c, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, mirror)
+        m = patch_affine(c, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, mirror)
         eyes.append(cv2.warpAffine(frame, m, (EYE_PATCH, EYE_PATCH), flags=cv2.INTER_LINEAR,
                                    borderMode=cv2.BORDER_REPLICATE))
     down = np.array([-axis[1], axis[0]])  # the face's vertical axis (image y when upright)
     mw, mh = MOUTH_PATCH
-    m = _affine(mouth + MOUTH_BELOW * d * down, axis, MOUTH_W * d, MOUTH_H * d, mw, mh, False)
+    m = patch_affine(mouth + MOUTH_BELOW * d * down, axis, MOUTH_W * d, MOUTH_H * d, mw, mh, False)
     mouth_patch = cv2.warpAffine(frame, m, (mw, mh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return np.stack(eyes), mouth_patch

@@ -40,8 +40,8 @@ from models.expression.openings import (
     MOUTH_H,
     MOUTH_PATCH,
     MOUTH_W,
-    _affine,
     cut_patches,
+    patch_affine,
 )
 
 KIND = "region-refiner"
@@ -156,9 +156,9 @@ def patch_affines(centres: np.ndarray) -> list[np.ndarray]:
     axis = v / d
     down = np.array([-axis[1], axis[0]])
     mw, mh = MOUTH_PATCH
-    return [_affine(left, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, False),
-            _affine(right, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, True),
-            _affine(mouth + MOUTH_BELOW * d * down, axis, MOUTH_W * d, MOUTH_H * d, mw, mh, False)]
+    return [patch_affine(left, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, False),
+            patch_affine(right, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, True),
+            patch_affine(mouth + MOUTH_BELOW * d * down, axis, MOUTH_W * d, MOUTH_H * d, mw, mh, False)]
 
 
 def _window(w: int, h: int, feather: float) -> np.ndarray:

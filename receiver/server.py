@@ -68,11 +68,18 @@ class ServerConfig:
     ice: IceServerOptions = field(default_factory=IceServerOptions)  # STUN/TURN (--ice-server)
 
 
+# Called with a call's peer connection and session right after its offer is answered, before any
+# event of that connection runs; it must not await (kpcast's two-way call opens its own channels here).
+OnAnswered = Callable[[RTCPeerConnection, CallSession], None]
+
+
 class ReceiverServer:
-    def __init__(self, model: MotionModel, config: ServerConfig, tiers: TierSet | None = None) -> None:
+    def __init__(self, model: MotionModel, config: ServerConfig, tiers: TierSet | None = None,
+                 on_answered: OnAnswered | None = None) -> None:
         self.model = model
         self.config = config
         self.tiers = tiers  # each call adapts its render tier (receiver.adapt) when set
+        self.on_answered = on_answered
         # Calls' frames render side by side, one worker per core, a lone frame on all of them
         # (receiver.batching); source images are encoded on the same workers, between rounds.
         self.executor = ThreadPoolExecutor(max_workers=config.render_workers, thread_name_prefix="render")
@@ -218,16 +225,10 @@ class ReceiverServer:
                               on_closed=self._on_closed)
         self.sessions[call_id] = session
         session.on_frame = lambda image, s=session: self.viewer.publish(s.call_id, s.index, image, s.hello.fps)
-        pc.on("datachannel", session.attach)
-        limit_inbound(pc.sctp, lambda reason: asyncio.ensure_future(session.close(f"sctp: {reason}")),
-                      max_message_bytes=_advertised_max_message_size(pc.localDescription.sdp))
-
-        @pc.on("connectionstatechange")
-        async def _state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                await session.close(f"connection {pc.connectionState}")
-
+        wire_session(pc, session)
         session.start()
+        if self.on_answered is not None:
+            self.on_answered(pc, session)
         log.info("call %s: answered offer from %s", call_id, request.remote)
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
 
@@ -243,6 +244,20 @@ class ReceiverServer:
             path.write_text(json.dumps(summary, indent=1))
         if self.config.stop_after_calls and self.calls_finished >= self.config.stop_after_calls:
             self.done.set()
+
+
+def wire_session(pc: RTCPeerConnection, session: CallSession) -> None:
+    """Feed ``session`` from ``pc``: the peer's data channels, bounds on what its SCTP may make us hold
+    (what this end advertised, in ``pc.localDescription``), and the session's end with the connection.
+    Call it after the local description is set and before any data can arrive."""
+    pc.on("datachannel", session.attach)
+    limit_inbound(pc.sctp, lambda reason: asyncio.ensure_future(session.close(f"sctp: {reason}")),
+                  max_message_bytes=_advertised_max_message_size(pc.localDescription.sdp))
+
+    @pc.on("connectionstatechange")
+    async def _state() -> None:
+        if pc.connectionState in ("failed", "closed"):
+            await session.close(f"connection {pc.connectionState}")
 
 
 def _advertised_max_message_size(sdp: str) -> int:

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -127,10 +128,24 @@ def load_replay(path: str) -> np.ndarray:
 
 
 class SenderCall:
-    """One call to a receiver, as ``SenderConfig`` asks; ``await run()`` returns its stats."""
+    """One call to a receiver, as ``SenderConfig`` asks; ``await run()`` returns its stats.
 
-    def __init__(self, cfg: SenderConfig) -> None:
+    By default the call makes its own peer and signals to ``cfg.receiver`` over HTTP. Given a
+    :class:`SenderPeer` on a connection negotiated elsewhere (``peer``, or :meth:`use_peer` before
+    :meth:`run`: ``kpcast``'s two-way call), it streams on that peer's channels once they open.
+    :meth:`prepare` opens the input and loads the models ahead of the call (``run`` does it
+    otherwise), so a call that is answered later starts without that wait.
+    """
+
+    def __init__(self, cfg: SenderConfig, peer: SenderPeer | None = None) -> None:
         self.cfg = cfg
+        self.peer: SenderPeer | None = None
+        self.signaling = True  # this call makes its peer and offers to cfg.receiver; False: use_peer's
+        self.prepared = False
+        self.stop_reason: str | None = None  # set by stop(): the call ends after the current frame
+        self.input_ended = False  # the input ran out (end of file, --max-frames): the call ended here
+        # every captured (framed) picture, e.g. a self-view; called on the event loop, so it must be quick
+        self.on_frame: Callable[[np.ndarray], None] | None = None
         self.codec = CODECS[cfg.codec]
         self.stats = SenderStats()
         self.pred: PredictiveSender | None = None
@@ -150,8 +165,25 @@ class SenderCall:
         self.truth_seq: list[int] = []
         self.truth_vec: list[np.ndarray] = []
         self.timing: dict[int, list[float]] = {}
+        if peer is not None:
+            self.use_peer(peer)
 
     # ------------------------------------------------------------------ set-up
+    def use_peer(self, peer: SenderPeer) -> None:
+        """Stream on ``peer`` (its connection negotiated by someone else) instead of signaling."""
+        self.peer, self.signaling = peer, False
+        peer.on_message = self._on_message
+
+    def stop(self, reason: str) -> None:
+        """End the call after the frame in hand; the Bye says ``reason``."""
+        self.stop_reason = reason
+
+    def prepare(self) -> None:
+        """Open the input, load the models and time the extraction (once; ``run`` calls it otherwise)."""
+        if not self.prepared:
+            self._setup()
+            self.prepared = True
+
     def _setup(self) -> None:
         import torch
 
@@ -175,8 +207,6 @@ class SenderCall:
                 log.warning("keypoint extraction takes %.0f ms a frame here: %.1f fps cannot be held; sending "
                             "every %s frame, at %.1f fps", work_ms, self.source.asked_fps,
                             f"{stride}th" if stride > 2 else "2nd", self.source.fps)
-        # never the receiver's address: it is not one of this host's (README's two-machine call)
-        restrict_host_addresses(cfg.ice_address or addresses_for_receiver(urlparse(cfg.receiver).hostname or ""))
         if cfg.target_kbps is not None and self.codec != P.Codec.PRED:
             k, b, est, fits = choose_rate(cfg.target_kbps, self.source.fps, self.codec)
             (log.info if fits else log.warning)(
@@ -184,7 +214,12 @@ class SenderCall:
                 self.source.fps, k, b, est, "" if fits else ", does NOT fit: cheapest setting")
             cfg.kp_every, cfg.batch = k, b
         self.refresh = make_refresh(cfg, self.model)
-        self.peer = SenderPeer(self._on_message, rtc_configuration(cfg.ice_options()))
+
+    def _signaling_peer(self) -> SenderPeer:
+        cfg = self.cfg
+        # never the receiver's address: it is not one of this host's (README's two-machine call)
+        restrict_host_addresses(cfg.ice_address or addresses_for_receiver(urlparse(cfg.receiver).hostname or ""))
+        return SenderPeer(self._on_message, rtc_configuration(cfg.ice_options()))
 
     def _on_message(self, msg: P.Message) -> None:
         """The receiver's control messages (already validated by ``SenderPeer``)."""
@@ -199,7 +234,10 @@ class SenderCall:
 
     async def _start_stream(self) -> None:
         cfg = self.cfg
-        await self.peer.connect(cfg.receiver, cfg.token, timeout_s=cfg.connect_timeout)
+        if self.signaling:
+            await self.peer.connect(cfg.receiver, cfg.token, timeout_s=cfg.connect_timeout)
+        else:
+            await self.peer.opened(cfg.connect_timeout)
         ts_base_us = time.time_ns() // 1000  # capture times count from here (fewer bytes per message)
         if self.codec == P.Codec.PRED:
             rate = None if cfg.target_kbps is None else RateController(RateConfig(cfg.target_kbps), cfg.tolerance)
@@ -212,13 +250,17 @@ class SenderCall:
     # ------------------------------------------------------------------ the call
     async def run(self) -> dict[str, Any]:
         """The whole call; returns ``SenderStats.to_dict()``."""
-        self._setup()
+        self.prepare()
+        if self.peer is None:
+            self.peer = self._signaling_peer()
         t_start = time.monotonic()
         last: tuple[int, int, np.ndarray] | None = None
         try:
             await self._start_stream()
             async for frame in self.source.frames():
                 self.stats.frames_captured += 1
+                if self.on_frame is not None:
+                    self.on_frame(frame.image)
                 frame = await self._source_image_if_due(frame)
                 self._switch_if_due()
                 vec = await self._keypoints(frame)
@@ -229,6 +271,11 @@ class SenderCall:
                 if self.peer.closed.is_set():
                     log.warning("receiver ended the call")
                     break
+                if self.stop_reason is not None:
+                    log.info("ending the call: %s", self.stop_reason)
+                    break
+            else:
+                self.input_ended = True
             finished = self.pred is not None and last is not None and not self.peer.closed.is_set()
             if finished and self.pred.finish(*last, time.monotonic()) and self.cfg.truth_out:
                 for seq in self.pred.last_sent_seqs:
@@ -382,7 +429,7 @@ class SenderCall:
         st.kp_dropped_congestion = self.peer.kp_dropped_congestion
         if self.pred is not None:
             st.parts.update(self.pred.summary())
-        await self.peer.close()
+        await self.peer.close(self.stop_reason or "done")
         self.source.close()
 
     def _write_truth(self, path: Path) -> None:

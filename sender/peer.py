@@ -22,11 +22,15 @@ MAX_BUFFERED_BYTES = 32 * 1024  # above this the link is congested: drop keypoin
 
 
 class SenderPeer:
+    """The sending end of a call: its two channels on a peer connection of its own (signaled by
+    :meth:`connect`), or on ``pc``, a connection someone else negotiates (a two-way call: ``kpcast``),
+    where :meth:`opened` waits for the channels instead."""
+
     def __init__(self, on_message: Callable[[P.Message], None] | None = None,
-                 configuration: RTCConfiguration | None = None) -> None:
+                 configuration: RTCConfiguration | None = None, pc: RTCPeerConnection | None = None) -> None:
         # configuration: STUN/TURN servers (shared.ice_servers.rtc_configuration); None: host candidates only
         self.configuration = configuration or RTCConfiguration(iceServers=[])
-        self.pc = RTCPeerConnection(self.configuration)
+        self.pc = pc if pc is not None else RTCPeerConnection(self.configuration)
         self.control: RTCDataChannel = self.pc.createDataChannel(CONTROL_LABEL, ordered=True)
         self.kp: RTCDataChannel = self.pc.createDataChannel(KEYPOINT_LABEL, ordered=False, maxRetransmits=0)
         self.on_message = on_message
@@ -63,8 +67,12 @@ class SenderPeer:
         check_relay(self.pc.localDescription.sdp, self.configuration, "sender")  # a dead TURN server: say so now
         answer = await send_offer(url, self.pc.localDescription, token)
         await self.pc.setRemoteDescription(answer)
-        await asyncio.wait_for(asyncio.gather(_opened(self.control), _opened(self.kp)), timeout_s)
+        await self.opened(timeout_s)
         log.info("connected to %s", url)
+
+    async def opened(self, timeout_s: float = 15.0) -> None:
+        """Wait until both channels are open (TimeoutError after ``timeout_s``)."""
+        await asyncio.wait_for(asyncio.gather(_opened(self.control), _opened(self.kp)), timeout_s)
 
     def send_control(self, msg: P.Message) -> int:
         data = P.encode(msg)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from bench.calls import env, start_receiver, stop
 from tests.harness import ROOT
 
-__all__ = ["env", "start_receiver", "stop", "run_sender", "sender_main", "receiver_main"]
+__all__ = ["env", "start_receiver", "stop", "run_sender", "sender_main", "receiver_main", "kpcast_main"]
 
 
 def run_sender(args: list[str], netns: str | None = None, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
@@ -39,6 +39,20 @@ def receiver_main(args: list[str]) -> tuple[int, str]:
     from receiver.__main__ import main
 
     return _in_process(main, args)
+
+
+def kpcast_main(args: list[str]) -> tuple[int, str]:
+    """``python -m kpcast ARGS`` in this process, like :func:`sender_main` (argument errors exit through
+    argparse: their status is returned, not raised)."""
+    from kpcast.__main__ import main
+
+    def run(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except SystemExit as e:
+            return int(e.code or 0)
+
+    return _in_process(run, args)
 
 
 def _in_process(main: Callable[[list[str]], int], args: list[str]) -> tuple[int, str]:

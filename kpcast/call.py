@@ -48,7 +48,7 @@ from receiver.batching import RenderBatcher
 from receiver.render import Renderer, choose_model, measure_render_fps, pick_device
 from receiver.server import ReceiverServer, ServerConfig, wire_session
 from receiver.session import CallSession, SessionConfig
-from receiver.tiers import TierSet, load_tiers
+from receiver.tiers import TieredRenderer, TierSet, load_tiers
 from sender.call import SenderCall
 from sender.config import SenderConfig
 from sender.peer import SenderPeer
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 # How long the sending half may take to finish after the call ended (its Bye waits up to 1 s for the
 # other side, a frame may be in extraction); then it is cancelled.
 SENDER_FINISH_S = 5.0
+CPU_SHARE_PERIOD_S = 1.0  # how often the receiving half learns what the sending half costs
 # Exit statuses: a call that ended as someone asked (either side hung up, or the input ended) is 0;
 # one whose other side vanished or broke the connection is LOST; set-up failures are ERROR.
 LOST = 1
@@ -182,15 +183,38 @@ class TwoWayCall:
         latency = float(np.median(st.latency_ms[-30:])) if st.latency_ms else None
         return Counters(wire_bytes(st.keypoint_message_bytes, st.keypoint_messages), out, st.frames_rendered, latency)
 
+    def reserved_ms(self) -> float | None:
+        """CPU time our own extraction takes per frame of the other side's stream (None: not known yet).
+
+        Both halves run on this machine's cores: the tier adaptation of the picture we show must leave
+        room for the keypoints we send, or it keeps a tier the machine cannot hold beside them."""
+        ex = self.sender.stats.extract_ms[-30:]
+        hello = self.session.hello
+        if not ex or hello is None:
+            return None
+        return float(np.median(ex)) * self.sender.source.fps / hello.fps
+
+    async def _share_cpu(self) -> None:
+        """Tell the receiving half's tier adaptation what the sending half costs, once a second."""
+        renderer = self.session.renderer
+        if not isinstance(renderer, TieredRenderer):
+            return
+        while True:
+            ms = self.reserved_ms()
+            if ms is not None:
+                renderer.set_reserved_ms(ms)
+            await asyncio.sleep(CPU_SHARE_PERIOD_S)
+
     async def run(self, stop: asyncio.Event) -> CallResult:
         t0 = time.monotonic()
         send = asyncio.ensure_future(self.sender.run())
+        share = asyncio.ensure_future(self._share_cpu())
         waits = {"stop": asyncio.ensure_future(stop.wait()), "quit": asyncio.ensure_future(self.view.quit.wait()),
                  "remote": asyncio.ensure_future(self.session.closed.wait())}
         try:
             await asyncio.wait([send, *waits.values()], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for w in waits.values():
+            for w in (*waits.values(), share):
                 w.cancel()
         code, ended_by, reason, bye = self._why(send, stop)
         log_at = log.warning if code else log.info

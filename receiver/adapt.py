@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class AdaptConfig:
     """Thresholds of the tier adaptation.
 
-    fps: the call's frame rate; the render budget is 1000 / fps ms per frame.
+    fps: the call's frame rate; the render budget is 1000 / fps ms per frame, less ``reserved_ms``.
     high_load: share of the budget the p90 render time may take before stepping down (rendering
         is not all a frame costs: decoding, playout and the sink need the rest).
     low_load: the tier above must be predicted under this share of the budget to step up (the
@@ -65,16 +65,24 @@ class AdaptConfig:
     cooldown_s: float = 3.0
     startup_s: float = 4.0
     startup_load: float = 2.0
+    # CPU time each frame of this call also costs on the same cores outside the renderer: a two-way call's
+    # own keypoint extraction (kpcast), ~18 ms a frame here. The render budget is what is left of the frame.
+    reserved_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.fps <= 0 or not 0 < self.low_load < self.high_load:
             raise ValueError("need fps > 0 and 0 < low_load < high_load")
         if not 1 <= self.min_frames <= self.window_frames:
             raise ValueError("need 1 <= min_frames <= window_frames")
+        if not self.reserved_ms >= 0:
+            raise ValueError("reserved_ms must be >= 0")
 
     @property
     def budget_ms(self) -> float:
-        return 1000.0 / self.fps
+        """The frame period less the reserved work, at least a quarter of the period (a reservation larger
+        than that says the call cannot hold its rate at any tier; the smallest tier is then the answer)."""
+        period = 1000.0 / self.fps
+        return max(period - self.reserved_ms, period / 4)
 
 
 @dataclass(frozen=True)

@@ -508,6 +508,7 @@ class CallSession:
         self.stats.render_size = r.current.size if r.current is not None else change.to_size
         self.stats.tier_changes.append({"t_s": round(time.time() - self.stats.started, 3), "from": change.from_size,
                                         "to": change.to_size, "reason": change.reason, "load": round(change.load, 3),
+                                        "budget_ms": round(r.adapter.config.budget_ms, 2),
                                         "frames_rendered": self.stats.frames_rendered})
         log.info("call %s: rendering at %dx%d (%s)", self.call_id, change.to_size, change.to_size, change.reason)
 

@@ -100,6 +100,13 @@ class TieredRenderer:
         if fps > 0 and fps != self.adapter.config.fps:
             self.adapter.config = dataclasses.replace(self.adapter.config, fps=float(fps))
 
+    def set_reserved_ms(self, ms: float) -> None:
+        """CPU time a frame of this call also costs on these cores outside the renderer (a two-way call's own
+        keypoint extraction): the render budget is what is left of the frame."""
+        ms = max(0.0, float(ms))
+        if ms != self.adapter.config.reserved_ms:
+            self.adapter.config = dataclasses.replace(self.adapter.config, reserved_ms=ms)
+
     def observe(self, now: float, render_ms: float) -> TierChange | None:
         """One render's wall time; a change to make (``prepare_tier`` then ``switch_tier``) or None."""
         return self.adapter.process(now, render_ms)

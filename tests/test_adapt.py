@@ -73,3 +73,21 @@ def test_a_call_start_burst_changes_nothing_unless_the_tier_cannot_cope() -> Non
     b = TierAdapter(COST, 256)
     _run(b, 0.0, 3.0, {256: 100.0, 128: 60.0, 64: 17.0})  # 300 % of the budget: no waiting
     assert b.changes and b.changes[0].t < b.config.startup_s
+
+
+def test_work_beside_the_renderer_shrinks_its_budget() -> None:
+    """A two-way call's own extraction shares the cores: renders that fit a whole frame no longer fit."""
+    fits = {256: 20.0, 128: 13.0, 64: 8.0}  # 256 at 60 % of 33 ms: no reason to move
+    alone = TierAdapter(COST, 256)
+    _run(alone, 0.0, 10.0, fits)
+    assert alone.changes == []
+    shared = TierAdapter(COST, 256, AdaptConfig(reserved_ms=18.0))  # 15 ms left for rendering
+    _run(shared, 0.0, 10.0, fits)
+    assert [(c.from_size, c.to_size) for c in shared.changes] == [(256, 128)]  # 13 ms fits the 15 left
+    assert shared.config.budget_ms == pytest.approx(1000 / 30 - 18)
+
+
+def test_reserved_budget_never_falls_below_a_quarter_frame() -> None:
+    assert AdaptConfig(fps=30, reserved_ms=100.0).budget_ms == pytest.approx(1000 / 30 / 4)
+    with pytest.raises(ValueError):
+        AdaptConfig(reserved_ms=-1.0)

@@ -416,3 +416,25 @@ def test_nobody_listening_is_an_error_not_a_traceback(tiny_weights: Path, demo_c
     rc, err = kpcast_main(["call", "--connect", f"http://127.0.0.1:{free_port()}", "--video", str(demo_clip),
                            "--weights", str(tiny_weights), "--sink", "null"])
     assert rc == 2 and "kpcast: error:" in err and "cannot reach" in err and "Traceback" not in err, err
+
+
+def test_the_sending_half_s_extraction_is_reserved_from_the_render_budget() -> None:
+    """#31 item 3: the picture's tier adaptation leaves room for the keypoints this side extracts."""
+    from types import SimpleNamespace
+
+    from kpcast.call import TwoWayCall
+    from receiver.tiers import TieredRenderer
+    from tests.utils import tiny_motion_model
+
+    renderer = TieredRenderer({64: tiny_motion_model(64)}, {64: 1.0}, start=64, fast=False)
+    call = TwoWayCall.__new__(TwoWayCall)  # only the two halves' numbers matter here
+    call.sender = SimpleNamespace(stats=SimpleNamespace(extract_ms=[]), source=SimpleNamespace(fps=30.0))
+    call.session = SimpleNamespace(hello=None, renderer=renderer)
+    assert call.reserved_ms() is None  # nothing extracted, no stream from the other side yet
+    call.sender.stats.extract_ms = [30.0] * 10 + [18.0] * 30
+    call.session.hello = SimpleNamespace(fps=15.0)
+    # the last 30 extractions, and two of ours per frame of theirs
+    assert call.reserved_ms() == pytest.approx(36.0)
+    renderer.set_fps(15.0)
+    renderer.set_reserved_ms(call.reserved_ms())
+    assert renderer.adapter.config.budget_ms == pytest.approx(1000 / 15 - 36)

@@ -13,9 +13,12 @@ file does not exist, and the card says so) + ``w_mask`` x the mean of the blend 
 must change). Augmentation: brightness / contrast per sample and a mirrored mouth, applied alike to the
 rendered, source and driving patches. The target opening the refiner is given (and the opening loss
 aims at) is the regressor's reading of the driving patches (``--target regressor``: what the sender
-measures and would send; the default ``auto`` takes it when the regressor exists) or the driving frame's
-dlib opening (``--target dlib``: not available in a call, and the validation's labels themselves, so it
-leaks the answer into the refiner's input).
+measures and would send; the default ``auto`` takes it when the regressor exists), or what a receiver can
+compute from today's wire alone (``--target wire``: the source's openings read by the regressor off the
+source image, plus a per-channel gain times the change of the anchored keypoints' Jacobian scales since
+the source; the gain is fitted on the training rows' dlib labels and stored in the checkpoint's meta), or
+the driving frame's dlib opening (``--target dlib``: not available in a call, and the validation's labels
+themselves, so it leaks the answer into the refiner's input).
 
 Validation, every ``val_every`` steps, on samples of held-out persons: per (clip, source) sequence, the
 Pearson correlation over time of openings against the driving frames' dlib openings (mean over
@@ -67,7 +70,12 @@ class RefinerTrainConfig:
     train: str = "cache/region_train.npz"
     val: str = "cache/region_val.npz"
     regressor: str = str(REGRESSOR_WEIGHTS)  # frozen judge of openings; '' or a missing file: no opening loss
-    target: str = "auto"  # target opening: 'regressor' (its reading of the driving patches), 'dlib' (labels), 'auto'
+    # target opening: 'wire' (what a receiver can compute from the keypoints alone: the source's openings read
+    # by the regressor + a gain x the change of the anchored keypoints' Jacobian scales since the source),
+    # 'regressor' (its reading of the driving patches: needs the sender to send it), 'dlib' (labels), 'auto'
+    target: str = "auto"
+    kp_weights: str = "models/weights/fomm_face64.pt"  # 'wire': the detector whose cached keypoints give the Jacobians
+    kp_cache: str = "runs/kp_cache"
     out: str = "models/weights/region_refiner.pt"
     run_dir: str = "runs/region_refiner"
     minutes: float = 60.0
@@ -265,10 +273,43 @@ def _targets(s: RegionSamples, reg: OpeningNet | None, mode: str) -> np.ndarray:
     if mode == "dlib":
         return s.target
     if mode != "regressor":
-        raise SystemExit(f"--target must be 'auto', 'dlib' or 'regressor', not {mode!r}")
+        raise SystemExit(f"--target must be 'auto', 'wire', 'dlib' or 'regressor', not {mode!r}")
     if reg is None:
         raise SystemExit("--target regressor needs the opening regressor (--regressor)")
     return _read(reg, _chw(s.driving_eyes), _chw(s.driving_mouth)).astype(np.float32)
+
+
+def jacobian_scales(s: RegionSamples, cfg: RefinerTrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The anchored keypoints' Jacobian scales (``train._jac_baseline``) of every row's driving frame (N, 4)
+    and of every source (S, 4), from the keypoint series cached for ``kp_weights``."""
+    from models.data import load_clips
+    from models.expression.train import _jac_baseline, keypoint_series
+
+    names = s.meta["clips"]
+    by_path = {str(c.path): c for c in load_clips(s.meta.get("data", "../shared/data"), ["face"])}
+    clips = [by_path[n] for n in names]
+    series = keypoint_series(cfg.kp_weights, clips, s.meta.get("data", "../shared/data"), cfg.kp_cache)
+    anchor = s.meta["anchor_kp"]
+    jd = np.stack([_jac_baseline(series[names[c]][[f]], anchor)[0] for c, f in zip(s.clip, s.frame, strict=True)])
+    src_clip = np.zeros(len(s.source_open), np.int64)
+    src_clip[s.source] = s.clip
+    js = np.stack([_jac_baseline(series[names[c]][[f]], anchor)[0] for c, f in zip(src_clip, s.source_frame,
+                                                                                   strict=True)])
+    return jd.astype(np.float32), js.astype(np.float32)
+
+
+def fit_wire_gain(s: RegionSamples, jd: np.ndarray, js: np.ndarray) -> np.ndarray:
+    """Per channel, the least-squares gain from the Jacobian scale's change since the source to the dlib
+    opening's change since the source, on training rows: what the receiver multiplies the wire's change by."""
+    dj = jd - js[s.source]
+    dopen = s.target - s.source_open[s.source]
+    return ((dj * dopen).sum(0) / np.maximum((dj * dj).sum(0), 1e-9)).astype(np.float32)
+
+
+def wire_targets(s: RegionSamples, source_open: np.ndarray, gain: np.ndarray, jd: np.ndarray,
+                 js: np.ndarray) -> np.ndarray:
+    """What a receiver computes with no expression on the wire: the source's openings + gain x the change."""
+    return (source_open[s.source] + gain * (jd - js[s.source])).astype(np.float32)
 
 
 def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: dict) -> dict:
@@ -276,7 +317,21 @@ def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: d
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     reg = _regressor(cfg)
-    tr_target, va_target = _targets(tr, reg, cfg.target), _targets(va, reg, cfg.target)
+    wire_gain = None
+    if cfg.target == "wire":
+        if reg is None:
+            raise SystemExit("--target wire reads the source's openings with the opening regressor (--regressor)")
+        (tr_jd, tr_js), (va_jd, va_js) = jacobian_scales(tr, cfg), jacobian_scales(va, cfg)
+        wire_gain = fit_wire_gain(tr, tr_jd, tr_js)  # on dlib's labels of the training rows
+        # the receiver reads the source's openings off the source image (it has no labels): so do both splits
+        tr.source_open = _read(reg, _chw(tr.source_eyes), _chw(tr.source_mouth)).astype(np.float32)
+        va.source_open = _read(reg, _chw(va.source_eyes), _chw(va.source_mouth)).astype(np.float32)
+        tr_target = wire_targets(tr, tr.source_open, wire_gain, tr_jd, tr_js)
+        va_target = wire_targets(va, va.source_open, wire_gain, va_jd, va_js)
+        log.info("wire targets: gain %s; per-clip corr with dlib on validation %s", np.round(wire_gain, 4).tolist(),
+                 np.round(per_clip_corr(va_target, va.target, va.seq), 3).tolist())
+    else:
+        tr_target, va_target = _targets(tr, reg, cfg.target), _targets(va, reg, cfg.target)
     fl = None
     if va.rendered_frames is not None:
         from models.landmarks import FaceLandmarks
@@ -297,7 +352,8 @@ def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: d
         opt.load_state_dict(st["opt"])
         step, elapsed, best = st["step"], st["elapsed"], st["best"]
         log.info("resumed at step %d (%.1f min, best %.3f)", step, elapsed / 60, best["select"])
-    meta = {**meta, "opening_loss": reg is not None and cfg.w_open > 0, "regressor": cfg.regressor if reg else None,
+    meta = {**meta, "wire_gain": None if wire_gain is None else wire_gain.tolist(),
+            "opening_loss": reg is not None and cfg.w_open > 0, "regressor": cfg.regressor if reg else None,
             "target": ("regressor" if reg is not None else "dlib") if cfg.target == "auto" else cfg.target,
             "dlib_judge": fl is not None, "train_config": asdict(cfg)}
     base = baselines(va, reg, fl)

@@ -214,3 +214,25 @@ def test_validation_samples_keep_frames_for_the_dlib_judge_which_selects(demo_cl
     assert summary["baselines"]["rendered"]["dlib_mae"][0] < 0.05
     sheet = write_sheet(load_refiner(cfg.out)[0], s, s.target, tmp_path / "sheet.png", rows=3)
     assert cv2.imread(str(sheet)).shape == (3 * 32 * 2, 4 * (32 + 32 + 48) * 2, 3)
+
+
+def test_wire_targets_follow_the_jacobians_change_since_the_source() -> None:
+    """--target wire: what a receiver computes without expression on the wire."""
+    from types import SimpleNamespace
+
+    from models.expression.train_refiner import fit_wire_gain, wire_targets
+
+    rng = np.random.default_rng(0)
+    n, gain = 200, np.array([0.14, 0.15, 0.3, 0.6], np.float32)
+    source = rng.integers(0, 2, n)
+    js = rng.normal(1.0, 0.1, (2, 4)).astype(np.float32)
+    jd = js[source] + rng.normal(0, 0.1, (n, 4)).astype(np.float32)
+    source_open = np.array([[0.3, 0.3, 0.1, 0.6], [0.2, 0.25, 0.0, 0.55]], np.float32)
+    s = SimpleNamespace(source=source, source_open=source_open,
+                        target=source_open[source] + gain * (jd - js[source]))
+    fitted = fit_wire_gain(s, jd, js)
+    assert fitted == pytest.approx(gain, abs=1e-4)
+    got = wire_targets(s, source_open, fitted, jd, js)
+    assert np.abs(got - s.target).max() < 1e-4
+    # the source frame itself gets the source's own openings
+    assert wire_targets(s, source_open, fitted, js[source], js)[0] == pytest.approx(source_open[source[0]])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -35,7 +36,7 @@ from aiortc.rtcsctptransport import SCTP_DATA_FIRST_FRAG, USERDATA_MAX_LENGTH, D
 from receiver.server import ServerConfig
 from shared import kpvector as V
 from shared import protocol as P
-from shared.signaling import OFFER_PATH, SignalingError, send_offer
+from shared.signaling import OFFER_PATH, SignalingError, offer_until_answered, send_offer
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +201,9 @@ async def _opened(channel: RTCDataChannel) -> None:
         await ev.wait()
 
 
-async def connect(target: Target, kp: bool = True, extra_channels: int = 0) -> Peer:
-    """Offer, get answered (a slot is ours from then on), wait until the channels are open."""
+async def connect(target: Target, kp: bool = True, extra_channels: int = 0, busy_retry_s: float | None = None) -> Peer:
+    """Offer, get answered (a slot is ours from then on), wait until the channels are open.
+    ``busy_retry_s``: offer again while the receiver is busy (503), for that long, as the sender does."""
     pc = RTCPeerConnection()
     control = pc.createDataChannel("control", ordered=True)
     kp_ch = pc.createDataChannel("kp", ordered=False, maxRetransmits=0) if kp else None
@@ -209,7 +211,10 @@ async def connect(target: Target, kp: bool = True, extra_channels: int = 0) -> P
         pc.createDataChannel(f"x{i}")
     try:
         await pc.setLocalDescription(await pc.createOffer())
-        answer = await send_offer(target.url, pc.localDescription, target.token)
+        if busy_retry_s is None:
+            answer = await send_offer(target.url, pc.localDescription, target.token)
+        else:
+            answer = await offer_until_answered(target.url, pc.localDescription, target.token, busy_retry_s)
         taken = time.monotonic()
         await pc.setRemoteDescription(answer)
         # only the sender's channels: a receiver may refuse the extra ones (channel_flood)
@@ -304,6 +309,52 @@ async def silent_full(target: Target) -> Outcome:
     caller.hello(target.detector)
     out.peers.append(caller.pc)
     out.note = f"{len(peers)} silent peers; a caller still got a slot"
+    return out
+
+
+async def dead_offers(target: Target, rate: float = 4.0, caller_after_s: float = 1.0,
+                      caller_within_s: float = 15.0, hold_s: float = 2.0) -> Outcome:
+    """Answered offers that never connect (real offers whose peer connections are closed before they
+    are posted), ``rate`` a second, as a peer with the token did to a receiver; ``caller_after_s`` into
+    it a caller that offers again while refused as busy (as ``python -m sender`` does) must get in,
+    and keep its slot while the flood goes on ``hold_s`` more."""
+    import aiohttp
+
+    sdps = [await offer_sdp() for _ in range(4)]
+    out = Outcome()
+    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+
+    async def flood(http: aiohttp.ClientSession) -> None:
+        for i in itertools.count():
+            t = time.monotonic()
+            async with http.post(target.url + OFFER_PATH, json={"sdp": sdps[i % len(sdps)], "type": "offer"},
+                                 headers=headers) as resp:
+                out.statuses[resp.status] += 1
+                if resp.status == 200 and out.taken_at is None:
+                    out.taken_at = time.monotonic()
+            await asyncio.sleep(max(0.0, t + 1.0 / rate - time.monotonic()))
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        task = asyncio.ensure_future(flood(http))
+        try:
+            await asyncio.sleep(caller_after_s)
+            t0 = time.monotonic()
+            try:
+                caller = await connect(target, busy_retry_s=caller_within_s)
+            except (SignalingError, TimeoutError) as e:
+                out.held, out.note = False, f"a caller was locked out ({e})"[:120]
+                return out
+            waited = time.monotonic() - t0
+            caller.hello(target.detector)
+            out.peers.append(caller.pc)
+            await asyncio.sleep(hold_s)
+            out.held = caller.up
+            out.note = (f"dead offers at {rate:g}/s; a caller got in after {waited:.1f} s"
+                        + ("" if caller.up else ", then lost its slot"))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
     return out
 
 
@@ -477,5 +528,7 @@ CATALOGUE: list[Attack] = [
     Attack("silent", "connects, opens both channels, sends nothing", "hangs up after the setup timeout", silent),
     Attack("silent-full", "max-calls silent peers, then a caller", "lets the caller in (evicts a silent peer)",
            silent_full),
+    Attack("dead-offers", "4 offers/s answered but never connected, a caller after 1 s (offering again on 503)",
+           "lets the caller in (unconnected peers give way after 3-4 s)", dead_offers),
 ]
 BY_NAME = {a.name: a for a in CATALOGUE}

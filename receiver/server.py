@@ -13,6 +13,16 @@ retransmitting on a lossy link (at 20 % loss an honest sender's first message ca
 after both its channels were open, 15 s after the answer), so the session keeps its own
 deadlines; eviction only settles who gets a slot that two want: the one that has shown nothing
 loses it, and peers that are not callers cannot lock callers out.
+
+A peer whose connection is not even up (ICE and DTLS not connected) gives way sooner, after
+``evict_unconnected_after_s``: answered offers that never connect (a peer with the token posting
+4 offers/s for 20 s, each dropped after its answer) otherwise kept every slot turning over among
+themselves at ``evict_after_s``, and a real caller got 503 at 6 s. Once its connection is up, a
+peer has the full ``evict_after_s`` to say Hello, and a caller that said it is never evicted, so a
+caller retransmitting on a lossy link keeps its slot. A 503 says in ``retry_after_s`` when the
+soonest slot gives way (absent when none will: every call said Hello), so a sender that offers
+again then (``shared.signaling.offer_until_answered``) is not left to chance against a flood.
+``evict_after_s`` = inf turns eviction off altogether (kpcast's one-slot listener).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -43,7 +54,7 @@ from receiver.session import CallSession, SessionConfig
 from receiver.tiers import TierSet
 from receiver.viewer import ViewerHub, handle_index
 from shared.ice_servers import IceServerOptions, check_relay, rtc_configuration
-from shared.signaling import MAX_SDP_BYTES, OFFER_PATH, check_token, offer_problem, parse_description
+from shared.signaling import MAX_SDP_BYTES, OFFER_PATH, check_token, load_description, offer_problem
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,9 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)  # pages on these origins may use /offer and /stats
     offer_read_timeout_s: float = 5.0  # an offer's body must arrive within this (its slot is held meanwhile)
     evict_after_s: float = 5.0  # with every slot taken, a peer without a Hello this long gives way to a new offer
+    # ... and sooner, one whose connection (ICE/DTLS) is not up this long (up to 4/3 of it, see _gives_way_in): a
+    # LAN caller connects in well under a second, one DTLS flight lost costs 1 s more; at most evict_after_s
+    evict_unconnected_after_s: float = 3.0
     max_finished: int = 100  # ended calls listed in /stats (the viewer polls it every second)
     ice: IceServerOptions = field(default_factory=IceServerOptions)  # STUN/TURN (--ice-server)
 
@@ -153,7 +167,7 @@ class ReceiverServer:
         # still read; it takes that peer's slot only once it has proven usable, so junk offers
         # cannot evict anyone.
         if self.offer_evicting or self._evictable() is None:
-            return web.json_response({"error": "receiver busy"}, status=503)
+            return self._busy()
         self.offer_evicting = True
         took: list[int] = []
 
@@ -163,9 +177,10 @@ class ReceiverServer:
                 return False
             self.offers_pending += 1  # the slot is ours from here: nobody else takes it while the victim closes
             took.append(1)
-            log.warning("call %s: no hello after %.1fs and every slot taken: giving its slot to a new offer from %s",
-                        victim.call_id, time.monotonic() - victim.liveness.created, request.remote)
-            await victim.close("evicted: no hello, and a new offer needed the slot")
+            why = "no hello" if _connected(victim) else "not connected"
+            log.warning("call %s: %s after %.1fs and every slot taken: giving its slot to a new offer from %s",
+                        victim.call_id, why, time.monotonic() - victim.liveness.created, request.remote)
+            await victim.close(f"evicted: {why}, and a new offer needed the slot")
             return True
 
         try:
@@ -175,31 +190,57 @@ class ReceiverServer:
             self.offers_pending -= len(took)
 
     def _evictable(self) -> CallSession | None:
-        """The longest-waiting peer that has not said Hello for ``evict_after_s``, if any."""
+        """The longest-waiting peer past its eviction delay (:meth:`_gives_way_in`), if any."""
         now = time.monotonic()
-        waiting = [s for s in self.sessions.values() if s.hello is None and not s.closed.is_set()
-                   and now - s.liveness.created >= self.config.evict_after_s]
+        waiting = [s for s in self.sessions.values() if (w := self._gives_way_in(s, now)) is not None and w <= 0]
         return min(waiting, key=lambda s: s.liveness.created, default=None)
+
+    def _gives_way_in(self, session: CallSession, now: float) -> float | None:
+        """Seconds until ``session`` gives its slot to a new offer (<= 0: it would now); None: never
+        (it said Hello, it is closing, or eviction is off)."""
+        cfg = self.config
+        if session.hello is not None or session.closed.is_set() or math.isinf(cfg.evict_after_s):
+            return None
+        if _connected(session):  # time to say Hello
+            return session.liveness.created + cfg.evict_after_s - now
+        # Not connected: not even a transport, let alone a caller. Each peer gets its own delay, in
+        # [1, 4/3) x the setting, from its random call id: offers posted at a steady rate found the slots
+        # they took giving way on their own beat (a deadline is the offer's arrival + a constant), and
+        # the next one arrived a few ms after the deadline, ahead of a sender told when (retry_after_s).
+        spread = 1.0 + int(session.call_id, 16) / 16 ** len(session.call_id) / 3.0
+        after = min(cfg.evict_unconnected_after_s * spread, cfg.evict_after_s)
+        return session.liveness.created + after - now
+
+    def _busy(self) -> web.Response:
+        """503, with when the soonest slot gives way (``retry_after_s``) when one will."""
+        now = time.monotonic()
+        waits = [w for s in self.sessions.values() if (w := self._gives_way_in(s, now)) is not None]
+        body: dict[str, Any] = {"error": "receiver busy"}
+        headers = {}
+        if waits:
+            body["retry_after_s"] = round(max(0.0, min(waits)), 3)
+            headers["Retry-After"] = str(math.ceil(body["retry_after_s"]))  # HTTP's own, in whole seconds
+        return web.json_response(body, status=503, headers=headers)
 
     async def _answer(self, request: web.Request,
                       make_room: Callable[[], Awaitable[bool]] | None = None) -> web.Response:
         try:
             body = await asyncio.wait_for(request.read(), self.config.offer_read_timeout_s)
-            offer = parse_description(json.loads(body), "offer")
+            offer = load_description(body, "offer")  # ValueError for any bad body, deep nesting included
         except TimeoutError:
             log.warning("offer from %s: body not received within %.0fs", request.remote,
                         self.config.offer_read_timeout_s)
             return web.json_response({"error": "offer body too slow"}, status=408)
         except web.HTTPRequestEntityTooLarge:
             return web.json_response({"error": "offer too large"}, status=413)
-        except ValueError as e:  # also JSONDecodeError and UnicodeDecodeError
+        except ValueError as e:  # also JSONDecodeError, UnicodeDecodeError and too deep (load_json)
             return web.json_response({"error": f"bad offer: {e}"}, status=400)
         problem = offer_problem(offer.sdp)
         if problem is not None:
             log.warning("unusable offer from %s: %s", request.remote, problem)
             return web.json_response({"error": f"unusable offer: {problem}"}, status=400)
         if make_room is not None and not await make_room():
-            return web.json_response({"error": "receiver busy"}, status=503)
+            return self._busy()
 
         rtc = rtc_configuration(self.config.ice)
         pc = RTCPeerConnection(rtc)
@@ -244,6 +285,11 @@ class ReceiverServer:
             path.write_text(json.dumps(summary, indent=1))
         if self.config.stop_after_calls and self.calls_finished >= self.config.stop_after_calls:
             self.done.set()
+
+
+def _connected(session: CallSession) -> bool:
+    """The call's transport is up: ICE and DTLS connected (the data channels open next)."""
+    return session.pc.connectionState == "connected"
 
 
 def wire_session(pc: RTCPeerConnection, session: CallSession) -> None:

@@ -8,8 +8,8 @@ A peer holds its slot only while it behaves like a caller (``receiver.liveness``
 Source images: a keypoint message may name the image it refers to (``image_id``); such a frame
 is rendered only against that image (``receiver.sources``). A new image is decoded and encoded
 as soon as it is complete but used only from its first frame on; until it is complete its frames
-wait with the last picture held (``frames_source_wait``), and frames of an image already replaced
-are dropped (``frames_old_image``).
+wait with the last picture held (``frames_source_wait``), and frames of an image already replaced,
+or given up as never coming, are dropped (``frames_old_image``).
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ class CallSession:
         for seq, capture_us, vec in batch.frames():
             try:
                 self.seq_filter.check(seq)
-                if not self.sources.admit(seq, batch.image_id):
+                if not self.sources.admit(seq, batch.image_id, now):
                     self.stats.frames_old_image += 1  # its image was replaced: never shown on the new one
                     continue
             except P.ProtocolError as e:
@@ -282,7 +282,7 @@ class CallSession:
         st.keypoint_messages += 1
         st.keypoint_message_bytes += nbytes
         st.keypoint_payload_bytes += len(msg.payload)
-        if not self.sources.admit(msg.seq, msg.image_id):
+        if not self.sources.admit(msg.seq, msg.image_id, now):
             # a frame of a replaced image: the new image's chain starts at a keyframe and needs none of it
             st.frames_old_image += 1
             return

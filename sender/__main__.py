@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--camera", type=int, help="camera index")
     src.add_argument("--video", help="video file to stream")
-    p.add_argument("--fps", type=float, help="frame rate (default: the file's, or 30 for a camera)")
+    p.add_argument("--fps", type=float, help=f"frame rate, {P.MIN_FPS:g}..{P.MAX_FPS:g} (default: the file's, a "
+                                             f"faster file thinned to at most {P.MAX_FPS:g}; 30 for a camera)")
     p.add_argument("--loop", action="store_true", help="loop the video file")
     p.add_argument("--max-frames", type=int)
     p.add_argument("--mirror", action="store_true", help="flip the picture horizontally")
@@ -84,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p.add_argument("--refresh-min-interval", type=float, default=SenderConfig.refresh_min_interval,
                    help="seconds between two refreshes at least (default %(default)s)")
     p.add_argument("--connect-timeout", type=float, default=SenderConfig.connect_timeout,
-                   help="seconds to connect to the receiver before giving up (default %(default)s)")
+                   help="seconds to connect to the receiver before giving up; a busy receiver (HTTP 503) is "
+                        "offered again for up to as long (default %(default)s)")
     p.add_argument("--stats-json", help="write sender stats here at the end")
     p.add_argument("--truth-out", help="write every frame's keypoints to this .npz")
     p.add_argument("--source-quality", type=int, default=90, help="JPEG quality of the source image")
@@ -105,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
         p.error("--kp-every must be in 1..64 and --batch in 1..64")
     if not 32 <= cfg.size <= 1024:
         p.error("--size must be in 32..1024")
+    if cfg.fps is not None and not P.MIN_FPS <= cfg.fps <= P.MAX_FPS:  # NaN fails it too
+        p.error(f"--fps must be in {P.MIN_FPS:g}..{P.MAX_FPS:g} (the frame rates a receiver accepts)")
     if cfg.target_kbps is not None and cfg.target_kbps <= 0:
         p.error("--target-kbps must be > 0")
     if cfg.refresh_min_interval <= 0:

@@ -30,7 +30,7 @@ from sender.extract import DETECTOR_CACHE_DIR, KeypointExtractor
 from sender.framing import Framer, FramingConfig
 from sender.inputs import read_source_image
 from sender.kpsend import PredictiveSender
-from sender.pacing import PacingConfig, choose_stride, measure_work_ms
+from sender.pacing import PacingConfig, announceable_stride, choose_stride, measure_work_ms
 from sender.peer import SenderPeer
 from sender.rate import RateConfig, RateController, choose_rate
 from sender.refresh import RefreshConfig, RefreshMonitor
@@ -116,6 +116,10 @@ def make_framer(cfg: SenderConfig) -> Framer:
         return Framer(FramingConfig(mode="centre", size=cfg.size))
 
 
+def _nth(k: int) -> str:
+    return f"{k}th" if k > 2 else "2nd"
+
+
 def load_replay(path: str) -> np.ndarray:
     """(N, 60) keypoint vectors saved by ``--truth-out``, for ``--replay-keypoints``."""
     try:
@@ -194,19 +198,30 @@ class SenderCall:
         self.chosen = read_source_image(cfg.source_image) if cfg.source_image else None
         self.source = FrameSource(CaptureConfig(cfg.camera, cfg.video, cfg.fps, cfg.size, cfg.loop,
                                                 cfg.max_frames, cfg.mirror), make_framer(cfg))
+        self.stats.fps_asked = fps = self.source.fps
+        if fps < P.MIN_FPS:  # `python -m sender` refuses such an --fps; kpcast's own CLI only asks for > 0
+            self.source.close()
+            raise CaptureError(f"{fps:g} fps is under the {P.MIN_FPS:g} fps a receiver accepts")
         # after the input has opened: a missing camera or file fails before the detector is built
         self.extractor = KeypointExtractor(self.model, cache_dir=DETECTOR_CACHE_DIR)
-        self.stats.fps_asked = self.source.fps
+        stride = 1
         if cfg.pacing == "auto" and self.replay is None:
             work_ms = measure_work_ms(self.extractor, np.zeros((cfg.size, cfg.size, 3), np.uint8),
                                       PacingConfig().rounds)
-            stride = choose_stride(self.source.fps, work_ms)
-            self.stats.fps_stride, self.stats.extract_ms_startup = stride, work_ms
-            if stride > 1:
-                self.source.set_stride(stride)
-                log.warning("keypoint extraction takes %.0f ms a frame here: %.1f fps cannot be held; sending "
-                            "every %s frame, at %.1f fps", work_ms, self.source.asked_fps,
-                            f"{stride}th" if stride > 2 else "2nd", self.source.fps)
+            stride = choose_stride(fps, work_ms)
+            self.stats.extract_ms_startup = work_ms
+        # A receiver takes at most MAX_FPS in a Hello: a faster file (up to 120 fps are read natively) is
+        # thinned like a machine that cannot hold its rate, rather than refused by the receiver.
+        wire = announceable_stride(fps, stride)
+        if stride > 1:
+            log.warning("keypoint extraction takes %.0f ms a frame here: %.1f fps cannot be held; sending "
+                        "every %s frame, at %.1f fps", work_ms, fps, _nth(wire), fps / wire)
+        elif wire > 1:
+            log.info("%.1f fps is more than a receiver takes (%g): sending every %s frame, at %.1f fps", fps,
+                     P.MAX_FPS, _nth(wire), fps / wire)
+        self.stats.fps_stride = wire
+        if wire > 1:
+            self.source.set_stride(wire)
         if cfg.target_kbps is not None and self.codec != P.Codec.PRED:
             k, b, est, fits = choose_rate(cfg.target_kbps, self.source.fps, self.codec)
             (log.info if fits else log.warning)(

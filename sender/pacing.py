@@ -9,7 +9,9 @@ frame period (the rest is reading, framing, coding and aiortc), it keeps only ev
 frame, the smallest ``k`` that fits: fps / k is then the call's frame rate, announced in the
 Hello like any other (the receiver's playout clock and render budget follow it) and in the
 sender's stats and log. A file still plays in real time (the frames between are read and
-dropped); a camera is read at its own rate and thinned the same way.
+dropped); a camera is read at its own rate and thinned the same way. An input faster than a Hello
+may announce (``shared.protocol.MAX_FPS``, 60: a 120 fps file) is thinned the same way
+(:func:`announceable_stride`).
 
 During the call the capture loop counts frames it produced more than a frame period late
 (``frames_late`` in the stats, a warning at most every 5 s): the rate cannot change once
@@ -19,12 +21,15 @@ announced, but nobody is left guessing why a call runs behind.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from shared import protocol as P
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,14 @@ def choose_stride(fps: float, work_ms: float, config: PacingConfig | None = None
         if work_ms <= c.share * k * period_ms:
             return k
     return c.max_stride
+
+
+def announceable_stride(fps: float, stride: int = 1) -> int:
+    """``stride``, raised until ``fps / stride`` is a rate a Hello may announce (at most
+    ``shared.protocol.MAX_FPS``: a 120 fps file is sent at 60) and lowered so that it stays at least
+    ``MIN_FPS`` (a receiver refuses a Hello outside them)."""
+    k = max(stride, math.ceil(fps / P.MAX_FPS))
+    return max(1, min(k, math.floor(fps / P.MIN_FPS)))
 
 
 class LateFrames:

@@ -14,7 +14,7 @@ from shared import source_image as S
 from shared.channels import CONTROL_LABEL, KEYPOINT_LABEL, transport_counters
 from shared.errors import RejectCounter
 from shared.ice_servers import check_relay
-from shared.signaling import send_offer
+from shared.signaling import offer_until_answered
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,12 @@ class SenderPeer:
             self.on_message(msg)
 
     async def connect(self, url: str, token: str | None = None, timeout_s: float = 15.0) -> None:
+        """Offer to the receiver at ``url`` (again while it answers 503 busy, for up to ``timeout_s``), then
+        wait up to ``timeout_s`` for both channels to open."""
         await self.pc.setLocalDescription(await self.pc.createOffer())
         check_relay(self.pc.localDescription.sdp, self.configuration, "sender")  # a dead TURN server: say so now
-        answer = await send_offer(url, self.pc.localDescription, token)
+        # the same offer every time: its candidates and fingerprint stay valid until it is answered
+        answer = await offer_until_answered(url, self.pc.localDescription, token, within_s=timeout_s)
         await self.pc.setRemoteDescription(answer)
         await self.opened(timeout_s)
         log.info("connected to %s", url)

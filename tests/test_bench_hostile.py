@@ -71,5 +71,6 @@ def test_short_catalogue_against_a_real_receiver(tmp_path: Path, tiny_weights: P
 
 def test_catalogue_covers_the_issue() -> None:
     for name in ("jpeg-32767-trunc", "jpeg-12000-trunc", "jpeg-4096-trunc", "far-ahead-seq", "slow-body",
-                 "junk-no-hello", "unusable-sdp", "huge-8MiB", "never-ending", "second-hello", "silent"):
+                 "junk-no-hello", "unusable-sdp", "huge-8MiB", "never-ending", "second-hello", "silent",
+                 "dead-offers"):
         assert name in BY_NAME

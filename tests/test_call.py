@@ -134,6 +134,10 @@ def test_sender_missing_input_is_a_clear_error(tiny_weights: Path, args: list[st
     (["--video", "x.mp4", "--max-gap", "100"], "--max-gap must be in 0..64"),
     (["--video", "x.mp4", "--tolerance", "-1"], "tolerance and max_gap must be >= 0"),
     (["--video", "x.mp4", "--connect-timeout", "0"], "--connect-timeout must be > 0"),
+    # a receiver refuses a Hello outside 1..60 fps (shared.protocol): the sender says so before any call
+    (["--video", "x.mp4", "--fps", "240"], "--fps must be in 1..60"),
+    (["--video", "x.mp4", "--fps", "0.001"], "--fps must be in 1..60"),
+    (["--video", "x.mp4", "--fps", "nan"], "--fps must be in 1..60"),
 ])
 def test_sender_bad_options_are_clear_errors(tiny_weights: Path, args: list[str], message: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:

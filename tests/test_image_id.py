@@ -243,3 +243,28 @@ async def test_an_image_completed_while_another_decodes_is_not_lost(executor: Th
     await until(lambda: len(shown) == 1, "1 frame shown", interval_s=0.01)
     assert shown == [(0.3, BRIGHT)] and s.rejects.total == 0 and s.stats.source_images == 3
     await s.close("done")
+
+
+async def test_frames_naming_images_that_never_come_do_not_lock_out_the_one_that_does(
+        executor: ThreadPoolExecutor) -> None:
+    """An outside probe's finding: frames naming images 1-3, never sent, filled the receiver's table of
+    named images, and the image that did come (4) was refused. Once it is in, the names that never came
+    are given up (receiver.sources): their waiting frames are dropped and image 4's are shown on it."""
+    s = make_session(executor, playout="immediate")
+    shown = _spy(s)
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
+    await _send_image(s, DARK, 0)
+    s.start()
+    s.on_message("kp", _kp(0, 0, 0.10))
+    await until(lambda: len(shown) == 1, "1 frame shown", interval_s=0.01)
+    for seq, image_id in ((1, 1), (2, 2), (3, 3)):  # images that never come: these frames wait for them
+        s.on_message("kp", _kp(seq, image_id, 0.1 + 0.01 * seq))
+    s.on_message("kp", _kp(4, 4, 0.14))  # image 4's first frame, before image 4: the table is full
+    assert s.rejects.counts.get("field") == 1
+    await _send_image(s, BRIGHT, 4)
+    s.on_message("kp", _kp(5, 4, 0.25))
+    await until(lambda: len(shown) == 2, "image 4's frame shown", interval_s=0.01)
+    assert shown == [(0.10, DARK), (0.25, BRIGHT)]  # none of the orphans drawn on either picture
+    assert s.sources.counts["given_up"] == 3 and s.stats.frames_old_image == 3
+    assert s.summary()["source_switches"] == 1
+    await s.close("done")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sender.capture import CaptureConfig, FrameSource
-from sender.pacing import LateFrames, PacingConfig, choose_stride, measure_work_ms
+from sender.pacing import LateFrames, PacingConfig, announceable_stride, choose_stride, measure_work_ms
+from shared import protocol as P
 
 
 def test_choose_stride_keeps_the_asked_rate_when_it_fits_and_the_smallest_stride_that_does() -> None:
@@ -25,6 +26,18 @@ def test_choose_stride_keeps_the_asked_rate_when_it_fits_and_the_smallest_stride
         choose_stride(0.0, 1.0)
     with pytest.raises(ValueError):
         PacingConfig(share=0.0)
+
+
+def test_the_stride_keeps_the_announced_rate_within_what_a_receiver_accepts() -> None:
+    assert announceable_stride(30.0) == 1 and announceable_stride(60.0) == 1
+    assert announceable_stride(120.0) == 2  # a 120 fps file goes out at 60
+    assert announceable_stride(100.0) == 2 and announceable_stride(61.0) == 2
+    assert announceable_stride(120.0, 3) == 3  # pacing asked for more thinning: kept
+    assert announceable_stride(2.0, 4) == 2  # never under 1 fps, whatever pacing asks
+    assert announceable_stride(1.0, 4) == 1
+    for fps in (1.0, 7.0, 29.97, 60.0, 61.0, 119.88, 120.0):
+        for stride in (1, 2, 3, 4):
+            assert P.MIN_FPS <= fps / announceable_stride(fps, stride) <= P.MAX_FPS, (fps, stride)
 
 
 def test_measure_work_ms_is_the_median_of_real_runs() -> None:

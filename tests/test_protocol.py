@@ -67,6 +67,13 @@ def test_other_messages_round_trip() -> None:
         assert P.decode(P.encode(msg)) == msg
 
 
+def test_hello_frame_rates_from_1_to_60_fps_are_accepted() -> None:
+    for fps in (P.MIN_FPS, 7.5, 29.97, P.MAX_FPS, 15):  # an int rate too (msgpack keeps 15 an int)
+        raw = msgpack.packb([P.PROTOCOL_VERSION, 1, "m", 64, fps, 1, 1, 10, 0, None])
+        hello = P.decode(raw)
+        assert hello.fps == fps and isinstance(hello.fps, float)
+
+
 def test_source_ready_refuses_a_bad_image_id() -> None:
     for bad in (-1, "0", None, 2**63):
         with pytest.raises(P.ProtocolError):
@@ -185,6 +192,15 @@ PRED = ["last", 0.004, 1 / 512, 4, 90]
     (_raw(V, 3, 0, 1, 0, 0, 0, np.full(60, 3.0, "<f2").tobytes()), "range"),  # coordinate outside [-1, 1]
     (_raw(V, 3, 0, 1, 0, 0, 0, GOOD_PAYLOAD * 65), "length"),  # too many frames in one message
     (_raw(V, 1, "m", 64, float("nan"), 1, 1, 10, 0, None), "field"),  # NaN fps
+    # a receiver's playout clock runs at the announced rate: 1..60 fps (P.MIN_FPS, P.MAX_FPS) only
+    (_raw(V, 1, "m", 64, 240.0, 1, 1, 10, 0, None), "field"),  # rendered at ~42 fps, stalling other calls
+    (_raw(V, 1, "m", 64, 60.5, 1, 1, 10, 0, None), "field"),
+    (_raw(V, 1, "m", 64, 0.001, 1, 1, 10, 0, None), "field"),  # held a slot showing nothing
+    (_raw(V, 1, "m", 64, 0.0, 1, 1, 10, 0, None), "field"),
+    (_raw(V, 1, "m", 64, -30.0, 1, 1, 10, 0, None), "field"),
+    (_raw(V, 1, "m", 64, float("inf"), 1, 1, 10, 0, None), "field"),
+    (_raw(V, 1, "m", 64, True, 1, 1, 10, 0, None), "field"),  # a bool is not a rate (JavaScript agrees)
+    (_raw(V, 1, "m", 64, "30", 1, 1, 10, 0, None), "field"),
     (_raw(V, 1, "m", 64, 30.0, 1, 1, 12, 0, None), "field"),  # wrong number of keypoints
     (_raw(V, 1, "m", 64, 30.0, 1, 1, 10), "malformed"),  # a version-1 Hello's fields
     (_raw(V, 1, "m", 64, 30.0, 2, 1, 10, 0, None), "field"),  # PRED without its parameters

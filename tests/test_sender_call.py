@@ -36,3 +36,26 @@ def test_replay_file_must_hold_keypoint_vectors(tmp_path: Path) -> None:
         load_replay(str(bad))
     with pytest.raises(CaptureError, match="cannot read"):
         load_replay(str(tmp_path / "missing.npz"))
+
+
+def test_a_file_faster_than_a_receiver_takes_is_thinned_to_60_fps(tmp_path: Path, tiny_weights: Path) -> None:
+    """A Hello over 60 fps is refused (shared.protocol.MAX_FPS): a 120 fps file is sent at 60 fps."""
+    import cv2
+
+    from sender.call import SenderCall
+    from sender.config import SenderConfig
+    from shared import protocol as P
+
+    clip = tmp_path / "fast.avi"
+    out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 120.0, (64, 64))
+    for i in range(12):
+        out.write(np.full((64, 64, 3), 10 * i, np.uint8))
+    out.release()
+    call = SenderCall(SenderConfig(video=str(clip), weights=str(tiny_weights), size=64, pacing="off",
+                                   framing="centre", refresh="off"))
+    call.prepare()
+    try:
+        assert call.stats.fps_asked == 120.0
+        assert call.source.fps == P.MAX_FPS and call.stats.fps_stride == 2
+    finally:
+        call.source.close()

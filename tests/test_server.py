@@ -1,14 +1,18 @@
 """The receiver's HTTP server in this process (tiny model), against raw HTTP and a hostile aiortc peer.
 
-Call slots held by slow and unusable offers, peers that never say Hello, messages over the size
-we advertise, the bounded /stats history, CORS. Real sockets, a real aiortc association on loopback;
-deadlines are configured short, and every wait is for an outcome with a generous timeout.
+Call slots held by slow and unusable offers, offers that never connect, peers that never say Hello,
+deep JSON, messages over the size we advertise, the bounded /stats history, CORS. Real sockets, a real
+aiortc association on loopback; deadlines are configured short, and every wait is for an outcome with a
+generous timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
@@ -16,10 +20,11 @@ import aiohttp
 import pytest
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
-from bench.attacks import offer_sdp, without_lines
+from bench.attacks import Target, dead_offers, offer_sdp, without_lines
 from bench.fuzz import tiny_detector_id, tiny_model
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import SessionConfig
+from sender.peer import SenderPeer
 from shared import protocol as P
 from shared.ice import restrict_host_addresses
 from shared.signaling import send_offer
@@ -154,6 +159,94 @@ async def test_with_every_slot_taken_a_peer_without_hello_gives_way_to_a_caller(
         await silent.close()
         if caller is not None:
             await caller.close()
+
+
+async def _post_json(server: ReceiverServer, body: object) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http, http.post(_url(server), json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_an_answered_offer_that_never_connects_gives_way_sooner_than_a_connected_peer(make_server) -> None:
+    server = await make_server(max_calls=1, evict_after_s=30.0, evict_unconnected_after_s=0.5,
+                               session=SessionConfig(sink="null", playout="immediate", setup_timeout_s=60))
+    # a connected peer that has not said Hello keeps its slot for evict_after_s (lossy-link callers)
+    silent, _ = await _connect(server)
+    await asyncio.sleep(0.7)
+    status, body = await _post_json(server, {"sdp": await offer_sdp(), "type": "offer"})
+    assert status == 503 and 28 < body["retry_after_s"] <= 30  # when it would give way
+    assert len(server.sessions) == 1 and not server.finished
+    await silent.close()
+    await until(lambda: not server.sessions, "the silent peer's hang-up")
+    # an answered offer whose peer is gone (its pc closed): ICE never connects
+    assert (await _post(server, {"sdp": await offer_sdp(), "type": "offer"}))[0] == 200
+    status, body = await _post_json(server, {"sdp": await offer_sdp(), "type": "offer"})
+    assert status == 503 and 0 < body["retry_after_s"] < 0.5 * 4 / 3  # its own delay: 0.5 s to 4/3 of it
+    await asyncio.sleep(0.8)
+    assert (await _post(server, {"sdp": "v=0", "type": "offer"}))[0] == 400  # an unusable offer still evicts nobody
+    caller, ch = await _connect(server)  # a usable one takes the slot
+    try:
+        assert server.finished[-1]["end_reason"] == "evicted: not connected, and a new offer needed the slot"
+        ch.send(P.encode(P.Hello(tiny_detector_id(), 64, 30.0)))
+        await until(lambda: all(s.hello is not None for s in server.sessions.values()), "the caller's Hello")
+        status, body = await _post_json(server, {"sdp": await offer_sdp(), "type": "offer"})
+        assert status == 503 and "retry_after_s" not in body  # a caller never gives way: nothing to wait for
+    finally:
+        await caller.close()
+
+
+async def test_a_flood_of_offers_that_never_connect_does_not_lock_a_caller_out(make_server) -> None:
+    """What an outside probe did: a peer with the token posts 4 answered-but-dead offers a second. The
+    sender (SenderPeer.connect) is refused at first, offers again when a slot gives way, and gets in."""
+    server = await make_server(max_calls=2)  # the default eviction delays
+    dead = [await offer_sdp() for _ in range(4)]  # real offers whose peer connections are already closed
+    statuses: Counter = Counter()
+
+    async def flood() -> None:
+        for i in itertools.count():
+            statuses[(await _post(server, {"sdp": dead[i % len(dead)], "type": "offer"}))[0]] += 1
+            await asyncio.sleep(0.25)
+
+    task = asyncio.ensure_future(flood())
+    peer = SenderPeer()
+    try:
+        await until(lambda: len(server.sessions) == 2, "the flood to take every slot")
+        await asyncio.sleep(1.0)
+        await peer.connect(_url(server), timeout_s=15.0)  # 503s first: it offers again
+        peer.send_control(P.Hello(tiny_detector_id(), 64, 30.0))
+        await until(lambda: any(s.hello is not None for s in server.sessions.values()), "the caller's Hello")
+        caller = next(s for s in server.sessions.values() if s.hello is not None)
+        assert statuses[503] > 0  # it did have to wait for a slot
+        await asyncio.sleep(1.5)  # the flood goes on: a caller is never evicted
+        assert caller.call_id in server.sessions and not caller.closed.is_set()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await peer.close()
+    evicted = [f["end_reason"] for f in server.finished if f["end_reason"].startswith("evicted")]
+    assert evicted and all(r.startswith("evicted: not connected") for r in evicted)
+
+
+async def test_the_hostile_benchs_dead_offers_attack_lets_its_caller_in(make_server) -> None:
+    server = await make_server(max_calls=2)
+    out = await dead_offers(Target("127.0.0.1", server.config.port, tiny_detector_id(), 2), hold_s=1.0)
+    try:
+        assert out.held, out.note
+        assert out.statuses[200] >= 2 and out.statuses[503] > 0, out.statuses
+    finally:
+        await out.cleanup()
+
+
+async def test_json_nested_20000_deep_is_a_400_and_the_receiver_stays_healthy(make_server) -> None:
+    server = await make_server(max_calls=1)
+    deep = b'{"sdp": ' + b"[" * 20_000 + b"]" * 20_000 + b', "type": "offer"}'
+    async with aiohttp.ClientSession() as http:
+        async with http.post(_url(server), data=deep) as r:
+            assert r.status == 400 and "nested too deeply" in (await r.json())["error"]
+        async with http.get(_url(server, "/health")) as r:
+            assert r.status == 200 and (await r.json()) == {"ok": True, "calls": 0}
+    assert server.offers_pending == 0
+    assert (await _post(server, {"sdp": await offer_sdp(), "type": "offer"}))[0] == 200  # the slot is free
 
 
 async def test_a_message_over_the_advertised_size_ends_the_call(make_server) -> None:

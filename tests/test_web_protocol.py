@@ -90,6 +90,7 @@ MESSAGES: list[P.Message] = [
     P.Hello("kp-0a75f148200c", 256, 30.0, int(P.Codec.PRED), 1, V.NUM_KP, 1_764_000_000_123_456,
             DEFAULT_STREAM.params()),
     P.Hello("kp-x", 64, 24.5, int(P.Codec.Q8), 3),
+    P.Hello("kp-x", 64, P.MAX_FPS, int(P.Codec.Q8)), P.Hello("kp-x", 64, P.MIN_FPS, int(P.Codec.F16)),
     P.SourceChunk(7, 1, 3, 40_000, bytes(range(16)), b"\xff\xd8jpeg bytes"),
     P.KeypointBatch.build(12, 5000, [np.zeros(V.KP_DIM, np.float32), np.full(V.KP_DIM, 0.25, np.float32)],
                           P.Codec.Q8, step=2, interval_us=66_666),
@@ -119,6 +120,9 @@ BAD: list[bytes] = [
     msgpack.packb([2, 7, 5, 1, 1, 0, b"\x00" * 80]),  # key is not a bool
     msgpack.packb([2, 1, "m", 256, 30.0, 2, 1, 10, 0, None]),  # predictive codec without parameters
     msgpack.packb([2, 1, "m", 256, 0.0, 1, 1, 10, 0, None]),  # fps 0
+    msgpack.packb([2, 1, "m", 256, 240.0, 1, 1, 10, 0, None]),  # fps over MAX_FPS (60)
+    msgpack.packb([2, 1, "m", 256, 0.5, 1, 1, 10, 0, None]),  # fps under MIN_FPS (1)
+    msgpack.packb([2, 1, "m", 256, True, 1, 1, 10, 0, None]),  # a bool for fps
     msgpack.packb([2, 2, 0, 0, 1, 10, b"short", b"x"]),  # digest not 16 bytes
     msgpack.packb([2, 4, -1]),  # negative time
     msgpack.packb([2, 7, 5, 0, True, 0, b"\x00" * 80, None]),  # image_id nil

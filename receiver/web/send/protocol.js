@@ -19,6 +19,9 @@ export const MAX_FRAMES_PER_BATCH = 64;
 export const COORD_LIMIT = 1.0 + 1e-3;
 export const JACOBIAN_LIMIT = 16.0;
 export const DIGEST_BYTES = 16;
+// the frame rate a Hello may announce (shared.protocol.MIN_FPS / MAX_FPS: the receiver's playout clock runs at it)
+export const MIN_FPS = 1;
+export const MAX_FPS = 60;
 export const MAX_PRED_GAP = 64;
 export const MAX_RESIDUAL_BYTES = 4 * KP_DIM;
 export const PREDICTORS = ["last", "linear"];
@@ -303,7 +306,9 @@ export function decode(data, maxBytes = MAX_MESSAGE_BYTES) {
     case MsgType.HELLO: {
       const model = str(f[0], 128, "model");
       const size = int(f[1], 16, 4096, "size");
-      if (typeof f[2] !== "number" || !(f[2] > 0 && f[2] <= 240)) throw new ProtocolError("field", "fps must be in (0, 240]");
+      if (typeof f[2] !== "number" || !(f[2] >= MIN_FPS && f[2] <= MAX_FPS)) {
+        throw new ProtocolError("field", `fps must be in [${MIN_FPS}, ${MAX_FPS}]`);
+      }
       const codec = int(f[3], 0, 255, "codec");
       if (![0, 1, 2].includes(codec)) throw new ProtocolError("codec", `unknown codec ${codec}`);
       const kp_every = int(f[4], 1, 64, "kp_every");

@@ -34,6 +34,7 @@ from sender.capture import CaptureError
 from sender.config import SenderConfig
 from sender.framing import FRAMING_MODES
 from sender.refresh import REFRESH_MODES
+from shared import protocol as P
 from shared.ice_servers import IceServerError, add_ice_server_arguments, options_from_args
 from shared.signaling import SignalingError
 
@@ -107,8 +108,8 @@ def parse_args(argv: list[str] | None = None) -> CallConfig:
             c.error(f"--connect needs the listening side's URL, http://HOST:PORT (got {a.connect!r})")
     if not 0 < a.port < 65536:
         c.error("--port must be in 1..65535")
-    if a.fps is not None and not a.fps > 0:
-        c.error("--fps must be > 0")
+    if a.fps is not None and not P.MIN_FPS <= a.fps <= P.MAX_FPS:  # what a Hello may announce
+        c.error(f"--fps must be in {P.MIN_FPS:g}..{P.MAX_FPS:g}")
     if a.max_frames is not None and a.max_frames < 1:
         c.error("--max-frames must be >= 1")
     if not 64 <= a.view_size <= 2048:

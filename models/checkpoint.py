@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,12 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pat
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{path}: '{k}' contains NaN or inf")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def load_model(path: str | Path, kind: str, build: Callable[[dict[str, Any]], nn.Module]) -> tuple[nn.Module, dict]:
+    """A checkpoint of ``kind`` as a model in eval mode (``build(config)`` makes the empty network) and its meta;
+    raises CheckpointError."""
+    blob = read_checkpoint(path, kind)
+    net = build(blob["config"])
+    load_state(net, blob["state_dict"], path)
+    return net.eval(), blob["meta"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.checkpoint import load_state, read_checkpoint, save_checkpoint
+from models.checkpoint import load_model, save_checkpoint
 from models.expression.regressor import OpeningConfig, OpeningNet
 
 KIND = "opening-regressor"
@@ -17,7 +17,4 @@ def save_regressor(path: str | Path, net: OpeningNet, meta: dict | None = None) 
 
 def load_regressor(path: str | Path = DEFAULT_WEIGHTS) -> tuple[OpeningNet, dict]:
     """The regressor in eval mode and its checkpoint's meta; raises CheckpointError."""
-    blob = read_checkpoint(path, KIND)
-    net = OpeningNet(OpeningConfig(**blob["config"]))
-    load_state(net, blob["state_dict"], path)
-    return net.eval(), blob["meta"]
+    return load_model(path, KIND, lambda config: OpeningNet(OpeningConfig(**config)))  # type: ignore[return-value]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import load_state, read_checkpoint, save_checkpoint
+from models.checkpoint import load_model, save_checkpoint
 from models.expression.openings import (
     CHANNELS,
     EYE_PATCH,
@@ -138,10 +138,7 @@ def save_refiner(path: str | Path, net: RegionRefiner, meta: dict | None = None)
 
 def load_refiner(path: str | Path = DEFAULT_WEIGHTS) -> tuple[RegionRefiner, dict]:
     """The refiner in eval mode and its checkpoint's meta; raises CheckpointError."""
-    blob = read_checkpoint(path, KIND)
-    net = RegionRefiner(RefinerConfig(**blob["config"]))
-    load_state(net, blob["state_dict"], path)
-    return net.eval(), blob["meta"]
+    return load_model(path, KIND, lambda config: RegionRefiner(RefinerConfig(**config)))  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- frame <-> patches

@@ -33,13 +33,14 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from models.cli import add_config_arguments
 from models.data import center_square, load_clips, read_clip, split_by_group
 from models.expression import load_regressor, save_regressor
 from models.expression.openings import CHANNELS, EYE_PATCH, MOUTH_PATCH, centres_from_keypoints, cut_patches, openings
@@ -309,13 +310,7 @@ def write_card(cfg: TrainConfig, summary: dict, meta: dict, command: str) -> Pat
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TrainConfig()
-    for name, value in asdict(d).items():
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):
-            p.add_argument(flag, action="store_true")
-        else:
-            p.add_argument(flag, type=type(value), default=value)
+    add_config_arguments(p, TrainConfig())
     p.add_argument("--card-only", action="store_true",
                    help="write OUT's model card from RUN_DIR's state and val.jsonl (a run stopped early) and exit")
     a = p.parse_args(argv)

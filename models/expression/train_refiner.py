@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.cli import add_config_arguments
 from models.expression import DEFAULT_WEIGHTS as REGRESSOR_WEIGHTS
 from models.expression import load_regressor
 from models.expression.openings import openings
@@ -499,13 +500,7 @@ def write_card(cfg: RefinerTrainConfig, summary: dict, meta: dict, command: str)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = RefinerTrainConfig()
-    for name, value in asdict(d).items():
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):
-            p.add_argument(flag, action="store_true")
-        else:
-            p.add_argument(flag, type=type(value), default=value)
+    add_config_arguments(p, RefinerTrainConfig())
     a = p.parse_args(argv)
     cfg = RefinerTrainConfig(**vars(a))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

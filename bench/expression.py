@@ -8,6 +8,8 @@ Usage:
   python -m bench.expression --data assets --split all --stride 10        # the bundled clip, quick
   python -m bench.expression --data ../shared/data --size 256 --streams q8 pred --crf 48 45 43 40 \
       --json out/bench/expression_streams.json                              # what the wire keeps
+  python -m bench.expression --data ../shared/data --size 256 --render int8 \
+      --refine-regions models/weights/region_refiner.pt --json out/bench/expression_regions.json
 
 Every ``--stride``-th frame of each clip (source = the clip's first frame) is rendered by
 each model from its own keypoints, and scored against its driving frame at 256x256
@@ -22,6 +24,14 @@ the same at tolerance T), with
 their kbps on the wire (messages + 95 B each, as bench.bandwidth) and ``h264_kbps_at_mouth_corr``:
 the libx264 rate that gives the same mouth-opening correlation (interpolated over the CRF
 rows; H.264 here is payload only, no packet headers).
+
+``--refine-regions [PATH]``: rows for the first model's renders (each ``--render``) with the
+receiver's region stage applied (``receiver.regions``: eyes and mouth redrawn by the region
+refiner, its target openings computed from the keypoints alone, prepared once on the clip's
+first frame, the source; after the upscale to 256, as the receiver does), named
+``'<row> + regions'``, and ``regions_ms_per_frame``: the stage's own time per frame (1 thread).
+``--regions-paste changes patches``: a row per way of pasting the refined patches back
+(``RegionStage``'s ``paste``; the receiver's is ``changes``), named ``'<row> + regions (MODE)'``.
 
 Definitions (fixed, so numbers compare from one model version to the next):
 - face box: dlib's HOG detector on the *driving* frame (largest face, no upsampling),
@@ -55,6 +65,7 @@ from bench import common
 from bench.h264 import h264_encode
 from bench.wire_sim import FPS, pred_stream_messages, receive, receive_pred, stream_messages, wire_kbps
 from models.fomm.io import weights_for_size
+from models.fomm.model import kp_to_vector
 from models.landmarks import LANDMARK_SIZE, FaceLandmarks
 from shared import protocol
 from shared.kpcodec import DEFAULT_STREAM
@@ -192,7 +203,8 @@ def h264_kbps(streams: list[bytes]) -> float:
 
 def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | Path]], crfs: list[int],
         stride: int, aed_every: int, max_frames: int, max_clips: int | None,
-        stream_names: list[str] = (), renders: list[str] = ("eager",)) -> dict[str, Any]:
+        stream_names: list[str] = (), renders: list[str] = ("eager",),
+        refine_regions: str | Path | None = None, regions_paste: list[str] = ("changes",)) -> dict[str, Any]:
     fl = FaceLandmarks(descriptors=True)
     clips = common.select_clips(data, kinds, split)[:max_clips]
     loaded_models = []
@@ -205,6 +217,16 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
     rows = [Row(row_name(label, r), "model", weights=str(path), size=m.config.size)
             for label, m, _meta, path in loaded_models for r in renders]
     first = loaded_models[0]
+    stages = {}  # row suffix -> RegionStage
+    if refine_regions:
+        from receiver.regions import RegionStage, anchor_kp_of, load_region_weights
+
+        parts, anchors = load_region_weights(refine_regions), anchor_kp_of(first[2], first[3])
+        stages = {("+ regions" if len(regions_paste) == 1 else f"+ regions ({mode})"):
+                  RegionStage(*parts, anchors, paste=mode) for mode in regions_paste}
+        rows += [Row(f"{row_name(first[0], r)} {suffix}", "regions", weights=str(first[3]),
+                     size=first[1].config.size) for r in renders for suffix in stages]
+    regions_s, regions_frames = 0.0, 0
     rows += [Row(f"{first[0]} {st}", "stream", weights=str(first[3]), size=first[1].config.size)
              for st in stream_names]
     stream_bits = {st: [0, 0, 0] for st in stream_names}  # message bytes, messages, frames
@@ -230,6 +252,15 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
             cache = common.prepare(model, frames[0])
             for r in renders:
                 shown[row_name(label, r)] = upscale(common.render_vectors(model, cache, kp, render=r))
+            for suffix, stage in stages.items() if label == first[0] else ():
+                # as the receiver: prepared once on the source (at 256), applied after the upscale
+                src = stage.prepare(clip256[0], kp_to_vector(cache.kp)[0].numpy())
+                for r in renders:
+                    t1 = time.perf_counter()
+                    shown[f"{row_name(label, r)} {suffix}"] = np.stack(
+                        [stage.apply(f, k, src) for f, k in zip(shown[row_name(label, r)], kp, strict=True)])
+                    regions_s += time.perf_counter() - t1
+                    regions_frames += len(kp)
         if stream_names:
             label, model = first[0], first[1]
             frames = decoded[model.config.size]
@@ -280,6 +311,8 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
             "frames_scored": sum(c["scored"] for c in per_clip), "no_face": sum(c["no_face"] for c in per_clip),
             "models": [{"label": label, "weights": str(p), "step": meta.get("step"), "size": m.config.size}
                        for label, m, meta, p in loaded_models],
+            "refine_regions": str(refine_regions) if refine_regions else None,
+            "regions_ms_per_frame": 1000 * regions_s / regions_frames if regions_frames else None,
             "summary": summary, "per_clip": per_clip, "seconds": time.time() - t0}
 
 
@@ -290,6 +323,8 @@ def table(res: dict[str, Any]) -> str:
              s["l1"], s["l1_vs_static"], s["ssim"]] for name, s in res["summary"].items()]
     head = (f"expression ({res['split']}): {res['clips']} clips, {res['persons']} persons, {res['frames_scored']} "
             f"frames scored (every {res['stride']}th), {res['no_face']} driving frames without a face (not scored)")
+    if res.get("regions_ms_per_frame") is not None:
+        head += f"; region stage {res['regions_ms_per_frame']:.1f} ms per frame (1 thread)"
     return head + "\n" + common.format_table(headers, rows)
 
 
@@ -339,6 +374,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--render", nargs="+", choices=common.RENDERS, default=["eager"],
                    help="how model rows are rendered: eager PyTorch, or the receiver's CPU graph in fp32 / int8 "
                         "(several: side by side, rows named '<label> <render>')")
+    p.add_argument("--refine-regions", nargs="?", const="models/weights/region_refiner.pt", default=None,
+                   metavar="PATH", help="also the first model's rows with the receiver's region stage applied "
+                                        "(receiver.regions; PATH default: models/weights/region_refiner.pt)")
+    p.add_argument("--regions-paste", nargs="+", choices=["changes", "patches"], default=["changes"],
+                   help="with --refine-regions: how the refined patches go back into the frame (several: a row "
+                        "each); changes (the receiver's): only what the refiner changed; patches: the whole patch")
     p.add_argument("--max-clips", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -361,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.stride < 1 or a.aed_every < 1:
         p.error("--stride and --aed-every must be >= 1")
     res = run(a.data, a.split, a.kinds, models, a.crf, a.stride, a.aed_every, a.max_frames, a.max_clips,
-              a.streams, a.render)
+              a.streams, a.render, a.refine_regions, a.regions_paste)
     print(table(res))
     if a.json:
         common.write_json(a.json, res)

@@ -28,6 +28,7 @@ from kpcast.call import ERROR, CallConfig, CallResult, connect, listen
 from kpcast.view import SINKS, check_view_spec
 from models.checkpoint import CheckpointError
 from models.fomm.io import DEFAULT_WEIGHTS, SHIPPED_SIZES
+from receiver.regions import add_refine_regions_argument
 from receiver.session import SessionConfig
 from receiver.sinks import SinkError
 from sender.capture import CaptureError
@@ -90,6 +91,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="seconds for the connection and both sides' channels to open (default %(default)s)")
     c.add_argument("--threads", type=int, default=CallConfig.threads, help="renderer threads (default %(default)s)")
     c.add_argument("--device", help="cpu or cuda for the renderer (default: cuda when present)")
+    add_refine_regions_argument(c)
     c.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
     add_ice_server_arguments(c)
     return p, c
@@ -145,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> CallConfig:
     return CallConfig(listen=a.listen, connect=a.connect, host=a.host, port=a.port, token=a.token, sender=sender,
                       session=session, size=a.size, weights=a.weights, adapt=a.adapt, device=a.device,
                       threads=a.threads, sink=a.sink, view_size=a.view_size, stats_json=a.stats_json, ice=ice,
-                      ice_address=a.ice_address)
+                      ice_address=a.ice_address, refine_regions=a.refine_regions)
 
 
 async def _run(cfg: CallConfig) -> CallResult | None:

@@ -42,9 +42,11 @@ import numpy as np
 from aiortc import RTCPeerConnection
 
 from kpcast.view import CallView, Counters, Layout, make_view, wire_bytes
-from models.fomm.io import load_motion_model
+from models.checkpoint import read_checkpoint
+from models.fomm.io import load_motion_model, weights_for_size
 from models.fomm.model import MotionModel
 from receiver.batching import RenderBatcher
+from receiver.regions import RegionStage, load_region_weights, region_stage
 from receiver.render import Renderer, choose_model, measure_render_fps, pick_device
 from receiver.server import ReceiverServer, ServerConfig, wire_session
 from receiver.session import CallSession, SessionConfig
@@ -92,6 +94,7 @@ class CallConfig:
     stats_json: str | None = None
     ice: IceServerOptions = field(default_factory=IceServerOptions)
     ice_address: list[str] | None = None
+    refine_regions: str | None = None  # region refiner checkpoint for the other side's face (receiver.regions)
 
 
 @dataclass
@@ -120,10 +123,11 @@ class RenderModels:
     tiers: TierSet | None
     fast: bool
     int8: bool
+    regions: RegionStage | None = None  # --refine-regions
 
     def renderer(self) -> Renderer:
-        return self.tiers.renderer(self.fast, self.int8) if self.tiers is not None else Renderer(
-            self.model, self.fast, self.int8)
+        return self.tiers.renderer(self.fast, self.int8, self.regions) if self.tiers is not None else Renderer(
+            self.model, self.fast, self.int8, self.regions)
 
 
 def load_render_models(cfg: CallConfig) -> RenderModels:
@@ -132,23 +136,27 @@ def load_render_models(cfg: CallConfig) -> RenderModels:
     import torch
 
     torch.set_num_threads(cfg.threads)  # after the sender's set-up, which sets its own (one)
+    regions = load_region_weights(cfg.refine_regions) if cfg.refine_regions else None  # before the models load
     device = cfg.device or pick_device()
     adapt = cfg.adapt if cfg.adapt is not None else (cfg.size == "auto" and device == "cpu")
     tiers = None
     if cfg.weights:
-        model, _ = load_motion_model(cfg.weights, device)
+        model, meta = load_motion_model(cfg.weights, device)
+        path = cfg.weights
     elif adapt:
         tiers = load_tiers(device, fast=cfg.fast_render, start=None if cfg.size == "auto" else int(cfg.size),
                            int8=cfg.int8_render)
         model = tiers.models[tiers.start]
+        path = weights_for_size(max(tiers.models))  # the display size's: the region stage's anchored keypoints
+        meta = read_checkpoint(path)["meta"] if regions else {}
     else:
-        model, _, _ = choose_model(cfg.size, device, fast=cfg.fast_render, int8=cfg.int8_render)
+        model, meta, path = choose_model(cfg.size, device, fast=cfg.fast_render, int8=cfg.int8_render)
     # the tiers were timed (and their graphs built) already; otherwise build the graph now, not at the first frame
     fps = tiers.fps[tiers.start] if tiers else measure_render_fps(model, frames=10, fast=cfg.fast_render,
                                                                    int8=cfg.int8_render)
     log.info("rendering the other side at %dx%d on %s (%.0f fps alone)%s", model.config.size, model.config.size,
              device, fps, ", tiers adapt" if tiers else "")
-    return RenderModels(model, tiers, cfg.fast_render, cfg.int8_render)
+    return RenderModels(model, tiers, cfg.fast_render, cfg.int8_render, region_stage(regions, meta, path))
 
 
 # ---------------------------------------------------------------------------------------- one call
@@ -267,7 +275,7 @@ async def listen(cfg: CallConfig, stop: asyncio.Event) -> CallResult | None:
     """Wait for one call on ``cfg.host:cfg.port`` and hold it; None when stopped before any call came."""
     sender = SenderCall(cfg.sender)
     sender.prepare()  # a camera that does not open fails now, not when someone calls
-    models = load_render_models(cfg)
+    models = _render_models(cfg, sender)
     restrict_host_addresses(cfg.ice_address or addresses_for_host(cfg.host))
     rtc = rtc_configuration(cfg.ice)
     calls: list[TwoWayCall] = []
@@ -287,7 +295,7 @@ async def listen(cfg: CallConfig, stop: asyncio.Event) -> CallResult | None:
     server_cfg = ServerConfig(cfg.host, cfg.port, cfg.token, max_calls=1, stop_after_calls=1, session=cfg.session,
                               fast_render=cfg.fast_render, int8_render=cfg.int8_render, ice=cfg.ice,
                               evict_after_s=float("inf"), render_workers=min(4, os.cpu_count() or 1))
-    server = ReceiverServer(models.model, server_cfg, models.tiers, on_answered=on_answered)
+    server = ReceiverServer(models.model, server_cfg, models.tiers, on_answered=on_answered, regions=models.regions)
     try:
         await server.start()
         if not cfg.token:
@@ -309,7 +317,7 @@ async def connect(cfg: CallConfig, stop: asyncio.Event) -> CallResult | None:
     assert cfg.connect is not None
     sender = SenderCall(cfg.sender)
     sender.prepare()
-    models = load_render_models(cfg)
+    models = _render_models(cfg, sender)
     restrict_host_addresses(cfg.ice_address or addresses_for_receiver(urlparse(cfg.connect).hostname or ""))
     rtc = rtc_configuration(cfg.ice)
     pc = RTCPeerConnection(rtc)
@@ -337,6 +345,17 @@ async def connect(cfg: CallConfig, stop: asyncio.Event) -> CallResult | None:
         return await TwoWayCall(sender, session, cfg).run(stop)
     finally:
         executor.shutdown(wait=True)
+
+
+def _render_models(cfg: CallConfig, sender: SenderCall) -> RenderModels:
+    """``load_render_models``; on a failure (a bad checkpoint) the prepared sender's input and refresh worker
+    are closed first."""
+    try:
+        return load_render_models(cfg)
+    except BaseException:
+        sender.source.close()
+        sender.refresh.close()
+        raise
 
 
 async def _unused(pc: RTCPeerConnection, sender: SenderCall) -> None:

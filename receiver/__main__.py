@@ -5,6 +5,7 @@ Usage:
   python -m receiver --size 128                        # a fixed output size (default: auto, adapting)
   python -m receiver --sink file:out/call.mp4 --stats-dir out/stats
   python -m receiver --host 0.0.0.0 --port 8080 --token SECRET --sink window
+  python -m receiver --refine-regions                  # redraw eyes and mouth (models/weights/region_refiner.pt)
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import os
 import signal
 import sys
 
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, read_checkpoint
 from models.fomm.io import SHIPPED_SIZES, load_motion_model, weights_for_size
 from receiver.batching import batch_sizes_for
+from receiver.regions import add_refine_regions_argument, load_region_weights, region_stage
 from receiver.render import choose_model, measure_render_fps, pick_device, prewarm_concurrent
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import DEFAULT_FORECASTER, SessionConfig
@@ -82,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="float32 convolutions in the ONNX Runtime renderer (default: int8 where the weights ship "
                         "calibration ranges, models/weights/*.int8.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_refine_regions_argument(p)
     a = p.parse_args(argv)
     if a.max_batch < 1:
         p.error("--max-batch must be >= 1")
@@ -99,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                             frames_log=a.frames_log, setup_timeout_s=a.setup_timeout, max_delay_ms=a.max_delay_ms)
     cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session,
                        fast_render=not a.eager_render, int8_render=not a.no_int8, ice=ice,
-                       cors_origins=a.cors_origin, max_batch=a.max_batch)
+                       cors_origins=a.cors_origin, max_batch=a.max_batch, refine_regions=a.refine_regions)
     if a.render_workers is not None:
         cfg.render_workers = a.render_workers
     return cfg, a
@@ -113,6 +116,7 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
         from models.forecast import load_forecaster
         # fail now, not at the first call, and before the models load and are timed (seconds)
         load_forecaster(cfg.session.forecaster)
+    regions = load_region_weights(cfg.refine_regions) if cfg.refine_regions else None  # fail now, too
     device = a.device or pick_device()
     adapt = a.adapt if a.adapt is not None else (a.size == "auto" and device == "cpu")
     tiers = None
@@ -123,6 +127,8 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
         tiers = load_tiers(device, fast=cfg.fast_render, start=None if a.size == "auto" else int(a.size),
                            int8=cfg.int8_render)
         model, weights = tiers.models[tiers.start], weights_for_size(tiers.start)
+        display = weights_for_size(max(tiers.models))  # its meta names the region stage's anchored keypoints
+        meta = read_checkpoint(display)["meta"] if regions else {}
         log.info("render tiers %s, calls start at %dx%d and adapt", {s: round(f) for s, f in tiers.fps.items()},
                  tiers.start, tiers.start)
     else:
@@ -139,8 +145,11 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
         took = prewarm_concurrent(model, batches, int8=cfg.int8_render)
         if took:
             log.info("concurrent-call graphs (single-threaded, batches %s) ready in %.1f s", batches, took)
+    stage = region_stage(regions, meta, display if tiers else weights)
+    if stage is not None:
+        log.info("region stage %s: eyes and mouth redrawn on every frame", cfg.refine_regions)
     restrict_host_addresses(a.ice_address or addresses_for_host(cfg.host))
-    server = ReceiverServer(model, cfg, tiers)
+    server = ReceiverServer(model, cfg, tiers, regions=stage)
     await server.start()
     print(f"receiver ready on http://{cfg.host}:{cfg.port}", flush=True)
     stop = asyncio.Event()

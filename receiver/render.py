@@ -23,7 +23,8 @@ from models.fomm import fastgraph
 from models.fomm.batchgraph import BatchGraph
 from models.fomm.export import onnx_session
 from models.fomm.io import SHIPPED_SIZES, detector_id, load_motion_model, weights_for_size
-from models.fomm.model import MotionModel, SourceCache, cache_tensors
+from models.fomm.model import MotionModel, SourceCache, cache_tensors, kp_to_vector
+from receiver.regions import RegionCounts, RegionSource, RegionStage
 
 log = logging.getLogger(__name__)
 
@@ -304,16 +305,24 @@ class PreparedSource:
     args: tuple[torch.Tensor, ...]
     fast: FastRender | None
     bound: dict[str, np.ndarray] | None  # the source's share of the fast graph (FastRender.bind)
+    regions: RegionSource | None = None  # what the region stage needs of it (with --refine-regions)
+
+
+def source_vector(cache: SourceCache) -> np.ndarray:
+    """The (60,) keypoint vector of a prepared source image."""
+    return kp_to_vector(cache.kp)[0].detach().cpu().numpy().astype(np.float32)
 
 
 class Renderer:
     """Holds one call's source encoding (computed once) and renders frames from keypoints.
 
     ``fast`` (CPU only): render through ONNX Runtime (``FastRender``) instead of eager PyTorch;
-    ``int8``: with the shipped int8 calibration ranges when these weights have them.
+    ``int8``: with the shipped int8 calibration ranges when these weights have them; ``regions``: the
+    region stage (``receiver.regions``) applied to every frame, its frames counted in ``region_counts``.
     """
 
-    def __init__(self, model: MotionModel, fast: bool = False, int8: bool = True) -> None:
+    def __init__(self, model: MotionModel, fast: bool = False, int8: bool = True,
+                 regions: RegionStage | None = None) -> None:
         self.model = model
         self.size = model.config.size
         self.device = next(model.parameters()).device
@@ -325,6 +334,9 @@ class Renderer:
         self.int8 = int8
         self._fast: FastRender | None = None
         self._bound: dict[str, np.ndarray] | None = None
+        self.regions = regions
+        self.region_counts = RegionCounts() if regions is not None else None
+        self._region_source: RegionSource | None = None
 
     def set_source(self, image: np.ndarray) -> None:
         """(H, W, 3) uint8 RGB of any size; cropped to a square and resized to the model size."""
@@ -337,11 +349,13 @@ class Renderer:
         cache = self.model.prepare_source(x)
         args = cache_tensors(cache)
         fast = fast_render(self.model, cache, self.int8) if self.fast else None
-        return PreparedSource(img, cache, args, fast, fast.bind(args) if fast is not None else None)
+        regions = self.regions.prepare(img, source_vector(cache)) if self.regions is not None else None
+        return PreparedSource(img, cache, args, fast, fast.bind(args) if fast is not None else None, regions)
 
     def use(self, prepared: PreparedSource) -> None:
         """Render from now on with ``prepared`` (between two renders: nothing is computed here)."""
         self._args, self._fast, self._bound = prepared.args, prepared.fast, prepared.bound
+        self._region_source = prepared.regions
         self.cache, self.source = prepared.cache, prepared.image
 
     @property
@@ -359,8 +373,12 @@ class Renderer:
             raise RuntimeError("no source image yet")
         v = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         if self._fast is not None:
-            return RenderJob(v, to_image, fast=self._fast, bound=self._bound)
-        return RenderJob(v, to_image, model=self.model, args=self._args)
+            job = RenderJob(v, to_image, fast=self._fast, bound=self._bound)
+        else:
+            job = RenderJob(v, to_image, model=self.model, args=self._args)
+        if self.regions is not None:
+            job = job.then(self.regions.step(v, self._region_source, self.region_counts))
+        return job
 
 
 def synthetic_source(size: int) -> np.ndarray:

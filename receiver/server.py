@@ -47,6 +47,7 @@ from aiortc import RTCPeerConnection
 from models.fomm.model import MotionModel
 from receiver.batching import RenderBatcher
 from receiver.cors import Cors
+from receiver.regions import RegionStage
 from receiver.render import Renderer
 from receiver.sctp_limits import ADVERTISED_MAX_MESSAGE_BYTES, limit_inbound
 from receiver.sendpage import SendPage
@@ -80,6 +81,7 @@ class ServerConfig:
     evict_unconnected_after_s: float = 3.0
     max_finished: int = 100  # ended calls listed in /stats (the viewer polls it every second)
     ice: IceServerOptions = field(default_factory=IceServerOptions)  # STUN/TURN (--ice-server)
+    refine_regions: str | None = None  # region refiner checkpoint (--refine-regions; the CLI loads it); None: off
 
 
 # Called with a call's peer connection and session right after its offer is answered, before any
@@ -89,10 +91,11 @@ OnAnswered = Callable[[RTCPeerConnection, CallSession], None]
 
 class ReceiverServer:
     def __init__(self, model: MotionModel, config: ServerConfig, tiers: TierSet | None = None,
-                 on_answered: OnAnswered | None = None) -> None:
+                 on_answered: OnAnswered | None = None, regions: RegionStage | None = None) -> None:
         self.model = model
         self.config = config
         self.tiers = tiers  # each call adapts its render tier (receiver.adapt) when set
+        self.regions = regions  # every call's frames get their eyes and mouth redrawn (--refine-regions) when set
         self.on_answered = on_answered
         # Calls' frames render side by side, one worker per core, a lone frame on all of them
         # (receiver.batching); source images are encoded on the same workers, between rounds.
@@ -260,8 +263,9 @@ class ReceiverServer:
         call_id = uuid.uuid4().hex[:8]
         index = self.calls_started
         self.calls_started += 1
-        renderer = (self.tiers.renderer(self.config.fast_render, self.config.int8_render) if self.tiers is not None
-                    else Renderer(self.model, self.config.fast_render, self.config.int8_render))
+        renderer = (self.tiers.renderer(self.config.fast_render, self.config.int8_render, self.regions)
+                    if self.tiers is not None
+                    else Renderer(self.model, self.config.fast_render, self.config.int8_render, self.regions))
         session = CallSession(call_id, index, pc, renderer, self.executor, self.config.session, batcher=self.batcher,
                               on_closed=self._on_closed)
         self.sessions[call_id] = session

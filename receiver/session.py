@@ -98,6 +98,7 @@ class CallSession:
         self.config = config
         self.on_closed = on_closed
         self.stats = CallStats(call_id)
+        self.stats.regions = renderer.region_counts  # the renderer counts its frames through the region stage
         self.hello: P.Hello | None = None
         self.assembler = S.SourceAssembler()
         self.sources = SourceRouter()  # which image each frame is rendered against

@@ -60,6 +60,9 @@ class CallStats:
     # render tier adaptation (receiver.adapt): the size rendered at now, and every change made
     render_size: int | None = None
     tier_changes: list[dict[str, Any]] = field(default_factory=list)
+    # the region stage (--refine-regions, receiver.regions): frames redrawn / passed unchanged, None when off
+    # (counted on the worker: a render still running when the call ended is counted here, not as rendered)
+    regions: Any = None  # receiver.regions.RegionCounts, counted on the render workers
 
     def to_dict(self) -> dict[str, Any]:
         end = self.ended or time.time()
@@ -122,4 +125,5 @@ class CallStats:
             "codec": self.codec,
             "render_size": self.render_size,
             "tier_changes": list(self.tier_changes),
+            "regions": self.regions.to_dict() if self.regions is not None else None,
         }

@@ -4,7 +4,8 @@
 models share one keypoint detector, so the same keypoints drive every tier) and offers the
 session the same interface as a plain ``Renderer``. Frames always come out at the display
 size (the largest tier; lower tiers upscaled, as a viewer's window would), so sinks and the
-viewer never see the size change.
+viewer never see the size change. The region stage (``receiver.regions``, ``--refine-regions``)
+runs after the upscale, on the display-size frame, with the source image prepared at that size.
 
 A change is made in two steps so that it never stalls the picture: ``prepare_tier`` encodes
 the source image in use at the new size (on the render worker, between two frames: one
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from models.data import center_square
 from models.fomm.io import detector_id
 from models.fomm.model import MotionModel
 from receiver.adapt import AdaptConfig, TierAdapter, TierChange
-from receiver.render import PreparedSource, Renderer, RenderJob
+from receiver.regions import RegionCounts, RegionSource, RegionStage
+from receiver.render import PreparedSource, Renderer, RenderJob, source_vector
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class TieredSource:
     original: np.ndarray  # (H, W, 3) uint8 RGB as received
     size: int
     prepared: PreparedSource
+    regions: RegionSource | None = None  # the region stage's share, at the display size (any tier's keypoints)
 
 
 class TieredRenderer:
@@ -42,11 +46,12 @@ class TieredRenderer:
 
     ``models``: size -> model (one detector); ``cost``: relative render time per size (1 / the
     start-up fps of each); ``start``: the first tier; ``fast``: ONNX Runtime rendering (CPU);
-    ``int8``: its convolutions in int8 where the weights ship calibration ranges.
+    ``int8``: its convolutions in int8 where the weights ship calibration ranges; ``regions``: the region
+    stage, applied to every display-size frame (counted in ``region_counts``).
     """
 
     def __init__(self, models: dict[int, MotionModel], cost: dict[int, float], start: int, fast: bool = True,
-                 config: AdaptConfig | None = None, int8: bool = True) -> None:
+                 config: AdaptConfig | None = None, int8: bool = True, regions: RegionStage | None = None) -> None:
         ids = {detector_id(m) for m in models.values()}
         if len(ids) != 1:
             raise ValueError(f"tiers must share one keypoint detector, got {sorted(ids)}")
@@ -55,6 +60,8 @@ class TieredRenderer:
         self.detector_id = ids.pop()
         self.size = max(models)  # the display size: every frame comes out at it
         self.current: TieredSource | None = None
+        self.regions = regions
+        self.region_counts = RegionCounts() if regions is not None else None
 
     @property
     def tier(self) -> int:
@@ -72,7 +79,12 @@ class TieredRenderer:
     def prepare(self, image: np.ndarray) -> TieredSource:
         """Encode a source image at the current tier (``Renderer.prepare``)."""
         size = self.tier
-        return TieredSource(image, size, self.renderers[size].prepare(image))
+        prepared = self.renderers[size].prepare(image)
+        regions = None
+        if self.regions is not None:
+            # every tier shares one detector: this tier's source keypoints locate the display-size patches
+            regions = self.regions.prepare(center_square(image, self.size), source_vector(prepared.cache))
+        return TieredSource(image, size, prepared, regions)
 
     def use(self, source: TieredSource) -> None:
         if source.size != self.tier:
@@ -89,7 +101,11 @@ class TieredRenderer:
         if self.current is None:
             raise RuntimeError("no source image yet")
         job = self.renderers[self.current.size].job(vector)
-        return job if self.current.size == self.size else job.then(self._upscale)
+        if self.current.size != self.size:
+            job = job.then(self._upscale)
+        if self.regions is not None:
+            job = job.then(self.regions.step(vector, self.current.regions, self.region_counts))
+        return job
 
     def _upscale(self, frame: np.ndarray) -> np.ndarray:
         return cv2.resize(frame, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
@@ -114,7 +130,9 @@ class TieredRenderer:
     def prepare_tier(self, size: int) -> TieredSource | None:
         """The source in use, encoded at ``size`` (run on the render worker)."""
         cur = self.current
-        return None if cur is None else TieredSource(cur.original, size, self.renderers[size].prepare(cur.original))
+        if cur is None:
+            return None
+        return TieredSource(cur.original, size, self.renderers[size].prepare(cur.original), cur.regions)
 
     def switch_tier(self, source: TieredSource | None) -> bool:
         """Render at ``source.size`` from now on; False if the source image changed meanwhile
@@ -135,10 +153,10 @@ class TierSet:
     start: int
     config: AdaptConfig = AdaptConfig()
 
-    def renderer(self, fast: bool, int8: bool = True) -> TieredRenderer:
+    def renderer(self, fast: bool, int8: bool = True, regions: RegionStage | None = None) -> TieredRenderer:
         """A fresh renderer for one call (each call has its own tier)."""
         return TieredRenderer(self.models, {s: 1.0 / f for s, f in self.fps.items()}, self.start, fast, self.config,
-                              int8)
+                              int8, regions)
 
 
 def load_tiers(device: str, fast: bool = True, min_fps: float = 36.0, start: int | None = None,

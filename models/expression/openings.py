@@ -65,6 +65,15 @@ def centres_from_keypoints(kp: np.ndarray, anchor_kp: list[int], size: int = 256
     return (pts + 1.0) * (size / 2.0) - 0.5
 
 
+def jacobian_scales(kp: np.ndarray, anchor_kp: list[int]) -> np.ndarray:
+    """(..., 60) keypoint vectors -> (..., 4): what the wire says of the openings, the anchored keypoints'
+    Jacobian scales in ``CHANNELS`` order: J[1,1] of the eye_left, eye_right and mouth keypoints, J[0,0] of the
+    mouth keypoint (``models.expression.train._jac_baseline``'s definition, for one vector or many)."""
+    jac = np.asarray(kp, np.float32)[..., 20:].reshape(*np.shape(kp)[:-1], 10, 2, 2)
+    el, er, mo = anchor_kp[:3]
+    return np.stack([jac[..., el, 1, 1], jac[..., er, 1, 1], jac[..., mo, 1, 1], jac[..., mo, 0, 0]], -1)
+
+
 def patch_affine(centre: np.ndarray, axis: np.ndarray, width: float, height: float, out_w: int, out_h: int,
             mirror: bool) -> np.ndarray:
     """2x3 matrix taking frame pixels to patch pixels: ``axis`` (unit vector along the eye line) maps to

@@ -197,6 +197,35 @@ def paste_patches(frame: np.ndarray, centres: np.ndarray, eyes: np.ndarray, mout
     return out
 
 
+def paste_changes(frame: np.ndarray, centres: np.ndarray, eye_change: np.ndarray, mouth_change: np.ndarray,
+                  feather: float = FEATHER) -> np.ndarray:
+    """``paste_patches``, but only what the refiner changed: frame + window x the warped-back change of each
+    patch (float grey levels, (2, 32, 32, 3) eyes, the image-right one mirrored, and (32, 48, 3) mouth).
+    Where a patch is unchanged, the frame keeps its own full-resolution pixels (``paste_patches`` resamples the
+    whole window through the 32-pixel patch: up to ~13 grey levels off at edges with an identity refiner)."""
+    h, w = frame.shape[:2]
+    out = frame.copy()
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    for m, change in zip(patch_affines(centres), (eye_change[0], eye_change[1], mouth_change), strict=True):
+        ph, pw = change.shape[:2]
+        if not np.any(change):
+            continue
+        inv = cv2.invertAffineTransform(m)
+        corners = np.array([[-0.5, -0.5, 1], [pw - 0.5, -0.5, 1], [-0.5, ph - 0.5, 1], [pw - 0.5, ph - 0.5, 1]]) @ inv.T
+        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
+        x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 1, (w, h))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        shifted = m.copy()
+        shifted[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
+        size = (int(x1 - x0), int(y1 - y0))
+        weighted = change.astype(np.float32) * _window(pw, ph, feather)[..., None]
+        back = cv2.warpAffine(weighted, shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        roi = out[y0:y1, x0:x1].astype(np.float32)
+        out[y0:y1, x0:x1] = np.clip(np.rint(roi + back), 0, 255).astype(np.uint8)
+    return out
+
+
 def _to_tensor(patches: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(patches)).movedim(-1, -3).float() / 255.0

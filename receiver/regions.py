@@ -1,0 +1,247 @@
+"""Region stage: each shown frame's eyes and mouth redrawn by the region refiner (``--refine-regions``).
+
+The motion model's renders keep the source image's eye state and open the mouth too little; the
+region refiner (``models.expression.region_refiner``) redraws the two eye patches and the mouth patch
+of a rendered 256x256 frame, given the source image's own patches and a **target** opening. Nothing
+new crosses the wire: the target is what the receiver computes from the keypoints it already has, as
+the refiner was trained (``models.expression.train_refiner --target wire``):
+
+    target = source openings (the opening regressor's reading of the source image's patches)
+             + wire_gain x (the frame's anchored Jacobian scales - the source keypoints')
+
+(``openings.jacobian_scales``; ``wire_gain``, 4 values, from the refiner checkpoint's meta; the
+anchored keypoints from the motion model's meta, ``anchor_kp``).
+
+:class:`RegionStage` holds the shared weights (one per receiver): ``prepare`` runs once per source
+image (its patches, openings and scales: a :class:`RegionSource`), ``apply`` once per frame on the
+render worker, after any upscale (cut the frame's patches at its own keypoints' centres, refine on one
+torch thread, add back what the refiner changed: ``paste_changes``, so the frame keeps its own pixels where
+the refiner leaves a patch alone; ``paste="patches"`` pastes the whole patches as the refiner's validation
+did). A frame it cannot handle is shown unchanged: keypoints not finite, a centre
+off the frame, eyes closer than ``MIN_INTEROCULAR_PX`` (no face to speak of), or a source image whose
+own keypoints are so. ``Renderer`` / ``TieredRenderer`` add it as a ``RenderJob.then`` step and count
+refined and passed frames per call (``RegionCounts``, in the call's stats as ``regions``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import CheckpointError
+from models.expression import DEFAULT_WEIGHTS as REGRESSOR_WEIGHTS
+from models.expression import load_regressor
+from models.expression.openings import centres_from_keypoints, cut_patches, jacobian_scales
+from models.expression.region_refiner import DEFAULT_WEIGHTS, RegionRefiner, load_refiner, paste_changes, paste_patches
+from models.expression.regressor import OpeningNet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REFINER = DEFAULT_WEIGHTS  # models/weights/region_refiner.pt
+MIN_INTEROCULAR_PX = 4.0  # closer eye centres than this: no face to redraw (a degenerate keypoint set)
+NUM_KP = 10  # keypoints in a vector (60 values: 10 points, 10 2x2 Jacobians)
+
+
+def anchor_kp_of(meta: dict, path: str | Path) -> list[int]:
+    """The motion model checkpoint's anchored keypoints (eye_left, eye_right, mouth, ...); CheckpointError
+    when it has none (the stage cannot locate the eyes and the mouth)."""
+    anchors = meta.get("anchor_kp") or []
+    if len(anchors) < 3:
+        raise CheckpointError(f"{path} has no anchored keypoints (meta anchor_kp): --refine-regions cannot locate "
+                              "the eyes and the mouth with this motion model")
+    return [int(i) for i in anchors]
+
+
+def load_region_weights(path: str | Path = DEFAULT_REFINER,
+                        regressor: str | Path = REGRESSOR_WEIGHTS) -> tuple[RegionRefiner, OpeningNet, list[float]]:
+    """The refiner of a checkpoint trained with ``--target wire``, the opening regressor and the refiner's
+    ``wire_gain``; CheckpointError when either file is missing or corrupt, or the refiner has no ``wire_gain``
+    (trained for another target, which a receiver cannot compute)."""
+    net, meta = load_refiner(path)
+    gain = meta.get("wire_gain")
+    try:
+        ok = gain is not None and np.asarray(gain, np.float64).shape == (4,) and bool(np.isfinite(gain).all())
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path} has no wire_gain in its meta (trained with --target {meta.get('target')!r}, "
+                              "not 'wire'): a receiver cannot compute its target openings from the keypoints")
+    reg, _ = load_regressor(regressor)
+    return net, reg, [float(g) for g in gain]
+
+
+def add_refine_regions_argument(p: argparse.ArgumentParser) -> None:
+    """``--refine-regions [PATH]``: the receiver's and ``kpcast call``'s option."""
+    p.add_argument("--refine-regions", nargs="?", const=str(DEFAULT_REFINER), default=None, metavar="PATH",
+                   help="redraw the eyes and the mouth of every shown frame with this region refiner "
+                        "(receiver.regions; PATH default: models/weights/region_refiner.pt; default: off)")
+
+
+def region_stage(parts: tuple[RegionRefiner, OpeningNet, list[float]] | None, meta: dict,
+                 weights: str | os.PathLike) -> RegionStage | None:
+    """The stage from ``load_region_weights``' parts (None: off) and the motion model checkpoint's meta."""
+    return None if parts is None else RegionStage(*parts, anchor_kp_of(meta, weights))
+
+
+@dataclass(frozen=True)
+class RegionSource:
+    """What the stage needs of one source image (``RegionStage.prepare``)."""
+
+    size: int  # the frames' side (the display size)
+    eyes: np.ndarray  # (2, 32, 32, 3) uint8, the image-right eye mirrored
+    mouth: np.ndarray  # (32, 48, 3) uint8
+    openings: np.ndarray  # (4,) float32: the regressor's reading of these patches
+    scales: np.ndarray  # (4,) float32: the source keypoints' anchored Jacobian scales
+
+
+@dataclass
+class RegionCounts:
+    """One call's frames through the stage: redrawn, or shown unchanged (``RegionStage.apply``'s rules)."""
+
+    refined: int = 0
+    passed: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"refined": self.refined, "passed": self.passed}
+
+
+def _chw(patches: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1] (as the refiner and the regressor were trained)."""
+    return torch.from_numpy(np.ascontiguousarray(patches)).movedim(-1, -3).float() / 255.0
+
+
+def _hwc_u8(t: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) float in [0, 1] -> (..., H, W, 3) uint8 (``refine_frame``'s rounding)."""
+    return (t.movedim(-3, -1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread in this thread (OpenMP's setting is per thread), restored afterwards:
+    the refiner's small convolutions barely use a second core, and other render workers run beside it."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+class RegionStage:
+    """The region refiner as a receiver stage; one per receiver, shared by its calls (it holds no call state).
+
+    ``wire_gain``: 4 values (``CHANNELS`` order); ``anchor_kp``: the motion model's anchored keypoints
+    (eye_left, eye_right, mouth first); ``paste``: ``changes`` (default: only what the refiner changed is
+    added to the frame, ``paste_changes``, so an unchanged patch leaves the frame's pixels exactly as they
+    were) or ``patches`` (the refined patches replace the frame's under the feathered window,
+    ``paste_patches``, as the refiner's validation pasted them; resamples the regions through 32 pixels).
+    """
+
+    def __init__(self, refiner: RegionRefiner, regressor: OpeningNet, wire_gain: list[float] | np.ndarray,
+                 anchor_kp: list[int], paste: str = "changes") -> None:
+        if paste not in ("changes", "patches"):
+            raise ValueError(f"paste must be 'changes' or 'patches', not {paste!r}")
+        self.paste = paste
+        gain = np.asarray(wire_gain, np.float32).reshape(-1)
+        if gain.shape != (4,) or not np.isfinite(gain).all():
+            raise ValueError(f"wire_gain must be 4 finite values, got {wire_gain!r}")
+        anchors = [int(i) for i in anchor_kp]
+        if len(anchors) < 3 or len(set(anchors[:3])) < 3 or not all(0 <= i < NUM_KP for i in anchors[:3]):
+            raise ValueError(f"anchor_kp must name 3 different keypoints (eye_left, eye_right, mouth): {anchor_kp!r}")
+        self.refiner = refiner.eval()
+        self.regressor = regressor.eval()
+        self.gain = gain
+        self.anchor_kp = anchors
+
+    @classmethod
+    def load(cls, path: str | Path, anchor_kp: list[int], regressor: str | Path = REGRESSOR_WEIGHTS,
+             paste: str = "changes") -> RegionStage:
+        """``load_region_weights`` + the motion model's anchored keypoints."""
+        return cls(*load_region_weights(path, regressor), anchor_kp, paste)
+
+    # ------------------------------------------------------------------ geometry
+    def centres(self, kp: np.ndarray, size: int) -> np.ndarray | None:
+        """(3, 2) px centres of the eyes and the mouth in a ``size`` frame, or None when the stage cannot use
+        these keypoints (not finite, a centre off the frame, eyes closer than ``MIN_INTEROCULAR_PX``)."""
+        v = np.asarray(kp, np.float32).reshape(-1)
+        if v.shape != (6 * NUM_KP,) or not np.isfinite(v).all():
+            return None
+        c = centres_from_keypoints(v, self.anchor_kp, size)
+        if not ((c >= 0).all() and (c <= size - 1).all()):
+            return None
+        if float(np.linalg.norm(c[1] - c[0])) < MIN_INTEROCULAR_PX:
+            return None
+        return c
+
+    # ------------------------------------------------------------------ per source, per frame
+    @torch.no_grad()
+    def prepare(self, source: np.ndarray, source_kp: np.ndarray) -> RegionSource | None:
+        """Once per source image: (S, S, 3) uint8 RGB at the display size and its (60,) keypoint vector ->
+        its patches, openings and Jacobian scales; None when its keypoints are unusable (its frames then pass
+        through)."""
+        size = source.shape[0]
+        if source.ndim != 3 or source.shape[1] != size:
+            raise ValueError(f"the source image must be square RGB, got {source.shape}")
+        centres = self.centres(source_kp, size)
+        if centres is None:
+            log.info("region stage: the source image's keypoints locate no face; its frames are shown unrefined")
+            return None
+        eyes, mouth = cut_patches(np.ascontiguousarray(source), centres)
+        with _one_thread():
+            opening = self.regressor(_chw(eyes)[None], _chw(mouth)[None])[0].numpy().astype(np.float32)
+        scales = jacobian_scales(np.asarray(source_kp, np.float32).reshape(-1), self.anchor_kp).astype(np.float32)
+        return RegionSource(size, eyes, mouth, opening, scales)
+
+    def target(self, source: RegionSource, kp: np.ndarray) -> np.ndarray:
+        """(4,) target openings of the frame with keypoints ``kp``: the source's + gain x the scales' change."""
+        jd = jacobian_scales(np.asarray(kp, np.float32).reshape(-1), self.anchor_kp)
+        return (source.openings + self.gain * (jd - source.scales)).astype(np.float32)
+
+    def refine(self, frame: np.ndarray, kp: np.ndarray, source: RegionSource | None) -> np.ndarray | None:
+        """The frame (S, S, 3) uint8 with its eyes and mouth redrawn, or None when the stage cannot handle it."""
+        if source is None or frame.shape != (source.size, source.size, 3) or frame.dtype != np.uint8:
+            return None
+        centres = self.centres(kp, source.size)
+        if centres is None:
+            return None
+        frame = np.ascontiguousarray(frame)
+        eyes, mouth = cut_patches(frame, centres)
+        with _one_thread(), torch.no_grad():
+            out = self.refiner(_chw(eyes)[None], _chw(source.eyes)[None], _chw(mouth)[None], _chw(source.mouth)[None],
+                               torch.from_numpy(self.target(source, kp))[None],
+                               torch.from_numpy(source.openings)[None])
+        new_eyes, new_mouth = _hwc_u8(out["eyes"][0]), _hwc_u8(out["mouth"][0])
+        if self.paste == "patches":
+            return paste_patches(frame, centres, new_eyes, new_mouth)
+        return paste_changes(frame, centres, new_eyes.astype(np.float32) - eyes, new_mouth.astype(np.float32) - mouth)
+
+    def apply(self, frame: np.ndarray, kp: np.ndarray, source: RegionSource | None) -> np.ndarray:
+        """``refine``, or the frame unchanged where the stage cannot handle it."""
+        out = self.refine(frame, kp, source)
+        return frame if out is None else out
+
+    def step(self, kp: np.ndarray, source: RegionSource | None,
+             counts: RegionCounts | None = None) -> Callable[[np.ndarray], np.ndarray]:
+        """``apply`` for one frame's keypoints, as a ``RenderJob.then`` step; counts into ``counts``."""
+        vector = np.array(kp, np.float32).reshape(-1)  # a copy: the caller may reuse its buffer
+
+        def run(frame: np.ndarray) -> np.ndarray:
+            out = self.refine(frame, vector, source)
+            if counts is not None:
+                if out is None:
+                    counts.passed += 1
+                else:
+                    counts.refined += 1
+            return frame if out is None else out
+
+        return run

@@ -169,6 +169,21 @@ def _window(w: int, h: int, feather: float) -> np.ndarray:
     return (ramp(h)[:, None] * ramp(w)[None, :]).astype(np.float32)
 
 
+def _frame_box(m: np.ndarray, pw: int, ph: int, w: int, h: int) -> tuple[int, int, int, int, np.ndarray] | None:
+    """The frame box (x0, y0, x1, y1) a ``pw`` x ``ph`` patch of the frame->patch affine ``m`` covers, clipped to
+    the ``w`` x ``h`` frame, and ``m`` shifted to map box pixels (u, v) = frame pixels (u + x0, v + y0); None when
+    the patch is off the frame. Pasting touches only that box."""
+    inv = cv2.invertAffineTransform(m)
+    corners = np.array([[-0.5, -0.5, 1], [pw - 0.5, -0.5, 1], [-0.5, ph - 0.5, 1], [pw - 0.5, ph - 0.5, 1]]) @ inv.T
+    x0, y0 = (int(v) for v in np.maximum(np.floor(corners.min(0)).astype(int), 0))
+    x1, y1 = (int(v) for v in np.minimum(np.ceil(corners.max(0)).astype(int) + 1, (w, h)))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    shifted = m.copy()
+    shifted[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
+    return x0, y0, x1, y1, shifted
+
+
 def paste_patches(frame: np.ndarray, centres: np.ndarray, eyes: np.ndarray, mouth: np.ndarray,
                   feather: float = FEATHER) -> np.ndarray:
     """Frame (H, W, 3) uint8 + (3, 2) px centres + eye patches (2, 32, 32, 3) (the image-right one mirrored, as
@@ -179,16 +194,11 @@ def paste_patches(frame: np.ndarray, centres: np.ndarray, eyes: np.ndarray, mout
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # m maps frame -> patch: sample the patch at m(frame px)
     for m, patch in zip(patch_affines(centres), (eyes[0], eyes[1], mouth), strict=True):
         ph, pw = patch.shape[:2]
-        # only the patch's bounding box in the frame is touched: warp into that box (shifted matrix)
-        inv = cv2.invertAffineTransform(m)
-        corners = np.array([[-0.5, -0.5, 1], [pw - 0.5, -0.5, 1], [-0.5, ph - 0.5, 1], [pw - 0.5, ph - 0.5, 1]]) @ inv.T
-        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
-        x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 1, (w, h))
-        if x1 <= x0 or y1 <= y0:
+        box = _frame_box(m, pw, ph, w, h)
+        if box is None:
             continue
-        shifted = m.copy()
-        shifted[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)  # box px (u, v) = frame px (u + x0, v + y0)
-        size = (int(x1 - x0), int(y1 - y0))
+        x0, y0, x1, y1, shifted = box
+        size = (x1 - x0, y1 - y0)
         back = cv2.warpAffine(patch.astype(np.float32), shifted, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
         alpha = cv2.warpAffine(_window(pw, ph, feather), shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT,
                                borderValue=0.0)[..., None]
@@ -210,15 +220,11 @@ def paste_changes(frame: np.ndarray, centres: np.ndarray, eye_change: np.ndarray
         ph, pw = change.shape[:2]
         if not np.any(change):
             continue
-        inv = cv2.invertAffineTransform(m)
-        corners = np.array([[-0.5, -0.5, 1], [pw - 0.5, -0.5, 1], [-0.5, ph - 0.5, 1], [pw - 0.5, ph - 0.5, 1]]) @ inv.T
-        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
-        x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 1, (w, h))
-        if x1 <= x0 or y1 <= y0:
+        box = _frame_box(m, pw, ph, w, h)
+        if box is None:
             continue
-        shifted = m.copy()
-        shifted[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
-        size = (int(x1 - x0), int(y1 - y0))
+        x0, y0, x1, y1, shifted = box
+        size = (x1 - x0, y1 - y0)
         weighted = change.astype(np.float32) * _window(pw, ph, feather)[..., None]
         back = cv2.warpAffine(weighted, shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
         roi = out[y0:y1, x0:x1].astype(np.float32)

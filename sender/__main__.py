@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
                         "(with a new source image) when the face leaves it; centre: the centre square (default face)")
     p.add_argument("--refresh", choices=REFRESH_MODES, default=SenderConfig.refresh,
                    help="send a new source image when the receiver's picture drifts from the camera's: render "
-                        "(default: the picture rebuilt at 64x64 once a second, by SSIM), keypoints (distance from "
+                        "(default: the picture rebuilt at 64x64 every 0.5 s, by SSIM), keypoints (distance from "
                         "the source frame's keypoints), off")
     p.add_argument("--refresh-min-interval", type=float, default=SenderConfig.refresh_min_interval,
                    help="seconds between two refreshes at least (default %(default)s)")

@@ -49,7 +49,7 @@ class SenderConfig:
     # leaves it; "centre": the frame's centre square (input that is already a face crop). Face is the
     # default for files too: on a pre-cropped clip the face square covers the whole frame anyway.
     framing: str = "face"
-    # render: rebuild the receiver's picture at 64x64 once a second and send a new source image when
+    # render: rebuild the receiver's picture at 64x64 every 0.5 s and send a new source image when
     # it has drifted (sender.refresh); keypoints: the cheaper keypoint-distance estimate; off: never.
     # Always off with --source-image (the picture is not the camera's).
     refresh: str = "render"

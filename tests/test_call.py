@@ -71,7 +71,11 @@ def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_cli
     else:  # on a clock, every rendered frame is real, predicted, concealed or interpolated
         assert got["frames_rendered"] == (got["frames_real"] + got["frames_predicted"] + got["frames_concealed"]
                                           + got["frames_interpolated"])
-        assert got["playout"]["real"] + got["playout"]["predicted"] + got["playout"]["dropped"] <= FRAMES
+        # each frame of the stream is shown once at most (real or predicted) or dropped by steering; a clock that
+        # keeps ticking after the last frame until the hang-up shows the codec's prediction of up to max_gap more
+        # (a loaded suite showed 24 + 35 + 2 = 61 of 60: its hang-up came late)
+        beyond = got["hello"]["pred"]["max_gap"] if codec == "pred" else 0
+        assert got["playout"]["real"] + got["playout"]["predicted"] + got["playout"]["dropped"] <= FRAMES + beyond
         # A steady clock skips frames it has no time to render (the renderer is slower than the call on
         # a busy CPU) and conceals frames that arrive after their time (a starved sender or event loop):
         # every other frame the renderer had time for must have been shown, from the decoded stream (sent,

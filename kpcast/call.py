@@ -42,15 +42,12 @@ import numpy as np
 from aiortc import RTCPeerConnection
 
 from kpcast.view import CallView, Counters, Layout, make_view, wire_bytes
-from models.checkpoint import read_checkpoint
-from models.fomm.io import load_motion_model, weights_for_size
-from models.fomm.model import MotionModel
 from receiver.batching import RenderBatcher
-from receiver.regions import RegionStage, load_region_weights, region_stage
-from receiver.render import Renderer, choose_model, measure_render_fps, pick_device
+from receiver.loading import RenderModels, load_render_models
+from receiver.render import pick_device
 from receiver.server import ReceiverServer, ServerConfig, wire_session
 from receiver.session import CallSession, SessionConfig
-from receiver.tiers import TieredRenderer, TierSet, load_tiers
+from receiver.tiers import TieredRenderer
 from sender.call import SenderCall
 from sender.config import SenderConfig
 from sender.peer import SenderPeer
@@ -115,48 +112,17 @@ class CallResult:
 
 # ---------------------------------------------------------------------------------------- models
 
-@dataclass
-class RenderModels:
-    """The models this side renders the other's face with: the receiver's choice of size and tiers."""
-
-    model: MotionModel
-    tiers: TierSet | None
-    fast: bool
-    int8: bool
-    regions: RegionStage | None = None  # --refine-regions
-
-    def renderer(self) -> Renderer:
-        return self.tiers.renderer(self.fast, self.int8, self.regions) if self.tiers is not None else Renderer(
-            self.model, self.fast, self.int8, self.regions)
-
-
-def load_render_models(cfg: CallConfig) -> RenderModels:
-    """As ``python -m receiver`` loads them (``--weights``, or ``--size`` with tiers that adapt on a CPU),
-    graphs built before the call."""
+def render_models(cfg: CallConfig) -> RenderModels:
+    """As ``python -m receiver`` chooses them (``receiver.loading``), graphs built before the call."""
     import torch
 
     torch.set_num_threads(cfg.threads)  # after the sender's set-up, which sets its own (one)
-    regions = load_region_weights(cfg.refine_regions) if cfg.refine_regions else None  # before the models load
     device = cfg.device or pick_device()
-    adapt = cfg.adapt if cfg.adapt is not None else (cfg.size == "auto" and device == "cpu")
-    tiers = None
-    if cfg.weights:
-        model, meta = load_motion_model(cfg.weights, device)
-        path = cfg.weights
-    elif adapt:
-        tiers = load_tiers(device, fast=cfg.fast_render, start=None if cfg.size == "auto" else int(cfg.size),
-                           int8=cfg.int8_render)
-        model = tiers.models[tiers.start]
-        path = weights_for_size(max(tiers.models))  # the display size's: the region stage's anchored keypoints
-        meta = read_checkpoint(path)["meta"] if regions else {}
-    else:
-        model, meta, path = choose_model(cfg.size, device, fast=cfg.fast_render, int8=cfg.int8_render)
-    # the tiers were timed (and their graphs built) already; otherwise build the graph now, not at the first frame
-    fps = tiers.fps[tiers.start] if tiers else measure_render_fps(model, frames=10, fast=cfg.fast_render,
-                                                                   int8=cfg.int8_render)
-    log.info("rendering the other side at %dx%d on %s (%.0f fps alone)%s", model.config.size, model.config.size,
-             device, fps, ", tiers adapt" if tiers else "")
-    return RenderModels(model, tiers, cfg.fast_render, cfg.int8_render, region_stage(regions, meta, path))
+    models = load_render_models(cfg.weights, cfg.size, cfg.adapt, device, cfg.fast_render, cfg.int8_render,
+                                cfg.refine_regions)
+    log.info("rendering the other side at %dx%d on %s (%.0f fps alone)%s", models.model.config.size,
+             models.model.config.size, device, models.fps, ", tiers adapt" if models.tiers else "")
+    return models
 
 
 # ---------------------------------------------------------------------------------------- one call
@@ -351,7 +317,7 @@ def _render_models(cfg: CallConfig, sender: SenderCall) -> RenderModels:
     """``load_render_models``; on a failure (a bad checkpoint) the prepared sender's input and refresh worker
     are closed first."""
     try:
-        return load_render_models(cfg)
+        return render_models(cfg)
     except BaseException:
         sender.source.close()
         sender.refresh.close()

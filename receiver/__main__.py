@@ -17,15 +17,15 @@ import os
 import signal
 import sys
 
-from models.checkpoint import CheckpointError, read_checkpoint
-from models.fomm.io import SHIPPED_SIZES, load_motion_model, weights_for_size
+from models.checkpoint import CheckpointError
+from models.fomm.io import SHIPPED_SIZES
 from receiver.batching import batch_sizes_for
-from receiver.regions import add_refine_regions_argument, load_region_weights, region_stage
-from receiver.render import choose_model, measure_render_fps, pick_device, prewarm_concurrent
+from receiver.loading import load_render_models
+from receiver.regions import add_refine_regions_argument
+from receiver.render import pick_device, prewarm_concurrent
 from receiver.server import ReceiverServer, ServerConfig
 from receiver.session import DEFAULT_FORECASTER, SessionConfig
 from receiver.sinks import SinkError, check_sink_spec
-from receiver.tiers import load_tiers
 from shared.ice import addresses_for_host, restrict_host_addresses
 from shared.ice_servers import IceServerError, add_ice_server_arguments, options_from_args
 
@@ -116,28 +116,11 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
         from models.forecast import load_forecaster
         # fail now, not at the first call, and before the models load and are timed (seconds)
         load_forecaster(cfg.session.forecaster)
-    regions = load_region_weights(cfg.refine_regions) if cfg.refine_regions else None  # fail now, too
     device = a.device or pick_device()
-    adapt = a.adapt if a.adapt is not None else (a.size == "auto" and device == "cpu")
-    tiers = None
-    if a.weights:
-        model, meta = load_motion_model(a.weights, device)
-        weights = a.weights
-    elif adapt:
-        tiers = load_tiers(device, fast=cfg.fast_render, start=None if a.size == "auto" else int(a.size),
-                           int8=cfg.int8_render)
-        model, weights = tiers.models[tiers.start], weights_for_size(tiers.start)
-        display = weights_for_size(max(tiers.models))  # its meta names the region stage's anchored keypoints
-        meta = read_checkpoint(display)["meta"] if regions else {}
-        log.info("render tiers %s, calls start at %dx%d and adapt", {s: round(f) for s, f in tiers.fps.items()},
-                 tiers.start, tiers.start)
-    else:
-        model, meta, weights = choose_model(a.size, device, fast=cfg.fast_render, int8=cfg.int8_render)
-    # also traces the graph before any call (the tiers were measured already)
-    fps = tiers.fps[tiers.start] if tiers else measure_render_fps(model, frames=10, fast=cfg.fast_render,
-                                                                   int8=cfg.int8_render)
-    log.info("model %s (%dx%d) on %s, %.0f fps at batch 1", weights, model.config.size, model.config.size, device,
-             fps)
+    rm = load_render_models(a.weights, a.size, a.adapt, device, cfg.fast_render, cfg.int8_render, cfg.refine_regions)
+    model, tiers = rm.model, rm.tiers
+    log.info("model %s (%dx%d) on %s, %.0f fps at batch 1", rm.weights, model.config.size, model.config.size, device,
+             rm.fps)
     if cfg.fast_render and cfg.max_calls > 1 and cfg.max_batch > 1:
         # the graphs concurrent calls render with, now rather than while the calls start (calls start
         # on this model; other tiers build theirs when a call steps to them)
@@ -145,11 +128,8 @@ async def serve(cfg: ServerConfig, a: argparse.Namespace) -> None:
         took = prewarm_concurrent(model, batches, int8=cfg.int8_render)
         if took:
             log.info("concurrent-call graphs (single-threaded, batches %s) ready in %.1f s", batches, took)
-    stage = region_stage(regions, meta, display if tiers else weights)
-    if stage is not None:
-        log.info("region stage %s: eyes and mouth redrawn on every frame", cfg.refine_regions)
     restrict_host_addresses(a.ice_address or addresses_for_host(cfg.host))
-    server = ReceiverServer(model, cfg, tiers, regions=stage)
+    server = ReceiverServer(model, cfg, tiers, regions=rm.regions)
     await server.start()
     print(f"receiver ready on http://{cfg.host}:{cfg.port}", flush=True)
     stop = asyncio.Event()

@@ -1,0 +1,66 @@
+"""Which models a receiver renders with: ``--weights``, or ``--size`` with tiers that adapt, plus the region stage.
+
+``python -m receiver`` and ``kpcast call``'s receiving half choose the same way, here: an explicit checkpoint
+renders at its size; ``--size auto`` on a CPU (or ``--adapt``) loads every shipped tier, times them and starts at
+the largest that holds the frame rate; otherwise ``choose_model`` picks one size. The region stage (eyes and
+mouth redrawn, ``--refine-regions``) takes its anchored keypoints from the display size's checkpoint. Every
+graph is built (and timed) here, before any call.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.checkpoint import read_checkpoint
+from models.fomm.io import load_motion_model, weights_for_size
+from models.fomm.model import MotionModel
+from receiver.regions import RegionStage, load_region_weights, region_stage
+from receiver.render import Renderer, choose_model, measure_render_fps
+from receiver.tiers import TierSet, load_tiers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RenderModels:
+    """What the calls render with: one model, or the tiers (``model`` is then the tier calls start at)."""
+
+    model: MotionModel
+    tiers: TierSet | None
+    fast: bool
+    int8: bool
+    fps: float  # renders per second of ``model`` at batch 1, measured here
+    weights: str | Path  # ``model``'s checkpoint
+    regions: RegionStage | None = None  # --refine-regions
+
+    def renderer(self) -> Renderer:
+        return self.tiers.renderer(self.fast, self.int8, self.regions) if self.tiers is not None else Renderer(
+            self.model, self.fast, self.int8, self.regions)
+
+
+def load_render_models(weights: str | None, size: str | int, adapt: bool | None, device: str, fast: bool,
+                       int8: bool, refine_regions: str | None = None) -> RenderModels:
+    """The models as the options ask (CheckpointError for a bad file, the region weights' checked first)."""
+    regions = load_region_weights(refine_regions) if refine_regions else None  # fail before the models load
+    adapt = adapt if adapt is not None else (size == "auto" and device == "cpu")
+    tiers = None
+    if weights:
+        model, meta = load_motion_model(weights, device)
+        path: str | Path = weights
+    elif adapt:
+        tiers = load_tiers(device, fast=fast, start=None if size == "auto" else int(size), int8=int8)
+        model, path = tiers.models[tiers.start], weights_for_size(tiers.start)
+        display = weights_for_size(max(tiers.models))  # its meta names the region stage's anchored keypoints
+        meta = read_checkpoint(display)["meta"] if regions else {}
+        log.info("render tiers %s, calls start at %dx%d and adapt", {s: round(f) for s, f in tiers.fps.items()},
+                 tiers.start, tiers.start)
+    else:
+        model, meta, path = choose_model(size, device, fast=fast, int8=int8)
+    # the tiers were timed (and their graphs built) already; otherwise build the graph now, not at the first call
+    fps = tiers.fps[tiers.start] if tiers else measure_render_fps(model, frames=10, fast=fast, int8=int8)
+    stage = region_stage(regions, meta, display if tiers else path)
+    if stage is not None:
+        log.info("region stage %s: eyes and mouth redrawn on every frame", refine_regions)
+    return RenderModels(model, tiers, fast, int8, fps, path, stage)

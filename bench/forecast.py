@@ -211,6 +211,12 @@ def print_table(result: dict[str, Any]) -> None:
             vals = "".join(f"{r[c]:>18.5f}" if c in r else f"{'-':>18}" for c in cols)
             rel = f"{r['kp_mae'] / last:>9.2f}x" if last else ""
             print(f"{name:<10}{vals}{rel}")
+        steps = [k for k in (1, 2, 4, 8, 12, 16) if k <= len(next(iter(res.values()))["mae_per_step"])]
+        if last and steps:
+            print("kp MAE by steps ahead (x repeat-last): "
+                  + "; ".join(f"{name} " + " ".join(
+                      f"{k}:{r['mae_per_step'][k - 1] / res['last']['mae_per_step'][k - 1]:.3f}" for k in steps)
+                      for name, r in res.items()))
         rend = result["render"].get(key)
         if rend:
             print(f"pixel L1 with true keypoints {rend['gt_kp']:.4f}, static source {rend['static_source']:.4f} "

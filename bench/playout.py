@@ -117,7 +117,7 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
     err = np.full(len(seq), np.nan)
     if has.any():
         err[has] = kp_error(vec[has], tvec[has])
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"shown_kp_error": _mean(err[has])}  # every shown frame, whatever its kind
     counts = {k: int((kind == k).sum()) for k in ("real", "concealed", "interpolated", "predicted")}
     for k in counts:
         m = (kind == k) & has
@@ -334,7 +334,7 @@ def picture(a: argparse.Namespace, frames: dict[str, np.ndarray], truth: dict[st
     from bench.call_picture import score_call
 
     model, clip = _picture_inputs(str(a.clip), a.ssim_size)
-    return score_call(model, clip, frames, truth)
+    return score_call(model, clip, frames, truth, expression=a.ssim_size == 256)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -342,7 +342,12 @@ def picture(a: argparse.Namespace, frames: dict[str, np.ndarray], truth: dict[st
 def conditions(a: argparse.Namespace) -> list[Condition]:
     base = Condition("", a.loss, a.delay_ms, a.jitter_ms, a.forecaster, a.kp_every, a.lookahead_ms, a.max_delay_ms)
     if a.delay_targets:
-        return [replace(base, name=f"max {t:g} ms", max_delay_ms=t) for t in a.delay_targets]
+        links = [("", base)]
+        if a.clean:
+            links.append(("clean ", replace(base, loss=0.0, delay_ms=0.0, jitter_ms=0.0)))
+        return [replace(link, name=f"{pre}max {t:g} ms" + (f" {f}" if a.forecasters else ""), max_delay_ms=t,
+                        forecaster=f)
+                for pre, link in links for f in (a.forecasters or [a.forecaster]) for t in a.delay_targets]
     if not a.sweep:
         name = f"loss{a.loss:.0%} k{a.kp_every} la{a.lookahead_ms:g}"
         return [replace(base, name=name if a.max_delay_ms >= 1000 else f"{name} max{a.max_delay_ms:g}")]
@@ -365,6 +370,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-delay-ms", type=float, default=1000.0, help="receiver --max-delay-ms (low-delay playout)")
     p.add_argument("--delay-targets", type=float, nargs="*", default=[], metavar="MS",
                    help="one call per receiver --max-delay-ms value (e.g. 0 40 80 120 1000), same link")
+    p.add_argument("--forecasters", nargs="*", default=[], metavar="NAME",
+                   help="with --delay-targets: each target with each of these receiver forecasters")
+    p.add_argument("--clean", action="store_true",
+                   help="with --delay-targets: the same conditions again on a clean link (no delay, jitter, loss)")
+    p.add_argument("--repeat", type=int, default=1, help="calls per condition (latency varies run to run)")
     p.add_argument("--frames", type=int, default=300, help="frames to stream (the clip is looped)")
     p.add_argument("--fps", type=float, default=30.0, help="call frame rate (sender --fps)")
     p.add_argument("--clip", default=str(DEFAULT_CLIP))
@@ -381,8 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not 0.0 <= a.loss <= 1.0:
         p.error("--loss must be in [0, 1]")
-    if a.frames < 10 or a.fps <= 0 or a.kp_every < 1:
-        p.error("--frames must be >= 10, --fps > 0, --kp-every >= 1")
+    if a.frames < 10 or a.fps <= 0 or a.kp_every < 1 or a.repeat < 1:
+        p.error("--frames must be >= 10, --fps > 0, --kp-every >= 1, --repeat >= 1")
     return a
 
 
@@ -394,7 +404,64 @@ TABLE_COLS = [
     ("rnd_ms", "render_ms_p50"), ("err_conc", "concealed_kp_error_paired"), ("err_rep", "repeat_last_kp_error"),
     ("err_c5", "concealed_kp_error_short"), ("err_r5", "repeat_last_kp_error_short"),
     ("err_intp", "interpolated_kp_error"), ("err_la", "lookahead_kp_error"), ("err_stale", "lookahead_stale_kp_error"),
-    ("kbps", "kp_wire_kbps"), ("ssim", "ssim"), ("d_ssim", "ssim_vs_lossless"), ("ssim_kp", "ssim_truth_kp")]
+    ("kbps", "kp_wire_kbps"), ("ssim", "ssim"), ("d_ssim", "ssim_vs_lossless"), ("ssim_kp", "ssim_truth_kp"),
+    ("mouth_r", "mouth_corr"), ("eye_r", "eye_corr"), ("akd", "akd")]
+
+SUMMARY_COLS = [("condition", "name"), ("runs", "runs"), ("fps_min", "fps_min"), ("stalls_max", "stalls_max"),
+                ("lat50_max", "lat50_max"), ("lat95_max", "lat95_max"), ("lat50", "lat50_mean"),
+                ("lat95", "lat95_mean"), ("ssim", "ssim_mean"), ("mouth_r", "mouth_corr_mean"),
+                ("eye_r", "eye_corr_mean"), ("kp_err", "kp_error_mean")]
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per condition over its repeated runs: the worst run's latency / fps / stalls and mean picture."""
+    out = []
+    for name in dict.fromkeys(r["name"] for r in runs):
+        ok = [r for r in runs if r["name"] == name and "error" not in r]
+
+        def vals(key: str, rows: list[dict[str, Any]] = ok) -> list[float]:
+            return [float(r[key]) for r in rows if r.get(key) is not None]
+
+        def agg(fn: Any, key: str) -> float | None:
+            v = vals(key)
+            return float(fn(v)) if v else None
+
+        out.append({"name": name, "runs": len(ok), "failed": sum(1 for r in runs if r["name"] == name) - len(ok),
+                    "fps_min": agg(min, "rendered_fps"), "stalls_max": agg(max, "stalls"),
+                    "lat50_max": agg(max, "latency_ms_p50"), "lat95_max": agg(max, "latency_ms_p95"),
+                    "lat50_mean": agg(np.mean, "latency_ms_p50"), "lat95_mean": agg(np.mean, "latency_ms_p95"),
+                    "ssim_mean": agg(np.mean, "ssim"), "mouth_corr_mean": agg(np.mean, "mouth_corr"),
+                    "eye_corr_mean": agg(np.mean, "eye_corr"), "kp_error_mean": agg(np.mean, "shown_kp_error"),
+                    "forecaster": ok[0]["forecaster"] if ok else None,
+                    "max_delay_ms": ok[0]["max_delay_ms"] if ok else None,
+                    "clean": bool(ok) and ok[0]["loss"] == 0.0 and ok[0]["jitter_ms"] == 0.0})
+    return out
+
+
+def plot_tradeoff(summary: list[dict[str, Any]], path: str) -> None:
+    """Latency (x) against the picture's keypoint error and SSIM (y), one curve per forecaster and link."""
+    fig, _ = new_figure(11, 4.5)
+    fig.clf()
+    ax1, ax2 = fig.subplots(1, 2)
+    for (fc, clean) in dict.fromkeys((r["forecaster"], r["clean"]) for r in summary):
+        rows = sorted((r for r in summary if r["forecaster"] == fc and r["clean"] == clean
+                       and r["lat50_mean"] is not None), key=lambda r: r["lat50_mean"])
+        label = f"{fc}{' (clean link)' if clean else ''}"
+        x = [r["lat50_mean"] for r in rows]
+        ax1.plot(x, [r["kp_error_mean"] or np.nan for r in rows], "o-", label=label)
+        ax2.plot(x, [r["ssim_mean"] or np.nan for r in rows], "o-", label=label)
+        for r in rows:
+            ax1.annotate(f"{r['max_delay_ms']:g}", (r["lat50_mean"], r["kp_error_mean"] or np.nan), fontsize=7)
+    ax1.set_xlabel("latency p50, ms (mean over runs)")
+    ax1.set_ylabel("keypoint error of shown frames")
+    ax1.set_title("picture error vs latency (labels: --max-delay-ms)")
+    ax2.set_xlabel("latency p50, ms")
+    ax2.set_ylabel("SSIM of shown frames")
+    ax2.set_title("SSIM vs latency")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def plot(runs: list[dict[str, Any]], path: str) -> None:
@@ -447,10 +514,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs: list[dict[str, Any]] = []
     failed = 0
-    for i, cond in enumerate(conditions(a)):
-        log.info("condition %s", cond)
+    todo = [(cond, r) for cond in conditions(a) for r in range(a.repeat)]
+    for i, (cond, rep) in enumerate(todo):
+        log.info("condition %s (run %d of %d)", cond, rep + 1, a.repeat)
         try:
             res = run_call(cond, a, Path(a.workdir) / f"c{i}")
+            res["run"] = rep
             if not res["complete"]:
                 log.error("condition %s: the sender captured %d of %d frames", cond.name, res["frames_captured"],
                           a.frames)
@@ -468,7 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nplayout over an impaired link ({a.frames} frames at {a.fps:g} fps, delay {a.delay_ms:g} ms, "
           f"jitter {a.jitter_ms:g} ms, weights {a.weights})")
     print(format_table([c[0] for c in cols], [[r.get(k) for _, k in cols] for r in runs]))
+    summary = summarise(runs)
+    if a.repeat > 1 or a.delay_targets:
+        print(f"\nper condition over {a.repeat} run(s): worst run's fps / stalls / latency, mean latency and picture")
+        print(format_table([c[0] for c in SUMMARY_COLS], [[r.get(k) for _, k in SUMMARY_COLS] for r in summary]))
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "runs": runs,
+              "summary": summary,
               "notes": {
                   "kp_error": "mean Euclidean distance over the 10 keypoints in [-1,1] units vs the sender's truth",
                   "repeat_last_kp_error": "same concealed seqs, truth of the last seq shown as real before each",
@@ -477,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         write_json(a.json, report)
     if a.png and any("error" not in r for r in runs):
-        plot([r for r in runs if "error" not in r], a.png)
+        if a.delay_targets:
+            plot_tradeoff(summary, a.png)
+        else:
+            plot([r for r in runs if "error" not in r], a.png)
     return 1 if failed else 0
 
 

@@ -11,7 +11,9 @@ other work hits all of them alike. The ways: ``int8`` (the receiver's CPU render
 ``receiver.render.FastRender``: the graph cut at its warps, the source's share once, int8
 convolutions), ``split`` (the same in float32), ``whole`` (the whole graph in one ONNX Runtime
 session, the receiver's renderer before), ``eager`` (PyTorch). Batch 1, the source encoding
-cached, the keypoints of real frames of the bundled clip.
+cached, the keypoints of real frames of the bundled clip. With ``--refine-regions [PATH]`` also
+``int8+regions``: the int8 frame made a picture and its eyes and mouth redrawn by the receiver's
+region stage (``receiver.regions``, one thread), as ``receiver --refine-regions`` shows it.
 """
 
 from __future__ import annotations
@@ -49,14 +51,27 @@ def _eager_frame(model: Any, args: tuple[torch.Tensor, ...], vecs: torch.Tensor,
     model.render_tensors(vecs[i % len(vecs)][None], *args)
 
 
-def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads: int) -> dict[str, Any]:
+def _regions_frame(fast: Any, bound: dict[str, np.ndarray], vecs: np.ndarray, stage: Any, source: Any,
+                   i: int) -> None:
+    from receiver.render import to_image
+
+    v = vecs[i % len(vecs)]
+    stage.apply(to_image(fast(bound, v[None])[0]), v, source)
+
+
+def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads: int,
+        refine_regions: str | None = None) -> dict[str, Any]:
+    from models.fomm.model import kp_to_vector
+    from receiver.regions import RegionStage, anchor_kp_of, load_region_weights
     from receiver.render import fast_render, onnx_render
 
     clip = read_clip(CLIP, max_frames=frames + 1)
     fns: dict[tuple[str, str], Any] = {}
     sizes = {}
+    ways = WAYS + (("int8+regions",) if refine_regions else ())
+    parts = load_region_weights(refine_regions) if refine_regions else None
     for label, w in zip(labels, weights, strict=True):
-        model, _meta, _p = common.load_model(w)
+        model, meta, path = common.load_model(w)
         size = model.config.size
         sizes[label] = size
         f = np.stack([center_square(x, size) for x in clip])
@@ -73,6 +88,12 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
         fns[(label, "split")] = partial(_fast_frame, split, split.bind(args), vecs.numpy())
         fns[(label, "whole")] = partial(_onnx_frame, whole, args, vecs)
         fns[(label, "eager")] = partial(_eager_frame, model, args, vecs)
+        if parts is not None:
+            stage = RegionStage(*parts, anchor_kp_of(meta, path))
+            src = stage.prepare(f[0], kp_to_vector(cache.kp)[0].numpy())
+            if src is None:
+                raise SystemExit(f"the region stage cannot place the eyes and mouth on {CLIP}'s first frame")
+            fns[(label, "int8+regions")] = partial(_regions_frame, int8, int8.bind(args), vecs.numpy(), stage, src)
     spent = {k: [] for k in fns}
     with torch.no_grad():
         for f in fns.values():
@@ -87,26 +108,33 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
     rows = {}
     for label in labels:
         rows[label] = {"size": sizes[label], "weights": weights[labels.index(label)]}
-        for way in WAYS:
+        for way in ways:
             rows[label][f"fps_{way}"] = float(np.median(spent[(label, way)]))
             rows[label][f"rounds_{way}"] = spent[(label, way)]
         # per round, so a slow round slows both sides of the ratio alike
         rows[label]["int8_vs_whole"] = float(np.median(np.divide(spent[(label, "int8")], spent[(label, "whole")])))
         rows[label]["split_vs_whole"] = float(np.median(np.divide(spent[(label, "split")],
                                                                   spent[(label, "whole")])))
+        if refine_regions:
+            rows[label]["regions_vs_int8"] = float(np.median(np.divide(spent[(label, "int8+regions")],
+                                                                       spent[(label, "int8")])))
     base = rows[labels[0]]
     for r in rows.values():
         r["int8_vs_first"] = r["fps_int8"] / base["fps_int8"]
-    return {"rounds": rounds, "frames_per_round": frames, "threads": threads, "models": rows}
+    return {"rounds": rounds, "frames_per_round": frames, "threads": threads, "models": rows,
+            "refine_regions": refine_regions}
 
 
 def table(res: dict[str, Any]) -> str:
+    reg = bool(res.get("refine_regions"))
     rows = [[k, r["size"], r["fps_int8"], r["fps_split"], r["fps_whole"], r["fps_eager"], r["int8_vs_whole"],
-             r["split_vs_whole"], r["int8_vs_first"]] for k, r in res["models"].items()]
+             r["split_vs_whole"], r["int8_vs_first"], *([r["fps_int8+regions"], r["regions_vs_int8"]] if reg else [])]
+            for k, r in res["models"].items()]
     return (f"render fps, median of {res['rounds']} alternating rounds of {res['frames_per_round']} frames, "
             f"{res['threads']} threads\n"
             + common.format_table(["model", "size", "fps int8", "fps split fp32", "fps whole ONNX", "fps eager",
-                                   "int8 / whole", "split / whole", "int8 vs first"], rows))
+                                   "int8 / whole", "split / whole", "int8 vs first",
+                                   *(["fps int8+regions", "regions / int8"] if reg else [])], rows))
 
 
 def plot(res: dict[str, Any], path: str | Path) -> None:
@@ -115,8 +143,12 @@ def plot(res: dict[str, Any], path: str | Path) -> None:
     x = np.arange(len(names))
     labels = {"int8": "int8 split graph (receiver)", "split": "float32 split graph", "whole": "whole ONNX graph",
               "eager": "eager PyTorch"}
-    for k, way in enumerate(WAYS):
-        ax.bar(x + (k - 1.5) * 0.2, [res["models"][n][f"fps_{way}"] for n in names], 0.2, label=labels[way])
+    labels["int8+regions"] = "int8 + region stage"
+    ways = [w for w in labels if all(f"fps_{w}" in res["models"][n] for n in names)]
+    width = 0.8 / len(ways)
+    for k, way in enumerate(ways):
+        ax.bar(x + (k - (len(ways) - 1) / 2) * width, [res["models"][n][f"fps_{way}"] for n in names], width,
+               label=labels[way])
     ax.axhline(30, color="k", lw=0.8, ls="--")
     ax.set_xticks(x, names)
     ax.set_ylabel("frames per second (batch 1)")
@@ -136,13 +168,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
+    p.add_argument("--refine-regions", nargs="?", const="models/weights/region_refiner.pt", default=None,
+                   metavar="PATH", help="also time int8 + the receiver's region stage (256 models)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     labels = a.labels or [Path(w).stem for w in a.weights]
     if len(labels) != len(a.weights) or len(set(labels)) != len(labels):
         p.error("--labels needs one distinct label per --weights")
     common.set_threads(a.threads)
-    res = run(a.weights, labels, a.rounds, a.frames, a.threads)
+    res = run(a.weights, labels, a.rounds, a.frames, a.threads, a.refine_regions)
     print(table(res))
     if a.json:
         common.write_json(a.json, res)

@@ -20,7 +20,9 @@ Per tick:
    target delay is raised by ``k - 1`` frames so the right neighbour is normally there, and
    short losses); else, in a predictive call (``predictor``), the codec's own prediction
    while the frame can still be one the sender skipped (``predicted``: bit-exact what the
-   sender assumed, so a skipped frame costs neither bits nor delay); else a forecast
+   sender assumed, so a skipped frame costs neither bits nor delay; with a forecaster other
+   than repeat-last, only for frames older than the newest received: a newer one may be late
+   or lost rather than skipped); else a forecast
    conditioned on the rendered history, real and
    previously concealed frames (``concealed``). Long concealments are damped towards a
    freeze after ``damp_after_frames`` so extrapolation cannot run off. A forecast never
@@ -122,6 +124,11 @@ class Playout:
         if self.cfg.fps <= 0 or self.cfg.kp_every < 1:
             raise ValueError("fps must be > 0 and kp_every >= 1")
         self.forecaster = _load(self.cfg.forecaster)
+        # A forecaster other than repeat-last also guesses the frames newer than any received: the
+        # codec's skip prediction (repeat-last) is exact only for frames the sender did skip, and
+        # a frame not in yet may instead be late (low-delay playout) or lost.
+        self._guess_ahead = getattr(self.forecaster, "name", "last") != "last" and not isinstance(
+            self.forecaster, RepeatLast)
         self.interval_s = 1.0 / self.cfg.fps
         jc = self.cfg.jitter
         # With decimation the right-hand neighbour of an in-between frame arrives k-1 frames
@@ -273,6 +280,18 @@ class Playout:
         self._last_out = frame
         return frame
 
+    def next_due_s(self) -> float | None:
+        """Local time at which the frame after the cursor falls due (None until the clock is known).
+
+        The render clock ticks then (phase-locked to the sender's capture grid) instead of on a
+        free-running period: a free-running tick shows each frame anywhere from a quarter frame
+        early to ``late_slack`` frames late, on average half a frame (17 ms at 30 fps) of latency
+        that buys nothing.
+        """
+        if self.cursor is None or self.buffer.newest is None or not self.buffer.has_timing:
+            return None
+        return self.buffer.playout_time(self._capture_us_of(self.cursor + 1))
+
     def stats(self) -> dict:
         b = self.buffer.stats()
         out = dict(self._counts)
@@ -360,7 +379,9 @@ class Playout:
         else:
             capture_us = self._capture_us_of(s)
             right = None
-            predicted = self._predicted(s)
+            newest = self.buffer.newest
+            unknown = self._guess_ahead and (newest is None or s > newest.seq)
+            predicted = None if unknown else self._predicted(s)
             if predicted is None and cfg.interpolate_gaps and self._clean is not None:
                 right = self.buffer.next_after(s, max(cfg.max_interp_gap, cfg.kp_every))
             if predicted is not None:

@@ -443,8 +443,12 @@ class CallSession:
                 # ticking now would consume them without anything to render them with.
                 continue
             t_tick = time.perf_counter()
-            frame = self.playout.tick(time.monotonic())
+            now = time.monotonic()
+            frame = self.playout.tick(now)
             self._tick_ms = (time.perf_counter() - t_tick) * 1000
+            due = self.playout.next_due_s()
+            if due is not None:  # phase-locked: tick when the next frame falls due, 0.5 to 1.5 periods on
+                next_tick = min(max(due, now + 0.5 * period), now + 1.5 * period)
             if frame is None:
                 continue
             if frame.repeated and self._last_image is not None:

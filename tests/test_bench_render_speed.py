@@ -20,3 +20,4 @@ def test_two_models_side_by_side(tiny_weights: Path, tmp_path: Path, capsys) -> 
         assert r["int8_vs_whole"] > 0 and r["split_vs_whole"] > 0
     assert res["models"]["a"]["int8_vs_first"] == 1.0
     assert png.stat().st_size > 5000 and "int8 / whole" in capsys.readouterr().out
+

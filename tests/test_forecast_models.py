@@ -9,8 +9,9 @@ import torch
 from models.checkpoint import CheckpointError
 from models.forecast import NAMES, NeuralForecaster, build_net, load_forecaster, save_forecaster
 from models.forecast.base import norm_stats
-from models.forecast.baselines import LastForecaster, LinearForecaster
+from models.forecast.baselines import DampedForecaster, LastForecaster, LinearForecaster
 from models.forecast.grunf import ConditionalFlow
+from models.forecast.snf import SNFConfig, SNFForecaster
 from models.forecast.train import TINY, TrainConfig, train
 
 torch.set_num_threads(1)
@@ -38,8 +39,13 @@ def tiny_forecaster(name: str, series: list[np.ndarray] | None = None) -> Neural
     return NeuralForecaster(name, net, name != "gru", net.cfg)
 
 
+def tiny_snf(sigma: float = 1.0) -> SNFForecaster:
+    return SNFForecaster(tiny_forecaster("grunf"), tiny_forecaster("gru"), SNFConfig(sigma=sigma))
+
+
 def all_forecasters() -> list:
-    return [LastForecaster(), LinearForecaster()] + [tiny_forecaster(n) for n in LEARNED]
+    return [LastForecaster(), LinearForecaster(), DampedForecaster(), *(tiny_forecaster(n) for n in LEARNED),
+            tiny_snf()]
 
 
 @pytest.mark.parametrize("f", all_forecasters(), ids=lambda f: f.name)
@@ -150,7 +156,7 @@ def test_checkpoint_roundtrip_and_errors(tmp_path) -> None:
         load_forecaster("vrnn", tmp_path)
     with pytest.raises(ValueError, match="unknown forecaster"):
         load_forecaster("transformer")
-    assert set(NAMES) == {"last", "linear", "gru", "vrnn", "grunf"}
+    assert set(NAMES) == {"last", "linear", "damped", "gru", "vrnn", "grunf", "grusnf"}
 
 
 @pytest.mark.parametrize("name", LEARNED)
@@ -172,3 +178,46 @@ def test_tiny_models_learn_sines(name: str, tmp_path) -> None:
     # resume continues from the saved step
     cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 65, "resume": True})
     assert train(cfg2, train_s, val_s, progress=False)["steps"] == 65
+
+
+def test_snf_pulls_samples_towards_the_gru_point_forecast() -> None:
+    """GRU-SNF's Metropolis steps move GRU-NF's samples towards the GRU's forecast (in mean squared
+    distance over many samples) and they do move: proposals accepted, but not all."""
+    hist = sine_series(1, 16, seed=3)[0]
+    point = tiny_forecaster("gru").forecast(hist, 1)[0, 0]
+    torch.manual_seed(1)
+    plain = tiny_forecaster("grunf").forecast(hist, 1, samples=512)[:, 0]
+    snf = SNFForecaster(tiny_forecaster("grunf"), tiny_forecaster("gru"),
+                        SNFConfig(sigma=0.5, mcmc_steps=20, step_size=0.1))
+    torch.manual_seed(1)
+    pulled = snf.forecast(hist, 1, samples=512)[:, 0]
+    d_plain = ((plain - point) ** 2).mean()
+    d_pulled = ((pulled - point) ** 2).mean()
+    assert d_pulled < 0.9 * d_plain, (d_pulled, d_plain)
+    assert 0.05 < snf.acceptance < 0.95
+    assert pulled.std(0).mean() > 0.3 * plain.std(0).mean()  # still a distribution, not the point forecast
+
+
+def test_grusnf_loads_from_the_two_checkpoints(tmp_path) -> None:
+    for name in ("gru", "grunf"):
+        f = tiny_forecaster(name)
+        save_forecaster(tmp_path / f"forecast_{name}.pt", name, f.net)
+    f = load_forecaster("grusnf", tmp_path)
+    assert isinstance(f, SNFForecaster) and f.stochastic
+    assert f.forecast(sine_series(1, 12)[0], 3, samples=2).shape == (2, 3, 60)
+    with pytest.raises(ValueError):
+        build_net("grusnf")
+
+
+def test_damped_velocity_lies_between_repeat_last_and_constant_velocity() -> None:
+    hist = np.stack([np.full(60, 0.01 * t, np.float32) for t in range(8)])  # steady motion
+    last = LastForecaster().forecast(hist, 6)[0]
+    lin = LinearForecaster().forecast(hist, 6)[0]
+    damped = DampedForecaster(damping=0.7).forecast(hist, 6)[0]
+    assert np.allclose(DampedForecaster(damping=1.0).forecast(hist, 6)[0], lin, atol=1e-6)
+    assert np.allclose(DampedForecaster(damping=0.0).forecast(hist, 6)[0], last, atol=1e-6)
+    assert (damped[:, 0] > last[:, 0]).all() and (damped[:, 0] < lin[:, 0]).all()
+    step = np.diff(damped[:, 0])
+    assert (np.diff(step) < 0).all()  # each step moves less than the one before
+    with pytest.raises(ValueError):
+        DampedForecaster(damping=1.5)

@@ -111,6 +111,18 @@ def test_a_trained_refiner_changes_only_the_eyes_and_the_mouth(regressor, frames
         assert diff[dist[k] < 0.15 * d].max() > 5, k
 
 
+def test_onnx_runtime_and_eager_refiners_draw_the_same_frame(regressor, frames: np.ndarray) -> None:
+    fast = RegionStage(_refiner(True), regressor, GAIN, ANCHORS)
+    eager = RegionStage(_refiner(True), regressor, GAIN, ANCHORS, onnx=False)
+    assert fast.onnx is not None and eager.onnx is None  # onnxruntime is a dependency: the fast path runs
+    kp = _kp(left=(-0.3, -0.1), right=(0.25, -0.12), mouth=(-0.02, 0.42))
+    src = fast.prepare(frames[0], kp)
+    for f in frames[1::3]:
+        a, b = fast.apply(f, kp, src), eager.apply(f, kp, src)
+        assert not np.array_equal(a, f)  # the refiner did change the frame
+        assert np.abs(a.astype(np.int16) - b).max() <= 1  # float rounding at most
+
+
 def test_frames_it_cannot_handle_pass_through(regressor, frames: np.ndarray) -> None:
     stage = _stage(regressor, True)
     src = stage.prepare(frames[0], _kp())
@@ -277,3 +289,14 @@ def test_bench_rows_with_the_region_stage(tmp_path: Path, anchored_tiny: Path) -
     for name in ("tiny + regions (changes)", "tiny + regions (patches)"):
         assert s[name]["kind"] == "regions" and s[name]["clips"] == 1
         assert s[name]["l1"] != s["tiny"]["l1"]  # the stage changed the frames it was given
+
+
+def test_bench_render_speed_times_the_stage_beside_int8(tmp_path: Path, anchored_tiny: Path, capsys) -> None:
+    from bench import render_speed
+
+    out = tmp_path / "r.json"
+    render_speed.main(["--weights", str(anchored_tiny), "--rounds", "2", "--frames", "3", "--json", str(out),
+                       "--refine-regions", str(_save_refiner(tmp_path / "r.pt"))])
+    r = next(iter(json.loads(out.read_text())["models"].values()))
+    assert r["fps_int8+regions"] > 0 and len(r["rounds_int8+regions"]) == 2 and r["regions_vs_int8"] > 0
+    assert "regions / int8" in capsys.readouterr().out

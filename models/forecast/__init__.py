@@ -1,4 +1,5 @@
-"""Keypoint forecasters: ``last``, ``linear`` (baselines), ``gru``, ``vrnn``, ``grunf``.
+"""Keypoint forecasters: ``last``, ``linear``, ``damped`` (baselines), ``gru``, ``vrnn``, ``grunf``, and ``grusnf``
+(GRU-NF sampled with Metropolis steps towards the GRU, ``models.forecast.snf``; no weights of its own).
 
 ``load_forecaster(name)`` returns a :class:`Forecaster`; learned ones read
 ``models/weights/forecast_<name>.pt`` (or ``weights_dir``/``path``) and raise
@@ -15,20 +16,22 @@ from torch import nn
 
 from models.checkpoint import CheckpointError, load_state, read_checkpoint, save_checkpoint
 from models.forecast.base import KP_DIM, Forecaster, NeuralForecaster, norm_stats
-from models.forecast.baselines import LastForecaster, LinearForecaster
+from models.forecast.baselines import DampedForecaster, LastForecaster, LinearForecaster
 from models.forecast.gru import GRUConfig, GRUNet
 from models.forecast.grunf import GRUNFConfig, GRUNFNet
+from models.forecast.snf import SNFForecaster
 from models.forecast.vrnn import VRNNConfig, VRNNNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-BASELINES = ("last", "linear")
+BASELINES = ("last", "linear", "damped")
 # name -> (config class, network class, stochastic)
 LEARNED: dict[str, tuple[type, type, bool]] = {
     "gru": (GRUConfig, GRUNet, False),
     "vrnn": (VRNNConfig, VRNNNet, True),
     "grunf": (GRUNFConfig, GRUNFNet, True),
 }
-NAMES = BASELINES + tuple(LEARNED)
+COMPOSED = ("grusnf",)  # built from other forecasters' weights at inference
+NAMES = BASELINES + tuple(LEARNED) + COMPOSED
 
 __all__ = ["KP_DIM", "NAMES", "Forecaster", "NeuralForecaster", "CheckpointError", "build_net",
            "load_forecaster", "save_forecaster", "weights_path", "norm_stats"]
@@ -50,8 +53,8 @@ def _check_name(name: str) -> None:
 def build_net(name: str, config: Any = None) -> nn.Module:
     """A fresh (untrained) network; ``config`` is a config dataclass, a dict, or None."""
     _check_name(name)
-    if name in BASELINES:
-        raise ValueError(f"{name!r} is a baseline and has no network")
+    if name in BASELINES or name in COMPOSED:
+        raise ValueError(f"{name!r} has no network of its own")
     cfg_cls, net_cls, _ = LEARNED[name]
     if config is None:
         config = cfg_cls()
@@ -77,6 +80,12 @@ def load_forecaster(name: str, weights_dir: str | Path | None = None, path: str 
         return LastForecaster()
     if name == "linear":
         return LinearForecaster()
+    if name == "damped":
+        return DampedForecaster()
+    if name == "grusnf":
+        if path is not None:
+            raise ValueError("grusnf is built from forecast_grunf.pt and forecast_gru.pt: pass weights_dir")
+        return SNFForecaster(load_forecaster("grunf", weights_dir), load_forecaster("gru", weights_dir))
     path = Path(path) if path is not None else weights_path(name, weights_dir)
     blob = read_checkpoint(path, kind_of(name))
     try:

@@ -54,3 +54,27 @@ class LinearForecaster(Forecaster):
         k = torch.arange(1, steps + 1, dtype=h.dtype, device=h.device)
         out = last[:, None, :] + k[None, :, None] * vel[:, None, :]
         return out[:, None].expand(-1, samples, -1, -1).clone()
+
+
+class DampedForecaster(LinearForecaster):
+    """Velocity extrapolation that fades: step k moves by v·(d + d² + ... + d^k).
+
+    Between repeat-last (d = 0) and constant velocity (d = 1): a face's motion reverses within a
+    few frames (a nod, a word), so a full-velocity guess overshoots where a damped one does not.
+    """
+
+    name = "damped"
+
+    def __init__(self, window: int = 4, damping: float = 0.7) -> None:
+        super().__init__(window)
+        if not 0.0 <= damping <= 1.0:
+            raise ValueError("damping must be in [0, 1]")
+        self.damping = damping
+
+    def forecast_batch(self, history: torch.Tensor, steps: int, samples: int = 1) -> torch.Tensor:
+        lin = super().forecast_batch(history, steps, 1)[:, 0]  # last + k·v
+        last = history.float()[:, -1]
+        k = torch.arange(1, steps + 1, dtype=lin.dtype, device=lin.device)
+        gain = torch.cumsum(self.damping ** k, 0)  # d + ... + d^k, instead of k
+        out = last[:, None] + (lin - last[:, None]) * (gain / k)[None, :, None]
+        return out[:, None].expand(-1, samples, -1, -1).clone()

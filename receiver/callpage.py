@@ -25,7 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from models.fomm.io import load_motion_model, weights_for_size
+from models.fomm.io import detector_id, load_motion_model, weights_for_size
 from models.fomm.model import MotionModel
 from models.fomm.webrender import cached_web_render
 from receiver.sendpage import CACHE_DIR, ISOLATION_HEADERS, WEB_DIR
@@ -64,7 +64,8 @@ class CallPage:
         async with self._lock:
             if self._info is None:
                 path = await asyncio.to_thread(lambda: cached_web_render(self.model(), self.cache_dir))
-                self._info = json.loads(path.read_text())
+                # the detector whose keypoints the graph renders: the other side's Hello must name it
+                self._info = {**json.loads(path.read_text()), "detector_id": detector_id(self.model())}
         return self._info
 
     async def handle_page(self, request: web.Request) -> web.FileResponse:

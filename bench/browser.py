@@ -4,6 +4,7 @@ against the Python sender's on the same camera picture.
 Usage:
   python -m bench.browser [--frames 300] [--runs 100] [--matched-fps 8] [--json OUT] [--png OUT]
       [--screenshot OUT.png] [--detector-only]
+  python -m bench.browser --render-only [--runs 100] [--json OUT]
 
 Two network namespaces (root; Chromium does not use loopback ICE candidates): the receiver in
 one, the senders in the other. The camera is the bundled face clip placed off centre in a
@@ -21,17 +22,27 @@ Y4M file by ``python -m sender --video``.
   camera's 25 fps and at ``--matched-fps``. A browser slower than the camera codes only the frames
   it gets to, farther apart, which costs more bytes each; at the matched rate (the same frames
   delivered slower) both senders code every frame of the clip.
+
+``--render-only``: the call page's renderer instead (``GET /call``, ``receiver.callpage``): the 64 x 64
+render graph for browsers (``models.fomm.webrender``, its per-frame half) rendering from keypoints,
+frames per second after a warm-up, with onnxruntime-web WASM on 1 and 2 threads and WebGPU when
+Chromium has an adapter, beside ONNX Runtime in Python on the same graph (1 and 2 threads). The
+pages are served from this process on 127.0.0.1 (no call, so no network namespaces).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +70,108 @@ BENCH_JS = """(async () => {
   };
   return await Promise.race([bench(), timeout(50)]);
 })()"""
+
+
+RENDER_JS = """(async () => {
+  const timeout = (s) => new Promise((r) => setTimeout(() => r({ error: `no answer within ${s} s` }), s * 1000));
+  const bench = async () => {
+    while (!["ready", "error"].includes(window.kpcast.state)) await new Promise((r) => setTimeout(r, 100));
+    if (window.kpcast.state === "error") return { error: window.kpcast.error };
+    return await window.kpcast.benchRender({ runs: %d, warmup: 10 });
+  };
+  return await Promise.race([bench(), timeout(%d)]);
+})()"""
+
+
+def python_render_fps(frame_onnx: Path, bind_onnx: Path, info: dict[str, Any], runs: int,
+                      threads: int) -> dict[str, Any]:
+    """ONNX Runtime in Python on the page's own two graphs: bind once, then ``runs`` frames timed."""
+    from models.fomm.export import onnx_session
+    from models.fomm.webrender import FRAME, IMAGE, KEYPOINTS
+
+    bind, frame = onnx_session(bind_onnx.read_bytes(), threads), onnx_session(frame_onnx.read_bytes(), threads)
+    s = info["size"]
+    image = np.random.default_rng(0).uniform(0.3, 0.7, (1, 3, s, s)).astype(np.float32)
+    t = time.perf_counter()
+    bound = dict(zip(info["bind_outputs"], bind.run(info["bind_outputs"], {IMAGE: image}), strict=True))
+    bind_ms = (time.perf_counter() - t) * 1000
+    kp = np.zeros((1, 60), np.float32)
+    kp[0, :20] = np.tile([-0.5, -0.3, -0.25, -0.3, 0.0, -0.3, 0.25, -0.3, 0.5, -0.3], 2)
+    kp[0, 20::4] = kp[0, 23::4] = 1.0
+    for _ in range(10):
+        frame.run([FRAME], {KEYPOINTS: kp, **bound})
+    ms = []
+    t0 = time.perf_counter()
+    for i in range(runs):
+        kp[0, :20] += np.float32(0.001 * (-1) ** i)
+        t = time.perf_counter()
+        frame.run([FRAME], {KEYPOINTS: kp, **bound})
+        ms.append((time.perf_counter() - t) * 1000)
+    return {"backend": "onnxruntime (Python, CPU)", "threads": threads, "runs": runs, "bind_ms": bind_ms,
+            "ms_p50": float(np.median(ms)), "ms_p90": float(np.percentile(ms, 90)),
+            "fps": runs / (time.perf_counter() - t0)}
+
+
+@contextlib.contextmanager
+def serve_pages(model: Any) -> Iterator[str]:
+    """The ``/send`` and ``/call`` pages of ``model`` served from a thread of this process; yields the origin."""
+    from aiohttp import web
+
+    from receiver.callpage import CallPage
+    from receiver.sendpage import SendPage
+
+    app = web.Application()
+    SendPage(model).install(app)
+    CallPage().install(app)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, name="pages", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+def run_render(runs: int) -> dict[str, Any]:
+    """The call page's render speed in Chromium and in Python (see ``--render-only``)."""
+    from models.fomm.io import load_motion_model
+    from models.fomm.webrender import cached_web_render
+
+    model, _ = load_motion_model(WEIGHTS_DIR / "fomm_face64.pt")
+    info_path = cached_web_render(model, ROOT / "cache" / "web")  # before the pages ask for it
+    info = json.loads(info_path.read_text())
+    out: dict[str, Any] = {"graph": info["frame_onnx"], "size": info["size"], "runs": runs, "render": []}
+    page_s = 60 + runs  # a slow WASM build renders ~5 fps on a busy machine: generous
+    with serve_pages(model) as origin:
+        pages = [chromium.Page(f"{origin}/call?render_only=1&threads={t}&backend=wasm", wait_for=("ready", "error"),
+                               evaluate=RENDER_JS % (runs, page_s), timeout_s=page_s + 30) for t in (1, 2)]
+        pages.append(chromium.Page(f"{origin}/call?render_only=1&backend=webgpu", wait_for=("ready", "error"),
+                                   evaluate=RENDER_JS % (runs, page_s), timeout_s=page_s + 30))
+        for page, p in zip(pages, chromium.run_pages(pages, chromium.chromium_args(fake_camera=False)), strict=True):
+            res = p.evaluated or {"error": p.error or f"page state {p.state}"}
+            if "error" in res:
+                log.warning("render bench (%s): %s", page.url, res["error"])
+                res = {"backend": "webgpu" if "webgpu" in page.url else "wasm", "error": res["error"]}
+            out["render"].append(res)
+    for t in (1, 2):
+        out["render"].append(python_render_fps(info_path.parent / info["frame_onnx"],
+                                               info_path.parent / info["bind_onnx"], info, runs, t))
+    return out
+
+
+def render_table(r: dict[str, Any]) -> str:
+    return common.format_table(
+        ["renderer (64 x 64)", "threads", "bind ms", "ms p50", "ms p90", "fps"],
+        [[d["backend"], d.get("threads") or "-", d.get("bind_ms"), d.get("ms_p50"), d.get("ms_p90"),
+          d.get("fps") if "fps" in d else d.get("error")] for d in r["render"]])
 
 
 def python_detector_fps(onnx: Path, runs: int) -> dict[str, Any]:
@@ -222,11 +335,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--png")
     p.add_argument("--screenshot", help="save the page mid-call here (PNG)")
     p.add_argument("--detector-only", action="store_true", help="only the detector speeds (no calls)")
+    p.add_argument("--render-only", action="store_true",
+                   help="only the call page's 64 x 64 render speed (WASM 1/2 threads, WebGPU, Python ORT)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     why = chromium.available()
     if why:
         raise SystemExit(f"bench.browser: {why}")
+    if a.render_only:
+        r = run_render(a.runs)
+        print(render_table(r))
+        if a.json:
+            common.write_json(a.json, r)
+        return
     r = run(a.frames, a.runs, Path(a.screenshot) if a.screenshot else None, a.matched_fps, not a.detector_only)
     print(table(r))
     if a.json:

@@ -101,6 +101,7 @@ class PageRun:
     evaluated: object = None
     timed_out: bool = False
     console: list[str] = field(default_factory=list)
+    remote: dict | None = None  # the call page's (/call) counters of the other side's stream
 
 
 def chromium_args(fake_video: Path | None = None, fake_camera: bool = True, auto_accept: bool = True,
@@ -153,7 +154,8 @@ def run_pages(pages: list[Page], args: list[str], netns: str | None = None) -> l
         raise RuntimeError(f"the page driver failed ({res.returncode}): {res.stderr[-3000:]}")
     return [PageRun(d.get("state"), d.get("error"), d.get("errorKind"), d.get("warning"), d.get("stats") or {},
                     d.get("square"), d.get("detector"), d.get("isolated"), d.get("samples"), d.get("evaluated"),
-                    d.get("timedOut", False), d.get("console", [])) for d in json.loads(res.stdout)]
+                    d.get("timedOut", False), d.get("console", []),
+                    d.get("remote")) for d in json.loads(res.stdout)]
 
 
 def run_page(url: str, args: list[str], netns: str | None = None, **page: object) -> PageRun:

@@ -5,7 +5,7 @@
 //      fresh browser context: {url, waitFor: [states], timeoutMs, grantCamera: origin|null,
 //      screenshot: {path, afterFrames}|null, evaluate: "JS expression"|null, collectSamples: bool}
 // result: [{state, error, errorKind, warning, stats, square, detector, samples, evaluated, console,
-//           timedOut}, ...], one per page
+//           timedOut, remote (the call page's counters of the other side's stream)}, ...], one per page
 
 import { chromium } from "playwright-core";
 
@@ -46,7 +46,7 @@ async function runPage(p) {
     }
     Object.assign(out, await page.evaluate((samples) => {
       const k = window.kpcast || {};
-      return { state: k.state, error: k.error, errorKind: k.errorKind, warning: k.warning, stats: k.stats, square: k.square,
+      return { state: k.state, error: k.error, remote: k.remote, errorKind: k.errorKind, warning: k.warning, stats: k.stats, square: k.square,
         detector: k.detector ? { backend: k.detector.backend, threads: k.detector.threads, id: k.detector.info.id } : null,
         samples: samples ? k.samples : undefined, isolated: globalThis.crossOriginIsolated };
     }, !!p.collectSamples));

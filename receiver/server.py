@@ -46,6 +46,7 @@ from aiortc import RTCPeerConnection
 
 from models.fomm.model import MotionModel
 from receiver.batching import RenderBatcher
+from receiver.callpage import CallPage
 from receiver.cors import Cors
 from receiver.regions import RegionStage
 from receiver.render import Renderer
@@ -117,6 +118,7 @@ class ReceiverServer:
         self.app.router.add_get("/", handle_index)
         self.app.router.add_get("/video.mjpg", self.handle_video)
         SendPage(model).install(self.app)  # GET /send: the browser sender (receiver.sendpage)
+        CallPage().install(self.app)  # GET /call: the browser's two-way call (receiver.callpage)
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:

@@ -47,6 +47,7 @@ export class SenderCall {
     this.video = video;
     this.ui = ui;
     this.detector = null;
+    this.onPeer = null; // called with each call's SenderPeer before its offer goes out
     this.decision = null; // the framing on the current camera (sender/framing.FramingDecision)
     this.square = null; // the square [x0, y0, side] sent
     this.samples = []; // the last opts.samples detector inputs, for tests/test_browser_sender.py
@@ -303,6 +304,8 @@ export class SenderCall {
       this.peer = new SenderPeer({ onMessage: (msg) => this.onMessage(msg), onClosed: (why) => {
         if (this.running) { this.running = false; this.counters.end_reason = why; ui.say("ended", why, "warn"); ui.setState("ended"); }
       } });
+      // the call page (/call) takes the other side's channels from this connection, before any can open
+      if (this.onPeer) this.onPeer(this.peer);
       await this.peer.connect(opts.receiver, token);
     } catch (e) {
       if (this.peer) this.peer.close();

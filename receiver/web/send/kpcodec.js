@@ -188,3 +188,103 @@ export class PredictiveEncoder {
 
   push(q) { this.history = [...this.history, q].slice(-2); }
 }
+
+// ------------------------------------------------------------------------- decoder
+
+const MAX_HELD = 16; // out-of-order frames held waiting for their predecessor (kpcodec.MAX_HELD)
+
+/**
+ * Receiver side (kpcodec.PredictiveDecoder): push() frames {seq, prev_seq, key, payload} in any order, get
+ * decoded frames [{seq, vector: Float32Array(60), kind: "key"|"residual"|"skipped"}] in order.
+ * `needsKeyframe` turns true when a frame's predecessor is missing and `maxPending` frames wait behind it:
+ * ask the sender for a keyframe. Throws Error on a corrupt frame, as Python raises ValueError.
+ */
+export class PredictiveDecoder {
+  constructor(cfg = DEFAULT_STREAM, maxPending = 3) {
+    this.cfg = cfg;
+    this.history = [];
+    this.lastSeq = -1; // newest decoded seq (coded or skipped)
+    this.lastCoded = -1;
+    this.pending = new Map(); // keyed by prev_seq
+    this.maxPending = maxPending;
+    this.needsKeyframe = false;
+    this.counts = { key: 0, residual: 0, skipped: 0, dropped: 0 };
+  }
+
+  push(frame) {
+    const cfg = this.cfg;
+    if (frame.seq <= this.lastSeq || frame.prev_seq >= frame.seq) { this.counts.dropped += 1; return []; }
+    const span = cfg.max_gap + 1; // an honest encoder never leaves more frames between two coded ones
+    if (!frame.key && (frame.prev_seq < 0 || frame.seq - frame.prev_seq > span)) {
+      throw new Error(`residual frame ${frame.seq} is more than max_gap frames after ${frame.prev_seq}`);
+    }
+    let out = [];
+    if (frame.key) {
+      const q = quantise(decodeVectors(frame.payload, Codec.Q8)[0], cfg);
+      if (frame.prev_seq === this.lastCoded && this.history.length && frame.seq - this.lastSeq <= span) out = out.concat(this.fill(frame.seq));
+      this.history = [];
+      for (const [k, f] of this.pending) if (f.seq <= frame.seq) this.pending.delete(k);
+      out.push(this.take(frame.seq, q, "key"));
+      this.needsKeyframe = false;
+    } else if (this.history.length && frame.prev_seq === this.lastCoded) {
+      const r = decodeResidual(frame.payload);
+      const p = predict(this.filledHistory(frame.seq), cfg), lv = coordLevels(cfg);
+      const q = new Int32Array(KP_DIM);
+      for (let i = 0; i < KP_DIM; i++) {
+        q[i] = p[i] + r[i];
+        if (Math.abs(q[i]) > (i < NC ? lv : 127)) throw new Error("residual decodes outside the quantiser's range");
+      }
+      out = out.concat(this.fill(frame.seq));
+      out.push(this.take(frame.seq, q, "residual"));
+    } else {
+      if (frame.prev_seq > this.lastCoded) { // its predecessor may still arrive (unordered channel)
+        this.pending.set(frame.prev_seq, frame);
+        while (this.pending.size > MAX_HELD) { // a peer's made-up predecessors cannot grow memory
+          this.pending.delete(Math.min(...this.pending.keys()));
+          this.counts.dropped += 1;
+        }
+      } else {
+        this.counts.dropped += 1;
+      }
+      if (this.pending.size >= this.maxPending || !this.history.length) this.needsKeyframe = true;
+      return out;
+    }
+    const next = this.pending.get(this.lastCoded);
+    if (next !== undefined) {
+      this.pending.delete(this.lastCoded);
+      try { out = out.concat(this.push(next)); } catch { this.counts.dropped += 1; } // keep what this one decoded
+    }
+    return out;
+  }
+
+  filledHistory(seq) {
+    let h = [...this.history];
+    for (let s = this.lastSeq + 1; s < seq; s++) h = [...h, predict(h, this.cfg)].slice(-2);
+    return h;
+  }
+
+  fill(seq) {
+    const out = [];
+    for (let s = this.lastSeq + 1; s < seq; s++) {
+      const q = predict(this.history, this.cfg);
+      this.history = [...this.history, q].slice(-2);
+      this.lastSeq = s;
+      this.counts.skipped += 1;
+      out.push({ seq: s, vector: dequantise(q, this.cfg), kind: "skipped" });
+    }
+    return out;
+  }
+
+  take(seq, q, kind) {
+    this.history = [...this.history, q].slice(-2);
+    this.lastSeq = this.lastCoded = seq;
+    this.counts[kind] += 1;
+    return { seq, vector: dequantise(q, this.cfg), kind };
+  }
+}
+
+/** The decoder's config from a Hello's pred params (kpcodec.PredictiveConfig.from_params). */
+export function configFromParams(p) {
+  return { ...DEFAULT_STREAM, predictor: p.predictor, tolerance: p.tolerance, coord_step: p.coord_step,
+    max_gap: p.max_gap, keyframe_interval: p.keyframe_interval };
+}

@@ -106,6 +106,7 @@ class CallSession:
         self.rejects = RejectCounter(counts=self.stats.rejected)
         self.sink: Sink | None = None
         self.control: RTCDataChannel | None = None
+        self.kp_channel: RTCDataChannel | None = None
         self._channels: set[str] = set()
         self.liveness = Liveness(config.heartbeat_timeout_s, config.setup_timeout_s, config.hello_timeout_s)
         self.closed = asyncio.Event()
@@ -133,6 +134,8 @@ class CallSession:
         self._channels.add(channel.label)
         if channel.label == CONTROL_LABEL:
             self.control = channel
+        else:
+            self.kp_channel = channel
         channel.on("message", lambda data, label=channel.label: self.on_message(label, data))
 
     def start(self) -> None:
@@ -293,6 +296,10 @@ class CallSession:
             request = self.kp_stream.keyframe_request(now)
             if request is not None:
                 self.send(request)
+                # also on the keypoint channel: the control channel is reliable and ordered, so a request
+                # queued behind a lost chunk waits for SCTP's retransmission timeout (~1 s: 30 frames
+                # concealed), while an unreliable copy gets through at the next try
+                self.send_unreliable(request)
                 st.keyframe_requests += 1
         st.keyframes_received += int(msg.key)
         for f in frames:
@@ -363,6 +370,11 @@ class CallSession:
     def send(self, msg: P.Message) -> None:
         if self.control is not None and self.control.readyState == "open":
             self.control.send(P.encode(msg))
+
+    def send_unreliable(self, msg: P.KeyframeRequest) -> None:
+        """On the keypoint channel (unordered, no retransmissions): only what may be lost and repeated."""
+        if self.kp_channel is not None and self.kp_channel.readyState == "open":
+            self.kp_channel.send(P.encode(msg))
 
     def request_source(self, reason: str) -> None:
         """Ask the sender for a fresh source image (e.g. the scene changed)."""

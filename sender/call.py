@@ -50,6 +50,7 @@ REFRESH_SWITCH_S = 0.3
 # under the receiver's 1.5 s silence timeout, since the sender sends nothing while it waits.
 SOURCE_READY_WAIT_S = 1.0
 CODECS = {"pred": P.Codec.PRED, "q8": P.Codec.Q8, "f16": P.Codec.F16}
+KEYFRAME_COPY_S = 0.1  # a KeyframeRequest naming the same frame within this long is the other channel's copy
 
 
 @dataclass
@@ -153,6 +154,7 @@ class SenderCall:
         self.codec = CODECS[cfg.codec]
         self.stats = SenderStats()
         self.pred: PredictiveSender | None = None
+        self._last_kf_request: tuple[int, float] | None = None  # (last_seq, monotonic time) of the last one
         # image_id -> the receiver can render it; only images this sender waits for, so a receiver naming
         # others (any number of them) adds nothing
         self.ready: dict[int, asyncio.Event] = {}
@@ -244,6 +246,13 @@ class SenderCall:
         elif isinstance(msg, P.SourceRequest):
             self.source_requests.append(msg.reason)
         elif isinstance(msg, P.KeyframeRequest) and self.pred is not None:
+            # the receiver sends each request on both channels: the second copy is not a second request
+            # (a repeat after its request interval, ~0.25 s, is)
+            now = time.monotonic()
+            if self._last_kf_request is not None and self._last_kf_request[0] == msg.last_seq \
+                    and now - self._last_kf_request[1] < KEYFRAME_COPY_S:
+                return
+            self._last_kf_request = (msg.last_seq, now)
             log.info("receiver asks for a keyframe (it decoded up to frame %d)", msg.last_seq)
             self.pred.request_keyframe()
 

@@ -40,6 +40,7 @@ class SenderPeer:
         self.kp_dropped_congestion = 0
         self.rejected = RejectCounter()
         self.control.on("message", self._on_control)
+        self.kp.on("message", self._on_kp)
 
         @self.pc.on("connectionstatechange")
         async def _state() -> None:
@@ -59,6 +60,20 @@ class SenderPeer:
         if isinstance(msg, P.Bye):
             log.info("receiver hung up: %s", msg.reason)
             self.closed.set()
+        if self.on_message is not None:
+            self.on_message(msg)
+
+    def _on_kp(self, data: bytes | str) -> None:
+        """The keypoint channel carries one message back: a receiver's KeyframeRequest, sent on both
+        channels (an unreliable copy is not stuck behind a lost control chunk); anything else is refused."""
+        try:
+            msg = P.decode(data)
+        except P.ProtocolError as e:
+            self.rejected.reject(e)
+            return
+        if not isinstance(msg, P.KeyframeRequest):
+            self.rejected.reject(P.ProtocolError("channel", f"{type(msg).__name__} on the keypoint channel"))
+            return
         if self.on_message is not None:
             self.on_message(msg)
 

@@ -114,8 +114,9 @@ def _coded_stream(n: int, **kw) -> list[P.CodedKeypoints]:
 
 async def test_predictive_call_decodes_skipped_frames_and_asks_for_keyframes(executor: ThreadPoolExecutor) -> None:
     s = make_session(executor)  # immediate playout
-    control = FakeChannel("control")
+    control, kp = FakeChannel("control"), FakeChannel("kp")
     s.attach(control)
+    s.attach(kp)
     s.on_message("control", P.encode(_pred_hello(max_gap=8)))
     msgs = _coded_stream(60, max_gap=8)
     assert len(msgs) == 13  # one in five frames is sent, and the last one
@@ -130,6 +131,8 @@ async def test_predictive_call_decodes_skipped_frames_and_asks_for_keyframes(exe
     assert s.stats.frames_received == msgs[4].seq + 1
     requests = [P.decode(d) for d in control.sent]
     assert requests == [P.KeyframeRequest(msgs[4].seq)] and s.stats.keyframe_requests == 1
+    # and a copy on the unreliable keypoint channel, which no lost control chunk holds up
+    assert [P.decode(d) for d in kp.sent] == requests
     # the sender answers with a keyframe: decoding resumes (the frames in the gap stay lost)
     from shared.kpcodec import PredictiveConfig, PredictiveEncoder
 

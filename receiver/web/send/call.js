@@ -172,7 +172,15 @@ export class SenderCall {
   onMessage(msg) {
     const st = this.counters;
     if (msg.type === "SourceRequest") { st.source_requests += 1; this.sourceWanted = true; }
-    else if (msg.type === "KeyframeRequest") { st.keyframe_requests += 1; if (this.encoder) this.encoder.requestKeyframe(); }
+    else if (msg.type === "KeyframeRequest") {
+      // each request comes on both channels: a copy naming the same frame within 100 ms is not a new one
+      const now = performance.now();
+      const last = this.lastKeyframeRequest;
+      if (last && last.seq === msg.last_seq && now - last.at < 100) return;
+      this.lastKeyframeRequest = { seq: msg.last_seq, at: now };
+      st.keyframe_requests += 1;
+      if (this.encoder) this.encoder.requestKeyframe();
+    }
     else if (msg.type === "Bye") {
       st.end_reason = `bye: ${msg.reason}`;
       this.running = false;

@@ -61,6 +61,24 @@ export class SenderPeer {
       }
       onMessage(msg);
     });
+    // The receiver repeats each KeyframeRequest on this unreliable channel (a control copy can wait ~1 s
+    // behind a lost chunk); nothing else may arrive here. The second copy of a request is ignored by the
+    // call (SenderCall.onMessage).
+    this.kp.addEventListener("message", (ev) => {
+      let msg;
+      try {
+        msg = P.decode(new Uint8Array(ev.data));
+      } catch (e) {
+        const reason = e instanceof P.ProtocolError ? e.reason : "malformed";
+        this.rejected[reason] = (this.rejected[reason] || 0) + 1;
+        return;
+      }
+      if (msg.type !== "KeyframeRequest") {
+        this.rejected.channel = (this.rejected.channel || 0) + 1;
+        return;
+      }
+      onMessage(msg);
+    });
     this.pc.addEventListener("connectionstatechange", () => {
       if (["failed", "closed"].includes(this.pc.connectionState) && !this.closed) {
         this.closed = true;

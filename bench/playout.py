@@ -53,7 +53,7 @@ import numpy as np
 from bench.calls import stop, wait_ready
 from bench.common import format_table, new_figure, write_json
 from bench.netns import NetnsUnavailable, impaired_link, netns_popen, require_root
-from receiver.session import DEFAULT_FORECASTER
+from receiver.session import DEFAULT_FORECASTER, DEFAULT_MAX_DELAY_MS
 from shared.kpvector import TRANSPORT_OVERHEAD_B
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Condition:
     forecaster: str = DEFAULT_FORECASTER
     kp_every: int = 1
     lookahead_ms: float = 0.0
-    max_delay_ms: float = 1000.0  # the receiver's --max-delay-ms (1000: its default, buffered playout)
+    max_delay_ms: float = DEFAULT_MAX_DELAY_MS  # the receiver's --max-delay-ms (1000: buffered playout)
 
 
 def kp_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -350,7 +350,7 @@ def conditions(a: argparse.Namespace) -> list[Condition]:
                 for pre, link in links for f in (a.forecasters or [a.forecaster]) for t in a.delay_targets]
     if not a.sweep:
         name = f"loss{a.loss:.0%} k{a.kp_every} la{a.lookahead_ms:g}"
-        return [replace(base, name=name if a.max_delay_ms >= 1000 else f"{name} max{a.max_delay_ms:g}")]
+        return [replace(base, name=f"{name} max{a.max_delay_ms:g}")]
     plain = replace(base, kp_every=1, lookahead_ms=0.0)
     out = [replace(plain, name=f"loss {p:.0%}", loss=p) for p in (0.0, 0.05, 0.10)]
     out.append(replace(plain, name="loss 10% k=2", loss=0.10, kp_every=2))
@@ -367,7 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forecaster", default=DEFAULT_FORECASTER, help="receiver concealment forecaster")
     p.add_argument("--kp-every", type=int, default=1, help="sender decimation k")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="receiver render-ahead")
-    p.add_argument("--max-delay-ms", type=float, default=1000.0, help="receiver --max-delay-ms (low-delay playout)")
+    p.add_argument("--max-delay-ms", type=float, default=DEFAULT_MAX_DELAY_MS,
+                   help="receiver --max-delay-ms (default: the receiver's; 1000: buffered playout)")
     p.add_argument("--delay-targets", type=float, nargs="*", default=[], metavar="MS",
                    help="one call per receiver --max-delay-ms value (e.g. 0 40 80 120 1000), same link")
     p.add_argument("--forecasters", nargs="*", default=[], metavar="NAME",

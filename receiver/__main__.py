@@ -54,9 +54,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                         "accurate on held-out clips)")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="render ahead by this much (latency hiding)")
     p.add_argument("--max-delay-ms", type=float, default=SessionConfig.max_delay_ms, metavar="MS",
-                   help="low-delay playout: the jitter buffer never holds frames longer than this; later frames "
-                        "are forecast when due and blended in when they arrive (default %(default)g: the buffer "
-                        "follows the 95th percentile of arrivals)")
+                   help="low-delay playout: the jitter buffer never holds frames longer than this; a later frame "
+                        "is shown as the stream predicts it when due (default %(default)g; 1000: the buffer follows "
+                        "the 95th percentile of arrivals, for the smoothest picture at the highest latency)")
     p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
     p.add_argument("--max-batch", type=int, default=ServerConfig.max_batch,
                    help="render up to this many concurrent calls' frames in one run (default: %(default)s; "

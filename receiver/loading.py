@@ -16,7 +16,7 @@ from pathlib import Path
 from models.checkpoint import read_checkpoint
 from models.fomm.io import load_motion_model, weights_for_size
 from models.fomm.model import MotionModel
-from receiver.regions import RegionStage, load_region_weights, region_stage
+from receiver.regions import AUTO, DEFAULT_REFINER, OFF, RegionStage, auto_regions, load_region_weights, region_stage
 from receiver.render import Renderer, choose_model, measure_render_fps
 from receiver.tiers import TierSet, load_tiers
 
@@ -42,8 +42,15 @@ class RenderModels:
 
 def load_render_models(weights: str | None, size: str | int, adapt: bool | None, device: str, fast: bool,
                        int8: bool, refine_regions: str | None = None) -> RenderModels:
-    """The models as the options ask (CheckpointError for a bad file, the region weights' checked first)."""
-    regions = load_region_weights(refine_regions) if refine_regions else None  # fail before the models load
+    """The models as the options ask (CheckpointError for a bad file, the region weights' checked first).
+
+    ``refine_regions``: a refiner checkpoint (required to work), ``auto`` (the shipped one where it applies:
+    ``receiver.regions.auto_regions``) or ``off`` / None."""
+    auto = refine_regions == AUTO
+    if refine_regions in (OFF, None):
+        refine_regions = None
+    named = refine_regions if refine_regions and not auto else None
+    regions = load_region_weights(named) if named else None  # fail before the models load
     adapt = adapt if adapt is not None else (size == "auto" and device == "cpu")
     tiers = None
     if weights:
@@ -53,14 +60,22 @@ def load_render_models(weights: str | None, size: str | int, adapt: bool | None,
         tiers = load_tiers(device, fast=fast, start=None if size == "auto" else int(size), int8=int8)
         model, path = tiers.models[tiers.start], weights_for_size(tiers.start)
         display = weights_for_size(max(tiers.models))  # its meta names the region stage's anchored keypoints
-        meta = read_checkpoint(display)["meta"] if regions else {}
+        meta = read_checkpoint(display)["meta"] if regions or auto else {}
         log.info("render tiers %s, calls start at %dx%d and adapt", {s: round(f) for s, f in tiers.fps.items()},
                  tiers.start, tiers.start)
     else:
         model, meta, path = choose_model(size, device, fast=fast, int8=int8)
     # the tiers were timed (and their graphs built) already; otherwise build the graph now, not at the first call
     fps = tiers.fps[tiers.start] if tiers else measure_render_fps(model, frames=10, fast=fast, int8=int8)
+    if auto:
+        # tiers leave every frame at their largest size; a fixed model shows its own
+        shown = max(tiers.models) if tiers else model.config.size
+        if auto_regions(shown, meta):
+            regions, refine_regions = load_region_weights(DEFAULT_REFINER), str(DEFAULT_REFINER)
+        else:
+            log.info("region stage off: it needs 256x256 frames and a motion model naming its eye and mouth "
+                     "keypoints (shown %d, anchored keypoints %s)", shown, meta.get("anchor_kp"))
     stage = region_stage(regions, meta, display if tiers else path)
     if stage is not None:
-        log.info("region stage %s: eyes and mouth redrawn on every frame", refine_regions)
+        log.info("region stage %s: eyes and mouth redrawn on every frame (--refine-regions off: not)", refine_regions)
     return RenderModels(model, tiers, fast, int8, fps, path, stage)

@@ -81,11 +81,23 @@ def load_region_weights(path: str | Path = DEFAULT_REFINER,
     return net, reg, [float(g) for g in gain]
 
 
+AUTO = "auto"  # --refine-regions' default: the shipped refiner wherever it applies (see ``auto_regions``)
+OFF = "off"
+
+
 def add_refine_regions_argument(p: argparse.ArgumentParser) -> None:
-    """``--refine-regions [PATH]``: the receiver's and ``kpcast call``'s option."""
-    p.add_argument("--refine-regions", nargs="?", const=str(DEFAULT_REFINER), default=None, metavar="PATH",
+    """``--refine-regions [PATH|auto|off]``: the receiver's and ``kpcast call``'s option."""
+    p.add_argument("--refine-regions", nargs="?", const=str(DEFAULT_REFINER), default=AUTO, metavar="PATH",
                    help="redraw the eyes and the mouth of every shown frame with this region refiner "
-                        "(receiver.regions; PATH default: models/weights/region_refiner.pt; default: off)")
+                        "(receiver.regions; PATH default: models/weights/region_refiner.pt). Default auto: the "
+                        "shipped refiner when the frames shown are 256x256 and the motion model names its eye "
+                        "and mouth keypoints; off: never")
+
+
+def auto_regions(display_size: int, meta: dict) -> bool:
+    """Whether ``--refine-regions auto`` turns the stage on: the refiner was trained on 256x256 renders
+    and locates the regions by the motion model's anchored keypoints."""
+    return display_size == 256 and len(meta.get("anchor_kp") or []) >= 3 and Path(DEFAULT_REFINER).exists()
 
 
 def region_stage(parts: tuple[RegionRefiner, OpeningNet, list[float]] | None, meta: dict,

@@ -91,8 +91,9 @@ def test_call_between_two_processes(tmp_path: Path, tiny_weights: Path, demo_cli
     if playout == "immediate":
         assert got["frames_rejected"] == 0
     else:  # a busy machine can hold a frame past its playout time (shown predicted or concealed instead):
-        # its CPU's timing, so a margin that holds at half speed (tests/test_netns_call.py saw 4 of 60)
-        assert set(got["rejected_by_reason"]) <= {"late"} and got["frames_rejected"] <= 0.25 * FRAMES
+        # its CPU's timing, so a margin that holds at half speed (tests/test_netns_call.py saw 4 of 60); the
+        # playout waits at most 40 ms (--max-delay-ms), so a stalled event loop makes frames late sooner
+        assert set(got["rejected_by_reason"]) <= {"late"} and got["frames_rejected"] <= 0.5 * FRAMES
     assert got["latency_ms_p50"] is not None and 0 < got["latency_ms_p50"] < got["latency_ms_p95"] + 1e-9
     # the sink wrote one video frame per rendered frame, and recorded their sequence numbers
     with av.open(str(tmp_path / "received.mp4")) as c:

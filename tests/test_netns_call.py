@@ -62,8 +62,9 @@ def test_call_between_two_namespaces(tmp_path: Path, tiny_weights: Path, demo_cl
     assert got["frames_received"] >= 0.95 * frames
     # a clean link rejects nothing but late frames: a busy machine holds frames past their playout
     # time (4 of 60 in a loaded two-worker suite), which is this CPU's timing, not the link's. The
-    # margin holds at half speed; a playout clock that rejected every frame would still fail it.
-    assert set(got["rejected_by_reason"]) <= {"late"} and got["frames_rejected"] <= 0.25 * frames
+    # margin holds at half speed (the playout waits at most 40 ms, --max-delay-ms); a playout clock that
+    # rejected every frame would still fail it.
+    assert set(got["rejected_by_reason"]) <= {"late"} and got["frames_rejected"] <= 0.5 * frames
     # a clean link: what was received is exactly what was sent (bytes and messages)
     assert got["keypoint_payload_bytes"] == got["frames_received"] * 80
     assert got["keypoint_message_bytes"] <= sent["keypoint_message_bytes"]

@@ -300,3 +300,21 @@ def test_bench_render_speed_times_the_stage_beside_int8(tmp_path: Path, anchored
     r = next(iter(json.loads(out.read_text())["models"].values()))
     assert r["fps_int8+regions"] > 0 and len(r["rounds_int8+regions"]) == 2 and r["regions_vs_int8"] > 0
     assert "regions / int8" in capsys.readouterr().out
+
+
+def test_auto_turns_the_stage_on_only_where_it_applies(anchored_tiny: Path, tiny_weights: Path) -> None:
+    """--refine-regions' default (auto): the shipped refiner for 256x256 frames of a motion model that names
+    its eye and mouth keypoints; off for other sizes or models, and ``off`` turns it off."""
+    from receiver.loading import load_render_models
+    from receiver.regions import AUTO, OFF, auto_regions
+
+    assert auto_regions(256, {"anchor_kp": ANCHORS})
+    assert not auto_regions(128, {"anchor_kp": ANCHORS}) and not auto_regions(256, {})
+    kw = {"size": "auto", "adapt": False, "device": "cpu", "fast": False, "int8": False}
+    assert load_render_models(str(anchored_tiny), refine_regions=AUTO, **kw).regions is None  # 64x64 frames
+    assert load_render_models(str(tiny_weights), refine_regions=AUTO, **kw).regions is None  # no anchors
+    assert load_render_models(str(anchored_tiny), refine_regions=OFF, **kw).regions is None
+    # a named refiner is used whatever the size (the user asked for it)
+    named = load_render_models(str(anchored_tiny), refine_regions=str(_save_refiner(Path(anchored_tiny).parent
+                                                                                      / "r_auto.pt")), **kw)
+    assert named.regions is not None

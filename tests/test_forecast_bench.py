@@ -78,7 +78,7 @@ def test_bench_end_to_end(setup, tmp_path, capsys) -> None:
     assert res["split"] == "all" and not res["skipped"]  # no manifest: the whole folder
     assert set(res["horizons"]) == {"6-6", "4-8"}
     for key, per in res["horizons"].items():
-        assert set(per) == {"last", "linear", "gru", "vrnn", "grunf"}
+        assert set(per) == {"last", "linear", "damped", "gru", "vrnn", "grunf", "grusnf"}
         m = int(key.split("-")[1])
         for r in per.values():
             assert len(r["mae_per_step"]) == m
@@ -99,8 +99,8 @@ def test_missing_weights_are_reported_not_hidden(setup, tmp_path) -> None:
     data, weights, _, root = setup
     res = bench.run(str(data), [(6, 6)], samples=2, weights=str(weights), forecast_dir=str(tmp_path),
                     render_subset_n=0, cache_dir=str(root / "cache"), time_reps=1)
-    assert set(res["skipped"]) == {"gru", "vrnn", "grunf"}
-    assert set(res["horizons"]["6-6"]) == {"last", "linear"}
+    assert set(res["skipped"]) == {"gru", "vrnn", "grunf", "grusnf"}  # GRU-SNF is built from two of them
+    assert set(res["horizons"]["6-6"]) == {"last", "linear", "damped"}
 
 
 def test_val_split_with_manifest_uses_only_val_groups(setup, tmp_path) -> None:

@@ -236,7 +236,7 @@ def test_receiver_refuses_a_missing_or_bad_refiner(tmp_path: Path, tiny_weights:
     from kpcast.__main__ import parse_args
 
     assert parse_args(["call", "--listen", "--video", str(DEMO_CLIP), "--refine-regions", good]).refine_regions == good
-    assert parse_args(["call", "--listen", "--video", str(DEMO_CLIP)]).refine_regions is None
+    assert parse_args(["call", "--listen", "--video", str(DEMO_CLIP)]).refine_regions == "auto"
     assert parse_args(["call", "--listen", "--video", str(DEMO_CLIP), "--refine-regions"]).refine_regions.endswith(
         "models/weights/region_refiner.pt")
     rc, err = kpcast_main(["call", "--listen", "--port", str(free_port), "--video", str(DEMO_CLIP), "--sink", "null",

@@ -105,5 +105,8 @@ def test_a_file_resynced_after_a_hold_plays_on_in_real_time(demo_clip: Path) -> 
 
     t = asyncio.run(main())
     src.close()
-    # after the hold the frames keep their period instead of bursting to catch up with the clock
-    assert len(t) == 6 and min(np.diff(t[1:])) > 0.5 / 30
+    # after the hold the frames keep their period instead of bursting to catch up with the clock: without the
+    # resync the 5 frames after the hold are all overdue and come within a few ms. Measured as the span of
+    # the 5, not each gap: on a loaded machine a decode stalled right after the hold delays one frame and
+    # the next ones catch up with the period (a loaded suite saw gaps of 0.5, 0.6, 9 and 34 ms: 44 ms)
+    assert len(t) == 6 and t[-1] - t[1] > 0.25 * 4 / 30, np.diff(t)

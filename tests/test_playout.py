@@ -387,3 +387,44 @@ def test_low_delay_cap_shows_frames_sooner_and_forecasts_the_late_ones() -> None
     assert low["latency"] < buffered["latency"] - 20  # the jitter's upper part is no longer waited for
     assert low["concealed"] > buffered["concealed"]  # what came later was forecast ...
     assert low["err"] < 0.02  # ... close to the truth on smooth motion (a linear forecast, then blended)
+
+
+def test_next_due_is_the_next_frames_playout_time_one_period_apart():
+    """The render clock ticks at ``next_due_s`` (phase-locked): the due time of the frame after the cursor."""
+    po = Playout(cfg())
+    assert po.next_due_s() is None  # nothing received: no clock yet
+    for s in range(6):
+        po.push(s, 1_000_000 + s * 33_333, np.zeros(60), 2.0 + s / 30 + 0.02)
+    f = po.tick(2.1)
+    assert f is not None and f.seq == 0
+    due1 = po.next_due_s()
+    assert due1 == pytest.approx(po.buffer.playout_time(1_000_000 + 33_333))
+    po.tick(due1)
+    assert po.next_due_s() - due1 == pytest.approx(1 / 30, abs=1e-4)
+
+
+class _Named(LinearStandIn):
+    name = "linear"
+
+
+def test_a_forecaster_guesses_frames_newer_than_any_received_instead_of_the_codec():
+    """With a predictive stream's predictor: frames after the newest received are forecast by a forecaster
+    other than repeat-last (they may be late, not skipped), and shown as the codec predicts with repeat-last."""
+    motion = np.cumsum(np.full((10, 60), 0.01, np.float32), axis=0)
+
+    def run(fc) -> list[str]:
+        po = Playout(cfg(forecaster=fc, predictor=lambda s: motion[3]))  # the codec: repeat the last decoded
+        for s in range(4):
+            po.push(s, 1_000_000 + s * 33_333, motion[s], 2.0 + s / 30 + 0.01)
+        kinds = []
+        t = 2.0
+        for _ in range(8):
+            f = po.tick(t)
+            if f is not None and not f.repeated:
+                kinds.append(f.kind)
+            t += 1 / 30
+        return kinds
+
+    named, plain = run(_Named()), run(LastStandIn())
+    assert "concealed" in named and "predicted" not in named
+    assert "predicted" in plain and "concealed" not in plain

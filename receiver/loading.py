@@ -77,5 +77,6 @@ def load_render_models(weights: str | None, size: str | int, adapt: bool | None,
                      "keypoints (shown %d, anchored keypoints %s)", shown, meta.get("anchor_kp"))
     stage = region_stage(regions, meta, display if tiers else path)
     if stage is not None:
-        log.info("region stage %s: eyes and mouth redrawn on every frame (--refine-regions off: not)", refine_regions)
+        log.info("region stage %s: eyes and mouth redrawn on every frame (--refine-regions off turns it off)",
+                 refine_regions)
     return RenderModels(model, tiers, fast, int8, fps, path, stage)

@@ -193,8 +193,10 @@ def test_readme_two_way_commands(tmp_path: Path, tiny_weights: Path, demo_clip: 
         sent, got = sender["sent"], shower["received"]
         assert got["hello"]["codec"] == "PRED"
         assert got["source_sha256"] == sent["source_sha256"]
-        # every captured frame was sent or skipped (the other side decodes a skipped one by prediction)
-        assert sent["frames_sent"] + sent["frames_skipped"] == sent["frames_captured"] <= FRAMES
+        # every captured frame was sent or skipped (the other side decodes a skipped one by prediction), or
+        # dropped: a frame coded after the other side hung up finds the channel closed (seen: 17 + 22 + 1 of 40)
+        assert sent["frames_sent"] + sent["frames_skipped"] + sent["kp_dropped"] == sent["frames_captured"] <= FRAMES
+        assert sent["kp_dropped"] <= 2
         assert got["frames_received"] <= sent["frames_captured"]
         shown = got["frames_real"] + got["frames_predicted"]
         assert shown >= _shown_bar(got, sent["frames_captured"]), (shown, sent, got["render_ms_p50"])

@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--playout", choices=["clock", "immediate"], default="clock",
                    help="clock: steady fps with concealment; immediate: render each frame on arrival")
     p.add_argument("--forecaster", default=DEFAULT_FORECASTER,
-                   help=f"concealment: vrnn, grunf, gru, linear, last (default: {DEFAULT_FORECASTER}, the most "
-                        "accurate on held-out clips)")
+                   help=f"concealment: last, linear, damped, gru, vrnn, grunf, grusnf (default: {DEFAULT_FORECASTER}: "
+                        "none of the others beats it by 10 %% on held-out keypoints, docs/RESULTS.md Forecast)")
     p.add_argument("--lookahead-ms", type=float, default=0.0, help="render ahead by this much (latency hiding)")
     p.add_argument("--max-delay-ms", type=float, default=SessionConfig.max_delay_ms, metavar="MS",
                    help="low-delay playout: the jitter buffer never holds frames longer than this; a later frame "

@@ -46,13 +46,15 @@ TOKEN = "bench-two-way"
 READY = "kpcast: waiting for a call"
 
 
-def mirrored_clip(src: Path, dst: Path) -> Path:
-    """``src`` flipped left-right: another face for the other side (a source image that crossed the wrong
-    way shows in the hashes)."""
+def mirrored_clip(src: Path, dst: Path, frames: int | None = None) -> Path:
+    """``src`` (its first ``frames`` frames) flipped left-right: another face for the other side (a source
+    image that crossed the wrong way shows in the hashes)."""
     cap = cv2.VideoCapture(str(src))
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     out = None
-    while True:
+    n = 0
+    while frames is None or n < frames:
+        n += 1
         ok, frame = cap.read()
         if not ok:
             break

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from bench.netns import Hosts, two_hosts
+from bench.two_way import mirrored_clip
 from kpcast.view import Counters, Layout, LiveRates, compose
 from tests.harness import ROOT, free_port, wait_for
 from tests.procs import env, kpcast_main, stop
@@ -73,24 +74,6 @@ def _connect_args(h: Hosts) -> list[str]:
     return ["--connect", f"http://{h.addr_a}:{PORT}"]
 
 
-def _mirrored_clip(src: Path, dst: Path, frames: int) -> Path:
-    """The first ``frames`` frames of ``src``, flipped left-right: another face picture for the other side."""
-    cap = cv2.VideoCapture(str(src))
-    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    out = None
-    for _ in range(frames):
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if out is None:
-            out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frame.shape[1], frame.shape[0]))
-        out.write(np.ascontiguousarray(frame[:, ::-1]))
-    cap.release()
-    assert out is not None, f"cannot read {src}"
-    out.release()
-    return dst
-
-
 def _stats(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -107,7 +90,7 @@ def _shown_bar(got: dict, sent: int) -> float:
 @needs_netns
 def test_two_way_call_between_two_namespaces(tmp_path: Path, tiny_weights: Path, demo_clip: Path) -> None:
     t0 = time.monotonic()
-    other_clip = _mirrored_clip(demo_clip, tmp_path / "mirrored.mp4", FRAMES)
+    other_clip = mirrored_clip(demo_clip, tmp_path / "mirrored.mp4", FRAMES)
     with two_hosts() as h:
         listener = _start_listener(h, [*_listen_args(h), *_side_args(demo_clip, tiny_weights, tmp_path, "listen")],
                                    tmp_path / "listen.log")
@@ -170,7 +153,7 @@ def test_readme_two_way_commands(tmp_path: Path, tiny_weights: Path, demo_clip: 
     lacks is added: a clip for the camera, a file for the window, and tiny weights for speed."""
     listen_args, connect_args = _readme_command("--listen"), _readme_command("--connect")
     assert "--ice-address" not in listen_args + connect_args
-    other_clip = _mirrored_clip(demo_clip, tmp_path / "mirrored.mp4", FRAMES)
+    other_clip = mirrored_clip(demo_clip, tmp_path / "mirrored.mp4", FRAMES)
 
     def lacking(clip: Path, name: str) -> list[str]:
         return ["--video", str(clip), "--loop", "--max-frames", str(FRAMES), "--fps", str(FPS), "--weights",

@@ -51,33 +51,16 @@ export class SenderPeer {
     this.rejected = {};
     this.closed = false;
     this.control.addEventListener("message", (ev) => {
-      let msg;
-      try {
-        msg = P.decode(new Uint8Array(ev.data));
-      } catch (e) {
-        const reason = e instanceof P.ProtocolError ? e.reason : "malformed";
-        this.rejected[reason] = (this.rejected[reason] || 0) + 1;
-        return;
-      }
-      onMessage(msg);
+      const msg = this.decode(ev.data);
+      if (msg) onMessage(msg);
     });
     // The receiver repeats each KeyframeRequest on this unreliable channel (a control copy can wait ~1 s
     // behind a lost chunk); nothing else may arrive here. The second copy of a request is ignored by the
     // call (SenderCall.onMessage).
     this.kp.addEventListener("message", (ev) => {
-      let msg;
-      try {
-        msg = P.decode(new Uint8Array(ev.data));
-      } catch (e) {
-        const reason = e instanceof P.ProtocolError ? e.reason : "malformed";
-        this.rejected[reason] = (this.rejected[reason] || 0) + 1;
-        return;
-      }
-      if (msg.type !== "KeyframeRequest") {
-        this.rejected.channel = (this.rejected.channel || 0) + 1;
-        return;
-      }
-      onMessage(msg);
+      const msg = this.decode(ev.data);
+      if (msg && msg.type !== "KeyframeRequest") this.rejected.channel = (this.rejected.channel || 0) + 1;
+      else if (msg) onMessage(msg);
     });
     this.pc.addEventListener("connectionstatechange", () => {
       if (["failed", "closed"].includes(this.pc.connectionState) && !this.closed) {
@@ -85,6 +68,17 @@ export class SenderPeer {
         onClosed(`connection ${this.pc.connectionState}`);
       }
     });
+  }
+
+  /** A received message, or null (counted by reason) when it does not decode. */
+  decode(data) {
+    try {
+      return P.decode(new Uint8Array(data));
+    } catch (e) {
+      const reason = e instanceof P.ProtocolError ? e.reason : "malformed";
+      this.rejected[reason] = (this.rejected[reason] || 0) + 1;
+      return null;
+    }
   }
 
   /** Offer, POST it to the receiver, take the answer, wait for both channels. Throws CallError. */

@@ -11,7 +11,8 @@ this machine's cores, so each has about half of them: harsher than a real call b
 
 Per direction (sender → the side that shows it), from both sides' ``--stats-json``:
 - ``fps``: new frames rendered per second (``rendered_fps``), ``shown``: frames rendered, ``stalls``
-  (gaps > 100 ms between rendered frames);
+  (gaps > 100 ms between rendered frames), ``> 200 ms``: those over 200 ms (from each side's
+  ``--frames-log``), ``max gap``;
 - ``latency`` p50 / p95 (capture at the sender → rendered; one host clock);
 - ``kbps``: the sender's keypoint message bytes + 95 B a message over the media duration;
 - ``extract_ms``: the sender's keypoint extraction p50; ``render_ms``: the renderer's p50;
@@ -83,7 +84,8 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
               *(["--weights", a.weights] if a.weights else ["--size", str(a.size)])]
     with two_hosts() as h, open(work / "listener.log", "w") as llog:
         listen = [sys.executable, "-m", "kpcast", "call", "--listen", "--host", h.addr_a, "--port", str(PORT),
-                  "--video", str(a.clip), "--stats-json", str(work / "listener.json"), *common]
+                  "--video", str(a.clip), "--stats-json", str(work / "listener.json"),
+                  "--frames-log", str(work / "listener_frames.npz"), *common]
         lp = h.popen("a", listen, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=llog, text=True)
         try:
             deadline = time.monotonic() + 120
@@ -93,7 +95,8 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
                     tail = (work / "listener.log").read_text()[-2000:]
                     raise RuntimeError(f"the listening side did not start: {tail}")
             connect = [sys.executable, "-m", "kpcast", "call", "--connect", f"http://{h.addr_a}:{PORT}",
-                       "--video", str(other), "--stats-json", str(work / "connector.json"), *common]
+                       "--video", str(other), "--stats-json", str(work / "connector.json"),
+                       "--frames-log", str(work / "connector_frames.npz"), *common]
             with open(work / "connector.log", "w") as clog:
                 cp = h.popen("b", connect, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=clog)
                 cp.wait(a.frames / a.fps * 4 + 120)
@@ -118,7 +121,8 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             "extract_ms_p50": sent.get("extract_ms_p50"), "render_ms_p50": got.get("render_ms_p50"),
             "tier_start": changes[0].get("from") if changes else got.get("render_size"),
             "tier_end": got.get("render_size"), "tier_changes": len(changes),
-            "regions": got.get("regions"),
+            "regions": got.get("regions"), "max_gap_ms": got.get("max_gap_ms"),
+            "stalls_over_200ms": _long_gaps(work / f"{shower}_frames.npz", 200.0),
             "source_match": bool(got.get("source_sha256")) and got.get("source_sha256") == sent.get("source_sha256"),
         })
     return {"frames": a.frames, "fps": a.fps, "size": a.size, "codec": a.codec, "refine_regions": a.refine_regions,
@@ -126,7 +130,18 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             "ended_by": {n: s["ended_by"] for n, s in sides.items()}}
 
 
+def _long_gaps(frames_log: Path, over_ms: float) -> int | None:
+    """Gaps longer than ``over_ms`` between two newly rendered frames in a call's frames log (repeats of the
+    last picture do not end a gap); None without the log."""
+    if not frames_log.exists():
+        return None
+    with np.load(frames_log) as f:
+        shown = f["rendered_us"][~f["repeated"]]
+    return int((np.diff(shown) > over_ms * 1000).sum())
+
+
 COLS = [("direction", "direction"), ("shown", "shown"), ("fps", "fps"), ("stalls", "stalls"),
+        ("> 200 ms", "stalls_over_200ms"), ("max gap ms", "max_gap_ms"),
         ("lat p50", "latency_ms_p50"), ("lat p95", "latency_ms_p95"), ("kbps", "kbps"),
         ("extract ms", "extract_ms_p50"), ("render ms", "render_ms_p50"), ("tier start", "tier_start"),
         ("tier end", "tier_end"), ("changes", "tier_changes"), ("source ok", "source_match")]

@@ -90,6 +90,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     c.add_argument("--connect-timeout", type=float, default=SenderConfig.connect_timeout,
                    help="seconds for the connection and both sides' channels to open (default %(default)s)")
     c.add_argument("--threads", type=int, default=CallConfig.threads, help="renderer threads (default %(default)s)")
+    c.add_argument("--frames-log", help="write every frame shown of the other side (seq, kind, keypoints, times) to "
+                                        "this .npz when the call ends (a bench aid, as the receiver's)")
     c.add_argument("--device", help="cpu or cuda for the renderer (default: cuda when present)")
     add_refine_regions_argument(c)
     c.add_argument("--ice-address", action="append", help="restrict ICE to this local address (repeatable)")
@@ -143,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> CallConfig:
             c.error(str(e))
     # the session's own sink stays null: this side composes both faces itself (kpcast.view)
     session = SessionConfig(playout=a.playout, setup_timeout_s=max(
-        SessionConfig.setup_timeout_s, a.connect_timeout))
+        SessionConfig.setup_timeout_s, a.connect_timeout), frames_log=a.frames_log)
     return CallConfig(listen=a.listen, connect=a.connect, host=a.host, port=a.port, token=a.token, sender=sender,
                       session=session, size=a.size, weights=a.weights, adapt=a.adapt, device=a.device,
                       threads=a.threads, sink=a.sink, view_size=a.view_size, stats_json=a.stats_json, ice=ice,

@@ -112,14 +112,16 @@ class CallResult:
 
 # ---------------------------------------------------------------------------------------- models
 
-def render_models(cfg: CallConfig) -> RenderModels:
-    """As ``python -m receiver`` chooses them (``receiver.loading``), graphs built before the call."""
+def render_models(cfg: CallConfig, extract_ms: float | None = None) -> RenderModels:
+    """As ``python -m receiver`` chooses them (``receiver.loading``), graphs built before the call;
+    ``extract_ms``: our own extraction's time a frame (the sender's start-up measurement), which the
+    first render tier must leave room for."""
     import torch
 
     torch.set_num_threads(cfg.threads)  # after the sender's set-up, which sets its own (one)
     device = cfg.device or pick_device()
     models = load_render_models(cfg.weights, cfg.size, cfg.adapt, device, cfg.fast_render, cfg.int8_render,
-                                cfg.refine_regions)
+                                cfg.refine_regions, reserved_ms=extract_ms or 0.0)
     log.info("rendering the other side at %dx%d on %s (%.0f fps alone)%s", models.model.config.size,
              models.model.config.size, device, models.fps, ", tiers adapt" if models.tiers else "")
     return models
@@ -317,7 +319,7 @@ def _render_models(cfg: CallConfig, sender: SenderCall) -> RenderModels:
     """``load_render_models``; on a failure (a bad checkpoint) the prepared sender's input and refresh worker
     are closed first."""
     try:
-        return render_models(cfg)
+        return render_models(cfg, sender.stats.extract_ms_startup)
     except BaseException:
         sender.source.close()
         sender.refresh.close()

@@ -5,8 +5,9 @@ what that guess could not see: a sender starting on the same cores, another call
 throttling. Like libwebrtc's ``OveruseFrameDetector`` for its encoder, :class:`TierAdapter`
 watches how much of each frame's time budget rendering takes and
 
-- steps **down** a tier when the 90th percentile of recent render times stays above
-  ``high_load`` of the budget (1 / call fps) for ``down_after_s``;
+- steps **down** when the 90th percentile of recent render times stays above ``high_load`` of
+  the budget (1 / call fps) for ``down_after_s`` (at once when it is over ``severe_load``), to
+  the largest lower tier predicted to fit;
 - steps **up** when the tier above is *predicted* to fit: the current p90 times that tier's
   measured cost ratio stays under ``low_load`` for ``up_after_s``, a much longer wait
   (hysteresis), doubled after every up-step that had to be undone (libwebrtc's ramp-up
@@ -32,6 +33,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+SEVERE_MIN_FRAMES = 3  # renders that can decide a step down under severe overuse (``AdaptConfig.severe_load``)
+
 
 @dataclass(frozen=True)
 class AdaptConfig:
@@ -52,6 +55,12 @@ class AdaptConfig:
     cooldown_s: no change within this long after a change.
     startup_s: no step down within this long after the call's first render, unless the p90 is
         over ``startup_load`` of the budget (a tier that cannot cope at all need not wait).
+    severe_load: a median render over this share of the budget is severe overuse: the step down comes
+        as soon as ``SEVERE_MIN_FRAMES`` renders say so (no ``min_frames`` or ``down_after_s`` wait), and
+        after a down-step only ``severe_cooldown_s`` must pass. Each waiting render is a stall then: a two-way call with both
+        ends on one 2-core machine rendered 100-150 ms frames for 2 s before its first step down.
+    A step down goes to the largest lower tier predicted (load x cost ratio) to fit under ``high_load``,
+    at least one tier: from 256 straight to 64 when 128 would not fit either.
     """
 
     fps: float = 30.0
@@ -65,6 +74,8 @@ class AdaptConfig:
     cooldown_s: float = 3.0
     startup_s: float = 4.0
     startup_load: float = 2.0
+    severe_load: float = 2.0
+    severe_cooldown_s: float = 1.0
     # CPU time each frame of this call also costs on the same cores outside the renderer: a two-way call's
     # own keypoint extraction (kpcast), ~18 ms a frame here. The render budget is what is left of the frame.
     reserved_ms: float = 0.0
@@ -131,8 +142,16 @@ class TierAdapter:
         self._times.append(float(render_ms))
         if self._first is None:
             self._first = now
+        # severe overuse decides on few renders (each of them a stall), by their median: one slow first
+        # render (a cold cache) is not enough
+        severe = (len(self._times) >= SEVERE_MIN_FRAMES
+                  and float(np.median(self._times)) >= c.severe_load * c.budget_ms)
         load = self.load()
-        if load is None or now - self._last_change < c.cooldown_s:
+        if severe and load is None:
+            load = float(np.percentile(self._times, 90)) / c.budget_ms
+        last_down = bool(self.changes) and self.changes[-1].reason == "overuse"
+        cooldown = c.severe_cooldown_s if severe and last_down else c.cooldown_s
+        if load is None or now - self._last_change < cooldown:
             self._over_since = self._room_since = None
             return None
         i = self.sizes.index(self.size)
@@ -142,14 +161,21 @@ class TierAdapter:
         room = up_load is not None and up_load < c.low_load
         self._over_since = (self._over_since or now) if over else None
         self._room_since = (self._room_since or now) if room else None
-        if over and now - self._over_since >= c.down_after_s:
+        if over and (severe or now - self._over_since >= c.down_after_s):
             if self._last_up is not None and now - self._last_up < 2 * self._up_after:
                 self._up_after = min(2 * self._up_after, c.max_up_after_s)  # that step up did not hold
-            return self._change(now, self.sizes[i - 1], "overuse", load)
+            return self._change(now, self._down_to(i, load), "overuse", load)
         if room and now - self._room_since >= self._up_after:
             self._last_up = now
             return self._change(now, self.sizes[i + 1], "headroom", load)
         return None
+
+    def _down_to(self, i: int, load: float) -> int:
+        """The tier to step down to from ``sizes[i]`` at ``load``: the largest lower one predicted to fit."""
+        for j in range(i - 1, 0, -1):
+            if load * self.cost[self.sizes[j]] / self.cost[self.sizes[i]] <= self.config.high_load:
+                return self.sizes[j]
+        return self.sizes[0]
 
     def _change(self, now: float, size: int, reason: str, load: float) -> TierChange:
         change = TierChange(now, self.size, size, reason, load)

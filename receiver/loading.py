@@ -41,11 +41,12 @@ class RenderModels:
 
 
 def load_render_models(weights: str | None, size: str | int, adapt: bool | None, device: str, fast: bool,
-                       int8: bool, refine_regions: str | None = None) -> RenderModels:
+                       int8: bool, refine_regions: str | None = None, reserved_ms: float = 0.0) -> RenderModels:
     """The models as the options ask (CheckpointError for a bad file, the region weights' checked first).
 
     ``refine_regions``: a refiner checkpoint (required to work), ``auto`` (the shipped one where it applies:
-    ``receiver.regions.auto_regions``) or ``off`` / None."""
+    ``receiver.regions.auto_regions``) or ``off`` / None. ``reserved_ms``: other work a frame on these cores
+    (``load_tiers``: the first tier leaves room for it)."""
     auto = refine_regions == AUTO
     if refine_regions in (OFF, None):
         refine_regions = None
@@ -57,7 +58,8 @@ def load_render_models(weights: str | None, size: str | int, adapt: bool | None,
         model, meta = load_motion_model(weights, device)
         path: str | Path = weights
     elif adapt:
-        tiers = load_tiers(device, fast=fast, start=None if size == "auto" else int(size), int8=int8)
+        tiers = load_tiers(device, fast=fast, start=None if size == "auto" else int(size), int8=int8,
+                           reserved_ms=reserved_ms)
         model, path = tiers.models[tiers.start], weights_for_size(tiers.start)
         display = weights_for_size(max(tiers.models))  # its meta names the region stage's anchored keypoints
         meta = read_checkpoint(display)["meta"] if regions or auto else {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -39,8 +40,15 @@ def pick_device() -> str:
 
 
 def to_image(frame: np.ndarray) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 RGB."""
-    return (np.clip(frame, 0.0, 1.0).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 RGB, C-contiguous.
+
+    Contiguous because every consumer needs it so: a transposed view (what ``transpose`` gives) made
+    OpenCV copy the whole frame on each call, ~0.7 ms a frame in the region stage's patch cutting alone."""
+    x = np.clip(frame, 0.0, 1.0)  # a new array: scaled and rounded in place below
+    x *= 255.0
+    np.rint(x, out=x)
+    planes = x.astype(np.uint8)
+    return cv2.merge(list(planes)) if planes.shape[0] == 3 else np.ascontiguousarray(planes.transpose(1, 2, 0))
 
 
 @dataclass(frozen=True)

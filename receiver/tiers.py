@@ -5,7 +5,8 @@ models share one keypoint detector, so the same keypoints drive every tier) and 
 session the same interface as a plain ``Renderer``. Frames always come out at the display
 size (the largest tier; lower tiers upscaled, as a viewer's window would), so sinks and the
 viewer never see the size change. The region stage (``receiver.regions``, ``--refine-regions``)
-runs after the upscale, on the display-size frame, with the source image prepared at that size.
+runs on frames rendered at the display size, with the source image prepared at that size; frames of
+a lower tier pass it unrefined (counted as passed).
 
 A change is made in two steps so that it never stalls the picture: ``prepare_tier`` encodes
 the source image in use at the new size (on the render worker, between two frames: one
@@ -104,7 +105,10 @@ class TieredRenderer:
         if self.current.size != self.size:
             job = job.then(self._upscale)
         if self.regions is not None:
-            job = job.then(self.regions.step(vector, self.current.regions, self.region_counts))
+            # only at the display tier: the refiner was trained on renders made at 256, and a lower tier
+            # means the cores are short (the stage costs a fifth of a 256 render); frames shown unrefined
+            source = self.current.regions if self.current.size == self.size else None
+            job = job.then(self.regions.step(vector, source, self.region_counts))
         return job
 
     def _upscale(self, frame: np.ndarray) -> np.ndarray:
@@ -159,11 +163,20 @@ class TierSet:
                               int8, regions)
 
 
+def start_tier(fps: dict[int, float], min_fps: float = 36.0, reserved_ms: float = 0.0) -> int:
+    """The largest size whose render (1 / its measured fps) and ``reserved_ms`` fit in one ``min_fps`` frame;
+    the smallest when none does."""
+    fitting = [s for s, f in fps.items() if 1000.0 / f + reserved_ms <= 1000.0 / min_fps]
+    return max(fitting) if fitting else min(fps)
+
+
 def load_tiers(device: str, fast: bool = True, min_fps: float = 36.0, start: int | None = None,
-               int8: bool = True) -> TierSet:
+               int8: bool = True, reserved_ms: float = 0.0) -> TierSet:
     """Load every shipped size and measure each here; the first tier is ``start`` or the largest that
-    renders at ``min_fps`` (``choose_model``'s rule). Measuring also builds each tier's ONNX Runtime
-    session, so a change during a call never waits for one."""
+    renders at ``min_fps`` (``choose_model``'s rule) beside ``reserved_ms`` of other work a frame on the
+    same cores (a two-way call's own keypoint extraction: a render and an extraction must fit in one
+    ``min_fps`` frame; the adapter steps up later if there is room). Measuring also builds each tier's
+    ONNX Runtime session, so a change during a call never waits for one."""
     from models.fomm.io import SHIPPED_SIZES, load_motion_model, weights_for_size
     from receiver.render import measure_render_fps
 
@@ -180,8 +193,7 @@ def load_tiers(device: str, fast: bool = True, min_fps: float = 36.0, start: int
 
         raise CheckpointError("no shipped motion model found in models/weights")
     if start is None:
-        fitting = [s for s in models if fps[s] >= min_fps]
-        start = max(fitting) if fitting else min(models)
+        start = start_tier(fps, min_fps, reserved_ms)
     elif start not in models:
         raise ValueError(f"no shipped model of size {start}")
-    return TierSet(models, fps, start)
+    return TierSet(models, fps, start, AdaptConfig(reserved_ms=reserved_ms))

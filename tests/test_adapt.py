@@ -32,6 +32,31 @@ def test_steps_down_under_overuse_one_tier_at_a_time_and_stays_when_it_fits() ->
     assert a.size == 64
 
 
+def test_severe_overuse_steps_down_at_once_to_the_tier_that_fits() -> None:
+    a = TierAdapter(COST, 256)
+    # a two-way call with both ends on one machine: 256 renders take 3x the budget; only 64 fits
+    crushed = {256: 100.0, 128: 60.0, 64: 20.0}
+    t = _run(a, 5.0, 3.0, crushed)  # past the start-up grace, as a call's renders are
+    first = a.changes[0]
+    assert (first.from_size, first.to_size) == (256, 64)  # straight past 128 (predicted 1.73 x budget)
+    # no min_frames or down_after_s wait: decided on the third render
+    assert first.t == pytest.approx(5.0 + 2 / 30.0)
+    _run(a, t, 10.0, crushed)
+    assert a.size == 64 and len(a.changes) == 1
+    # one slow first render is not severe overuse (the median of the first renders decides)
+    c = TierAdapter(COST, 256)
+    c.process(5.0, 500.0)
+    for i in range(1, 20):
+        c.process(5.0 + i / 30.0, 15.0)
+    assert not c.changes
+    # severe overuse after a step down waits only severe_cooldown_s, not cooldown_s
+    b = TierAdapter(COST, 256, AdaptConfig(severe_cooldown_s=0.5))
+    worse = {256: 45.0, 128: 70.0, 64: 20.0}  # 128 predicted to fit, then does not, badly
+    _run(b, 0.0, 8.0, worse)
+    assert [c.to_size for c in b.changes] == [128, 64]
+    assert b.config.severe_cooldown_s <= b.changes[1].t - b.changes[0].t < b.config.cooldown_s
+
+
 def test_steps_back_up_after_sustained_headroom_and_backs_off_when_it_fails() -> None:
     a = TierAdapter(COST, 128)
     fast = {256: 20.0, 128: 8.0, 64: 5.0}
@@ -47,6 +72,15 @@ def test_steps_back_up_after_sustained_headroom_and_backs_off_when_it_fails() ->
     gaps = [u.t - d.t for d, u in zip(downs, ups[1:], strict=False)]
     assert gaps[0] >= 2 * a.config.up_after_s - 0.1  # doubled back-off
     assert len(a.changes) <= 6  # no flapping: at most a few changes in 42 s
+
+
+def test_the_first_tier_leaves_room_for_the_extraction_beside_it() -> None:
+    from receiver.tiers import start_tier
+
+    fps = {64: 250.0, 128: 110.0, 256: 57.0}  # renders per second alone, as measured at start-up
+    assert start_tier(fps) == 256  # a receiver alone: 17.5 ms fits a 36 fps frame
+    assert start_tier(fps, reserved_ms=12.0) == 128  # a two-way call: 17.5 + 12 ms does not, 9.1 + 12 does
+    assert start_tier(fps, reserved_ms=30.0) == 64  # nothing fits: the smallest
 
 
 def test_bounds_and_validation() -> None:

@@ -40,7 +40,8 @@ def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> Non
             call = wait_for(lambda: [c for c in active_calls(port) if c["tier_changes"]], 90,
                             "a tier change under the CPU quota")[0]
             first = call["tier_changes"][0]
-            assert (first["from"], first["to"], first["reason"]) == (256, 128, "overuse")
+            # down to the tier predicted to fit: 128, or 64 straight away when the quota crushes 256 (severe)
+            assert (first["from"], first["reason"]) == (256, "overuse") and first["to"] in (64, 128)
             assert first["load"] > 0.85
             # the call goes on rendering at the lower tier (nothing stalls for good)
             wait_for(lambda: [c for c in active_calls(port)
@@ -54,4 +55,4 @@ def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> Non
         recv.terminate()
         stop(recv, 30)
     log = (tmp_path / "receiver.log").read_text()
-    assert "render tier 256 -> 128 (overuse" in log, log[-2000:]
+    assert f"render tier 256 -> {first['to']} (overuse" in log, log[-2000:]

@@ -26,4 +26,5 @@ def test_both_directions_reported(tmp_path: Path, tiny_weights: Path, capsys) ->
         # each side showed the other's face (a loaded machine shows fewer: half of what was sent is the bar)
         assert r["source_match"] and r["shown"] >= 0.5 * r["frames_sent"] > 0, r
         assert r["kbps"] > 0 and r["latency_ms_p50"] > 0
+        assert isinstance(r["stalls_over_200ms"], int) and r["stalls_over_200ms"] >= 0  # the frames logs were written
     assert png.stat().st_size > 5000 and "listener -> connector" in capsys.readouterr().out

@@ -57,8 +57,9 @@ class AdaptConfig:
         over ``startup_load`` of the budget (a tier that cannot cope at all need not wait).
     severe_load: a median render over this share of the budget is severe overuse: the step down comes
         as soon as ``SEVERE_MIN_FRAMES`` renders say so (no ``min_frames`` or ``down_after_s`` wait), and
-        after a down-step only ``severe_cooldown_s`` must pass. Each waiting render is a stall then: a two-way call with both
-        ends on one 2-core machine rendered 100-150 ms frames for 2 s before its first step down.
+        after a down-step only ``severe_cooldown_s`` must pass. Each waiting render is a stall then: a
+        two-way call with both ends on one 2-core machine rendered 100-150 ms frames for 2 s before its
+        first step down.
     A step down goes to the largest lower tier predicted (load x cost ratio) to fit under ``high_load``,
     at least one tier: from 256 straight to 64 when 128 would not fit either.
     """

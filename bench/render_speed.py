@@ -12,8 +12,10 @@ other work hits all of them alike. The ways: ``int8`` (the receiver's CPU render
 convolutions), ``split`` (the same in float32), ``whole`` (the whole graph in one ONNX Runtime
 session, the receiver's renderer before), ``eager`` (PyTorch). Batch 1, the source encoding
 cached, the keypoints of real frames of the bundled clip. With ``--refine-regions [PATH]`` also
-``int8+regions``: the int8 frame made a picture and its eyes and mouth redrawn by the receiver's
-region stage (``receiver.regions``, one thread), as ``receiver --refine-regions`` shows it.
+``int8+picture`` (the int8 frame made the uint8 picture a receiver shows, ``receiver.render.to_image``)
+and ``int8+regions`` (that picture's eyes and mouth redrawn by the receiver's region stage,
+``receiver.regions``, one thread, as ``receiver --refine-regions`` shows it); ``regions / picture`` is
+the stage's speed cost, the ratio of the two in each round.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def _eager_frame(model: Any, args: tuple[torch.Tensor, ...], vecs: torch.Tensor,
     model.render_tensors(vecs[i % len(vecs)][None], *args)
 
 
+def _picture_frame(fast: Any, bound: dict[str, np.ndarray], vecs: np.ndarray, i: int) -> None:
+    from receiver.render import to_image
+
+    to_image(fast(bound, vecs[i % len(vecs)][None])[0])
+
+
 def _regions_frame(fast: Any, bound: dict[str, np.ndarray], vecs: np.ndarray, stage: Any, source: Any,
                    i: int) -> None:
     from receiver.render import to_image
@@ -68,7 +76,7 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
     clip = read_clip(CLIP, max_frames=frames + 1)
     fns: dict[tuple[str, str], Any] = {}
     sizes = {}
-    ways = WAYS + (("int8+regions",) if refine_regions else ())
+    ways = WAYS + (("int8+picture", "int8+regions") if refine_regions else ())
     parts = load_region_weights(refine_regions) if refine_regions else None
     for label, w in zip(labels, weights, strict=True):
         model, meta, path = common.load_model(w)
@@ -93,6 +101,7 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
             src = stage.prepare(f[0], kp_to_vector(cache.kp)[0].numpy())
             if src is None:
                 raise SystemExit(f"the region stage cannot place the eyes and mouth on {CLIP}'s first frame")
+            fns[(label, "int8+picture")] = partial(_picture_frame, int8, int8.bind(args), vecs.numpy())
             fns[(label, "int8+regions")] = partial(_regions_frame, int8, int8.bind(args), vecs.numpy(), stage, src)
     spent = {k: [] for k in fns}
     with torch.no_grad():
@@ -118,6 +127,8 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
         if refine_regions:
             rows[label]["regions_vs_int8"] = float(np.median(np.divide(spent[(label, "int8+regions")],
                                                                        spent[(label, "int8")])))
+            rows[label]["regions_vs_picture"] = float(np.median(np.divide(spent[(label, "int8+regions")],
+                                                                          spent[(label, "int8+picture")])))
     base = rows[labels[0]]
     for r in rows.values():
         r["int8_vs_first"] = r["fps_int8"] / base["fps_int8"]
@@ -128,13 +139,16 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
 def table(res: dict[str, Any]) -> str:
     reg = bool(res.get("refine_regions"))
     rows = [[k, r["size"], r["fps_int8"], r["fps_split"], r["fps_whole"], r["fps_eager"], r["int8_vs_whole"],
-             r["split_vs_whole"], r["int8_vs_first"], *([r["fps_int8+regions"], r["regions_vs_int8"]] if reg else [])]
+             r["split_vs_whole"], r["int8_vs_first"],
+             *([r["fps_int8+picture"], r["fps_int8+regions"], r["regions_vs_int8"], r["regions_vs_picture"]]
+               if reg else [])]
             for k, r in res["models"].items()]
     return (f"render fps, median of {res['rounds']} alternating rounds of {res['frames_per_round']} frames, "
             f"{res['threads']} threads\n"
             + common.format_table(["model", "size", "fps int8", "fps split fp32", "fps whole ONNX", "fps eager",
                                    "int8 / whole", "split / whole", "int8 vs first",
-                                   *(["fps int8+regions", "regions / int8"] if reg else [])], rows))
+                                   *(["fps int8+picture", "fps int8+regions", "regions / int8",
+                                      "regions / picture"] if reg else [])], rows))
 
 
 def plot(res: dict[str, Any], path: str | Path) -> None:
@@ -143,7 +157,8 @@ def plot(res: dict[str, Any], path: str | Path) -> None:
     x = np.arange(len(names))
     labels = {"int8": "int8 split graph (receiver)", "split": "float32 split graph", "whole": "whole ONNX graph",
               "eager": "eager PyTorch"}
-    labels["int8+regions"] = "int8 + region stage"
+    labels["int8+picture"] = "int8 + picture"
+    labels["int8+regions"] = "int8 + picture + region stage"
     ways = [w for w in labels if all(f"fps_{w}" in res["models"][n] for n in names)]
     width = 0.8 / len(ways)
     for k, way in enumerate(ways):

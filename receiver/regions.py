@@ -115,6 +115,9 @@ class RegionSource:
     mouth: np.ndarray  # (32, 48, 3) uint8
     openings: np.ndarray  # (4,) float32: the regressor's reading of these patches
     scales: np.ndarray  # (4,) float32: the source keypoints' anchored Jacobian scales
+    # the patches as the refiner takes them, converted once per source instead of once per frame
+    eyes_in: np.ndarray | None = None  # (1, 2, 3, 32, 32) float32 in [0, 1]
+    mouth_in: np.ndarray | None = None  # (1, 3, 32, 48) float32 in [0, 1]
 
 
 @dataclass
@@ -128,16 +131,22 @@ class RegionCounts:
         return {"refined": self.refined, "passed": self.passed}
 
 
+def _planar(patches: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) uint8 -> (1, ..., 3, H, W) float32 in [0, 1]: ``_chw`` in numpy, for ONNX Runtime
+    (on these few thousand values torch's per-call overhead was most of the cost)."""
+    return (np.moveaxis(patches, -1, -3).astype(np.float32, order="C") / np.float32(255.0))[None]
+
+
 def _chw(patches: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1] (as the refiner and the regressor were trained)."""
     return torch.from_numpy(np.ascontiguousarray(patches)).movedim(-1, -3).float() / 255.0
 
 
-def _hwc_u8(t: torch.Tensor) -> np.ndarray:
+def _hwc_u8(t: torch.Tensor | np.ndarray) -> np.ndarray:
     """(..., 3, H, W) float in [0, 1] -> (..., H, W, 3) uint8 (``refine_frame``'s rounding)."""
     # in numpy: torch's round on these few thousand values took ~5 ms a call (a slow kernel path on
     # the movedim view), more than the refiner's convolutions
-    a = t.detach().movedim(-3, -1).numpy() * 255.0
+    a = np.moveaxis(t.detach().numpy() if isinstance(t, torch.Tensor) else t, -3, -1) * np.float32(255.0)
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
@@ -265,7 +274,7 @@ class RegionStage:
         with _one_thread():
             opening = self.regressor(_chw(eyes)[None], _chw(mouth)[None])[0].numpy().astype(np.float32)
         scales = jacobian_scales(np.asarray(source_kp, np.float32).reshape(-1), self.anchor_kp).astype(np.float32)
-        return RegionSource(size, eyes, mouth, opening, scales)
+        return RegionSource(size, eyes, mouth, opening, scales, _planar(eyes), _planar(mouth))
 
     def target(self, source: RegionSource, kp: np.ndarray) -> np.ndarray:
         """(4,) target openings of the frame with keypoints ``kp``: the source's + gain x the scales' change."""
@@ -281,16 +290,18 @@ class RegionStage:
             return None
         frame = np.ascontiguousarray(frame)
         eyes, mouth = cut_patches(frame, centres)
-        args = (_chw(eyes)[None], _chw(source.eyes)[None], _chw(mouth)[None], _chw(source.mouth)[None],
-                torch.from_numpy(self.target(source, kp))[None], torch.from_numpy(source.openings)[None])
+        target, opened = self.target(source, kp)[None], source.openings[None]
         if self.onnx is not None:
-            got = self.onnx(*(a.numpy() for a in args))
-            out_eyes, out_mouth = torch.from_numpy(got[0]), torch.from_numpy(got[1])
+            src_eyes = source.eyes_in if source.eyes_in is not None else _planar(source.eyes)
+            src_mouth = source.mouth_in if source.mouth_in is not None else _planar(source.mouth)
+            out_eyes, out_mouth = self.onnx(_planar(eyes), src_eyes, _planar(mouth), src_mouth, target, opened)
+            new_eyes, new_mouth = _hwc_u8(out_eyes[0]), _hwc_u8(out_mouth[0])
         else:
+            args = (_chw(eyes)[None], _chw(source.eyes)[None], _chw(mouth)[None], _chw(source.mouth)[None],
+                    torch.from_numpy(target), torch.from_numpy(opened))
             with _one_thread(), torch.no_grad():
                 out = self.refiner(*args)
-            out_eyes, out_mouth = out["eyes"], out["mouth"]
-        new_eyes, new_mouth = _hwc_u8(out_eyes[0]), _hwc_u8(out_mouth[0])
+            new_eyes, new_mouth = _hwc_u8(out["eyes"][0]), _hwc_u8(out["mouth"][0])
         if self.paste == "patches":
             return paste_patches(frame, centres, new_eyes, new_mouth)
         return paste_changes(frame, centres, new_eyes.astype(np.float32) - eyes, new_mouth.astype(np.float32) - mouth)

@@ -22,6 +22,7 @@ refine -> paste for one frame. Training: ``models.expression.train_refiner``; sa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -158,15 +159,19 @@ def patch_affines(centres: np.ndarray) -> list[np.ndarray]:
             patch_affine(mouth + MOUTH_BELOW * d * down, axis, MOUTH_W * d, MOUTH_H * d, mw, mh, False)]
 
 
+@functools.lru_cache(maxsize=8)
 def _window(w: int, h: int, feather: float) -> np.ndarray:
-    """(h, w) float32 weights: 1 in the middle, a smooth ramp to 0 at the patch's border."""
+    """(h, w) float32 weights: 1 in the middle, a smooth ramp to 0 at the patch's border (cached: the
+    same few shapes on every frame; read-only)."""
     def ramp(n: int) -> np.ndarray:
         x = np.arange(n, dtype=np.float64) + 0.5
         edge = np.minimum(x, n - x) / max(feather * n, 1e-6)  # 0 at the border, 1 at feather * n inside
         e = np.clip(edge, 0.0, 1.0)
         return e * e * (3 - 2 * e)  # smoothstep
 
-    return (ramp(h)[:, None] * ramp(w)[None, :]).astype(np.float32)
+    win = (ramp(h)[:, None] * ramp(w)[None, :]).astype(np.float32)
+    win.flags.writeable = False
+    return win
 
 
 def _frame_box(m: np.ndarray, pw: int, ph: int, w: int, h: int) -> tuple[int, int, int, int, np.ndarray] | None:

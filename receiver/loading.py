@@ -9,16 +9,21 @@ graph is built (and timed) here, before any call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from models.checkpoint import read_checkpoint
 from models.fomm.io import load_motion_model, weights_for_size
 from models.fomm.model import MotionModel
 from receiver.regions import AUTO, DEFAULT_REFINER, OFF, RegionStage, auto_regions, load_region_weights, region_stage
-from receiver.render import Renderer, choose_model, measure_render_fps
-from receiver.tiers import TierSet, load_tiers
+from receiver.render import Renderer, choose_model, measure_render_fps, synthetic_source
+from receiver.tiers import TierSet, load_tiers, start_tier
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ def load_render_models(weights: str | None, size: str | int, adapt: bool | None,
 
     ``refine_regions``: a refiner checkpoint (required to work), ``auto`` (the shipped one where it applies:
     ``receiver.regions.auto_regions``) or ``off`` / None. ``reserved_ms``: other work a frame on these cores
-    (``load_tiers``: the first tier leaves room for it)."""
+    (``load_tiers``: the first tier leaves room for it, and for the region stage at the display size)."""
     auto = refine_regions == AUTO
     if refine_regions in (OFF, None):
         refine_regions = None
@@ -81,4 +86,31 @@ def load_render_models(weights: str | None, size: str | int, adapt: bool | None,
     if stage is not None:
         log.info("region stage %s: eyes and mouth redrawn on every frame (--refine-regions off turns it off)",
                  refine_regions)
+        if tiers is not None and size == "auto":
+            # the start-up fps are of the renders alone; the stage adds its time to every display-size frame
+            top = max(tiers.models)
+            ms = measure_stage_ms(stage, tiers.models[top])
+            start = start_tier(tiers.fps, reserved_ms=reserved_ms, extra_ms={top: ms})
+            if start != tiers.start:
+                log.info("the region stage takes %.1f ms a frame here: calls start at %dx%d", ms, start, start)
+                tiers = dataclasses.replace(tiers, start=start)
+    if tiers is not None:
+        model, path, fps = tiers.models[tiers.start], weights_for_size(tiers.start), tiers.fps[tiers.start]
     return RenderModels(model, tiers, fast, int8, fps, path, stage)
+
+
+def measure_stage_ms(stage: RegionStage, model: MotionModel, rounds: int = 7) -> float:
+    """Median ms of the region stage on one display-size frame here (a synthetic source: the time does not
+    depend on the picture); 0 when it cannot place its regions on it (then it would pass the frames)."""
+    image = synthetic_source(model.config.size)
+    with torch.no_grad():
+        kp = model.keypoints(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0)[0].numpy()
+    source = stage.prepare(image, kp)
+    if source is None:
+        return 0.0
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        stage.apply(image, kp, source)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times[1:]))

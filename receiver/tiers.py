@@ -163,10 +163,12 @@ class TierSet:
                               int8, regions)
 
 
-def start_tier(fps: dict[int, float], min_fps: float = 36.0, reserved_ms: float = 0.0) -> int:
-    """The largest size whose render (1 / its measured fps) and ``reserved_ms`` fit in one ``min_fps`` frame;
-    the smallest when none does."""
-    fitting = [s for s, f in fps.items() if 1000.0 / f + reserved_ms <= 1000.0 / min_fps]
+def start_tier(fps: dict[int, float], min_fps: float = 36.0, reserved_ms: float = 0.0,
+               extra_ms: dict[int, float] | None = None) -> int:
+    """The largest size whose render (1 / its measured fps, plus ``extra_ms`` of that size: the region stage
+    at the display size) and ``reserved_ms`` fit in one ``min_fps`` frame; the smallest when none does."""
+    extra = extra_ms or {}
+    fitting = [s for s, f in fps.items() if 1000.0 / f + extra.get(s, 0.0) + reserved_ms <= 1000.0 / min_fps]
     return max(fitting) if fitting else min(fps)
 
 

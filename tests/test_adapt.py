@@ -81,6 +81,8 @@ def test_the_first_tier_leaves_room_for_the_extraction_beside_it() -> None:
     assert start_tier(fps) == 256  # a receiver alone: 17.5 ms fits a 36 fps frame
     assert start_tier(fps, reserved_ms=12.0) == 128  # a two-way call: 17.5 + 12 ms does not, 9.1 + 12 does
     assert start_tier(fps, reserved_ms=30.0) == 64  # nothing fits: the smallest
+    # the region stage's time on every display-size frame counts against the largest tier
+    assert start_tier(fps, reserved_ms=8.0) == 256 and start_tier(fps, reserved_ms=8.0, extra_ms={256: 3.0}) == 128
 
 
 def test_bounds_and_validation() -> None:

@@ -198,6 +198,14 @@ def test_tiered_renderer_refines_only_at_the_display_tier(regressor, frames: np.
     assert t.region_counts.to_dict() == {"refined": 1, "passed": 1}
 
 
+def test_the_stage_is_timed_for_the_first_tier(regressor) -> None:
+    from receiver.loading import measure_stage_ms
+    from tests.utils import tiny_motion_model
+
+    ms = measure_stage_ms(_stage(regressor, True, TINY_ANCHORS), tiny_motion_model(256))
+    assert 0 < ms < 1000  # a real time, so load_render_models can leave room for it
+
+
 # --------------------------------------------------------------------------- files and the CLIs
 
 

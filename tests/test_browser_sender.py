@@ -279,3 +279,49 @@ def test_no_face(receivers: Receivers) -> None:
                    wait_for=("looking for a face", "live", "error"), timeout_s=40)
     assert run.state == "looking for a face" and run.warning == "noface", (run.state, run.error)
     assert run.stats["framing_scans"] >= 1 and run.stats["frames_captured"] == 0
+
+
+FLOOD = """
+import asyncio, sys, time
+import aiohttp
+from bench.attacks import offer_sdp
+
+async def main(url, token, seconds):
+    sdps = [await offer_sdp() for _ in range(4)]
+    async with aiohttp.ClientSession() as http:
+        end, i = time.monotonic() + seconds, 0
+        while time.monotonic() < end:
+            async with http.post(url, json={"sdp": sdps[i % 4], "type": "offer"},
+                                 headers={"Authorization": "Bearer " + token}) as resp:
+                print(resp.status, flush=True)
+            i += 1
+            await asyncio.sleep(0.25)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+"""
+
+
+def test_a_busy_receiver_is_offered_again(receivers: Receivers, browser_weights: Path, camera: Path) -> None:
+    """A peer with the token keeps a one-slot receiver busy with answered offers that never connect (4 a
+    second, as in #31's probe); the page is refused (503) at first, offers again and gets the call."""
+    import subprocess
+    import sys
+
+    r, port = receivers, OTHER_PORT + 1
+    addr = r.hosts.addr_a
+    recv = start_receiver(["--host", addr, "--port", str(port), "--weights", str(browser_weights), "--token", TOKEN,
+                           "--max-calls", "1", "--playout", "immediate", "--eager-render", "--threads", "1",
+                           "--cors-origin", r.page.split("/send")[0]],
+                          netns=r.hosts.a, log_path=r.tmp / "receiver_busy.log")
+    flood = r.hosts.popen("b", [sys.executable, "-c", FLOOD, f"http://{addr}:{port}/offer", TOKEN, "30"], cwd=ROOT,
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: flood.stdout.readline().strip() == "200", 30, "the flood to take the slot")
+        run = run_page(f"{r.page}?token={TOKEN}&receiver=http://{addr}:{port}&autostart=1&framing=centre&frames=10",
+                       r.args(fake_video=camera), netns=r.hosts.b, wait_for=("live", "ended", "error"), timeout_s=60)
+    finally:
+        flood.kill()
+        recv.terminate()
+        stop(recv)
+    assert run.state in ("live", "ended"), (run.state, run.error_kind, run.error, run.console[-10:])
+    assert run.stats["busy_offers"] >= 1, run.stats  # it was refused as busy, and offered again

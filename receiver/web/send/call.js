@@ -29,7 +29,7 @@ function newCounters() {
   return {
     frames_captured: 0, frames_missed: 0, frames_sent: 0, frames_skipped: 0, keyframes_sent: 0, messages_sent: 0,
     keypoint_message_bytes: 0, keypoint_payload_bytes: 0, kp_dropped: 0, heartbeats_sent: 0, source_images_sent: 0,
-    source_image_bytes: 0, source_sha256: null, framing_reframes: 0, framing_no_face: 0, framing_scans: 0,
+    source_image_bytes: 0, source_sha256: null, framing_reframes: 0, framing_no_face: 0, framing_scans: 0, busy_offers: 0,
     keyframe_requests: 0, source_requests: 0, detect_ms: [], frame_ms: [], hello: null, end_reason: null,
   };
 }
@@ -314,7 +314,8 @@ export class SenderCall {
       } });
       // the call page (/call) takes the other side's channels from this connection, before any can open
       if (this.onPeer) this.onPeer(this.peer);
-      await this.peer.connect(opts.receiver, token);
+      await this.peer.connect(opts.receiver, token, { onBusy: (n, waitS) =>
+        ui.say("", `the receiver is busy (offer ${n}): offering again in ${waitS.toFixed(1)} s`, "warn") });
     } catch (e) {
       if (this.peer) this.peer.close();
       ui.live(false);
@@ -330,6 +331,7 @@ export class SenderCall {
       if (typeof st[k] === "number") st[k] = 0; else if (Array.isArray(st[k])) st[k] = [];
     }
     st.end_reason = null;
+    st.busy_offers = this.peer.busyOffers || 0; // offers a busy receiver (503) refused before this one got in
     this.samples = [];
     this.tsBase = nowUs();
     const fps = this.stream.getVideoTracks()[0].getSettings().frameRate || 30;

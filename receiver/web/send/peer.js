@@ -38,6 +38,21 @@ function opened(channel) {
   });
 }
 
+// A busy receiver's answer is retried on the Python sender's schedule (shared/signaling.py).
+const BUSY_BACKOFF_S = [0.5, 1.0, 2.0, 4.0];
+const BUSY_MIN_WAIT_S = 0.1;
+const BUSY_MARGIN_S = 0.01;
+
+/** A 503's retry_after_s, if it is a sane number of seconds; else null. */
+async function retryAfter(resp) {
+  try {
+    const v = (await resp.json()).retry_after_s;
+    return typeof v === "number" && Number.isFinite(v) && v >= 0 && v <= 3600 ? v : null;
+  } catch (e) {
+    return null;
+  }
+}
+
 export class SenderPeer {
   constructor({ onMessage = () => {}, onClosed = () => {}, iceServers = [] } = {}) {
     this.pc = new RTCPeerConnection({ iceServers });
@@ -81,21 +96,39 @@ export class SenderPeer {
     }
   }
 
-  /** Offer, POST it to the receiver, take the answer, wait for both channels. Throws CallError. */
-  async connect(receiverUrl, token, { gatherMs = 5000, openMs = 15000 } = {}) {
+  /** Offer, POST it to the receiver, take the answer, wait for both channels. Throws CallError.
+   *
+   * A busy receiver (HTTP 503) is offered again, as the Python sender does (shared/signaling.py
+   * offer_until_answered): slots held by peers that never connect give way to new offers, and a page that
+   * gave up at its first 503 was locked out by them. Again when the receiver says a slot gives way
+   * (its retry_after_s), else after 0.5, 1, 2, 4, 4 ... s, for up to busyMs. */
+  async connect(receiverUrl, token, { gatherMs = 5000, openMs = 15000, busyMs = 15000, onBusy = null } = {}) {
     await this.pc.setLocalDescription(await this.pc.createOffer());
     await gathered(this.pc, gatherMs);
     const url = new URL("offer", receiverUrl.endsWith("/") ? receiverUrl : receiverUrl + "/").href;
     const headers = { "Content-Type": "application/json" };
     if (token) headers.Authorization = `Bearer ${token}`;
+    const body = JSON.stringify({ sdp: this.pc.localDescription.sdp, type: "offer" });
+    const deadline = performance.now() + busyMs;
     let resp;
-    try {
-      resp = await fetch(url, { method: "POST", headers, body: JSON.stringify({ sdp: this.pc.localDescription.sdp, type: "offer" }) });
-    } catch (e) {
-      throw new CallError("unreachable", `cannot reach the receiver at ${receiverUrl} (${e.message})`);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        resp = await fetch(url, { method: "POST", headers, body });
+      } catch (e) {
+        throw new CallError("unreachable", `cannot reach the receiver at ${receiverUrl} (${e.message})`);
+      }
+      if (resp.status !== 503) break;
+      const after = await retryAfter(resp);
+      const waitS = after !== null ? Math.max(BUSY_MIN_WAIT_S, after + BUSY_MARGIN_S)
+        : BUSY_BACKOFF_S[Math.min(attempt, BUSY_BACKOFF_S.length) - 1];
+      if (performance.now() + waitS * 1000 > deadline) {
+        throw new CallError("busy", `the receiver is busy: no call slot came free within ${busyMs / 1000} s (${attempt} offers)`);
+      }
+      this.busyOffers = attempt;
+      if (onBusy) onBusy(attempt, waitS);
+      await new Promise((r) => setTimeout(r, waitS * 1000));
     }
     if (resp.status === 401) throw new CallError("token", "the receiver refused the call: wrong or missing token");
-    if (resp.status === 503) throw new CallError("busy", "the receiver is busy (every call slot is taken)");
     if (!resp.ok) {
       const text = (await resp.text()).slice(0, 200);
       throw new CallError("refused", `the receiver answered HTTP ${resp.status}: ${text}`);

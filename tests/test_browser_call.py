@@ -95,3 +95,42 @@ def test_browser_call_page_against_kpcast_listen(tmp_path: Path, demo_clip: Path
     assert got["ended_by"] == "remote", got["end_reason"]
     assert got["received"]["frames_rendered"] >= 20, got["received"]
     assert got["sent"]["frames_captured"] > 0 and page.stats["frames_captured"] >= FRAMES
+
+
+def test_the_page_notices_a_vanished_side(tmp_path: Path, demo_clip: Path) -> None:
+    """The listening side is killed (SIGKILL: no Bye) mid-call; the page ends the call within ~2 s (its watchdog:
+    1.5 s of silence), not when the connection's consent checks give up."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.netns import two_hosts
+
+    camera = write_y4m(tmp_path / "camera.y4m", fake_camera_frames(read_clip(demo_clip)), FPS)
+    log_path = tmp_path / "listen.log"
+    with two_hosts() as h, ThreadPoolExecutor(1) as pool:
+        origin = f"http://{h.addr_a}:{PORT}"
+        listener = _start_listener(h, [
+            "--listen", "--host", h.addr_a, "--port", str(PORT), "--token", TOKEN, "--video", str(demo_clip),
+            "--loop", "--fps", str(PYTHON_FPS), "--weights", str(WEIGHTS_DIR / "fomm_face64.pt"), "--framing",
+            "centre", "--refresh", "off", "--playout", "immediate", "--threads", "1", "--sink", "null"], log_path)
+        try:
+            fut = pool.submit(run_page, f"{origin}/call?token={TOKEN}&autostart=1&frames=100000",
+                              chromium_args(camera, secure_origin=origin), netns=h.b, timeout_s=180)
+            deadline = time.monotonic() + 150
+            while "call up" not in log_path.read_text() and time.monotonic() < deadline and not fut.done():
+                time.sleep(0.2)
+            assert "call up" in log_path.read_text(), log_path.read_text()[-2000:]
+            time.sleep(4.0)  # the page has the other side's Hello and stream
+            killed_at = time.time()
+            os.kill(listener.pid, signal.SIGKILL)
+            page = fut.result()
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+            listener.wait()
+    remote = page.remote
+    assert page.state == "ended" and remote is not None, (page.state, page.error, page.console[-20:])
+    assert "silent" in (remote["end_reason"] or ""), remote["end_reason"]
+    noticed_s = remote["ended_at_ms"] / 1000 - killed_at
+    assert 1.0 < noticed_s < 3.5, noticed_s  # 1.5 s of silence, plus the page's own busy moments

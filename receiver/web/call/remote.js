@@ -16,11 +16,16 @@ import { areaResize, toInput } from "/send/js/detector.js";
 import { toRGBA } from "./render.js";
 
 const KEYFRAME_REQUEST_MS = 300; // at most this often (the sender answers each with a keyframe)
+// The other side sends something at least every 0.5 s (keypoints or a Heartbeat): silent for this long after
+// its Hello, it is gone (receiver/session.py's heartbeat_timeout_s). A vanished peer leaves the connection
+// "connected" for seconds (ICE consent checks), so the page cannot wait for the connection state.
+const SILENT_MS = 1500;
+const WATCH_MS = 250; // how often the watchdog looks; a page blocked longer counts only this much silence per look
 
 function newCounters() {
   return { hello: null, source_images: 0, source_image_bytes: 0, keypoint_messages: 0, keypoint_message_bytes: 0,
     frames_decoded: 0, frames_rendered: 0, frames_skipped_render: 0, keyframe_requests: 0, rejected: 0,
-    render_ms: [], picture_means: [], end_reason: null };
+    render_ms: [], picture_means: [], end_reason: null, ended_at_ms: null };
 }
 
 export class RemoteStream {
@@ -52,11 +57,32 @@ export class RemoteStream {
     this.recent = []; // [time ms, wire bytes] of keypoint messages
     this.rendered = []; // times of rendered frames
     this.ended = false;
+    this.heard = false; // a message since the watchdog's last look
+    this.silentMs = 0;
+    if (this.watchdog) clearInterval(this.watchdog);
+    this.watchdog = null;
+  }
+
+  /** Ends the stream when the other side has said nothing for SILENT_MS since its Hello. Silence is summed
+   * per look, at most 2 x WATCH_MS each: a page whose thread was busy (a WASM render) for a second did not
+   * hear the messages queued meanwhile, and must not call that silence. */
+  watch() {
+    let last = performance.now();
+    this.watchdog = setInterval(() => {
+      const now = performance.now();
+      const step = Math.min(now - last, 2 * WATCH_MS);
+      last = now;
+      if (this.ended || !this.counters.hello) return;
+      if (this.heard) { this.heard = false; this.silentMs = 0; return; }
+      this.silentMs += step;
+      if (this.silentMs > SILENT_MS) this.end(`the other side went silent (nothing for ${(this.silentMs / 1000).toFixed(1)} s)`);
+    }, WATCH_MS);
   }
 
   /** Take the other side's channels from `pc` (call before the offer goes out). */
   attach(pc) {
     this.reset();
+    this.watch();
     pc.addEventListener("datachannel", (ev) => {
       const ch = ev.channel;
       ch.binaryType = "arraybuffer";
@@ -82,6 +108,7 @@ export class RemoteStream {
       return;
     }
     const st = this.counters;
+    this.heard = true;
     if (msg.type === "Hello") {
       if (msg.model !== this.detectorId) {
         this.ui.say("mismatch", `the other side's detector ${msg.model} is not this page's ${this.detectorId}`);
@@ -206,6 +233,9 @@ export class RemoteStream {
     if (this.ended) return;
     this.ended = true;
     this.counters.end_reason = reason;
+    this.counters.ended_at_ms = Date.now(); // wall clock, for tests timing how soon a vanished side is noticed
+    if (this.watchdog) clearInterval(this.watchdog);
+    this.watchdog = null;
     this.ui.onEnded(reason);
   }
 

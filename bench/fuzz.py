@@ -102,12 +102,14 @@ class Inputs:
         self.pred = PredictiveConfig(tolerance=0.002)
         self.encoder = PredictiveEncoder(self.pred)
         self.pred_seq = 0
+        self.last_coded = None  # the stream's previous coded frame (a RedundantFrame's material)
 
     def preamble(self) -> None:
         """A call's normal start (Hello, then a whole source image) before the fuzzing resumes, so
         the keypoints that follow reach the renderer too."""
         self.image_id += 1
         self.encoder, self.pred_seq = PredictiveEncoder(self.pred), 0  # a new stream starts with a keyframe
+        self.last_coded = None
         self.pending = [P.encode(self._hello(tiny_detector_id(), MODEL_SIZE, 30.0, self.r.choice(list(P.Codec)), 1)),
                         *(P.encode(c) for c in S.split_source(self.jpeg, self.image_id, chunk_bytes=1024))]
 
@@ -137,8 +139,10 @@ class Inputs:
             self.image_id += r.choice([1, 1, 0])
             chunks = S.split_source(self.jpeg, self.image_id, chunk_bytes=r.choice([256, 1024, 16384]))
             return r.choice(chunks)
-        if k < 0.94:
+        if k < 0.92:
             return P.SourceRequest(r.choice(["", "scene change", "x" * 300]))
+        if k < 0.94:
+            return P.SourceReady(r.choice([self.image_id, 0, -1, 2**31]))  # a receiver's message, sent to one
         if k < 0.97:
             return P.KeyframeRequest(r.choice([-1, 0, self.pred_seq]))
         self.preamble()  # this Bye may end the call: the next one starts normally
@@ -148,7 +152,7 @@ class Inputs:
         """A Hello of ``codec``; a predictive one restarts the coded stream (its decoder starts over)."""
         if codec != P.Codec.PRED:
             return P.Hello(detector, size, fps, int(codec), kp_every)
-        self.encoder, self.pred_seq = PredictiveEncoder(self.pred), 0
+        self.encoder, self.pred_seq, self.last_coded = PredictiveEncoder(self.pred), 0, None
         return P.Hello(detector, size, fps, int(codec), 1, ts_base_us=self.ts_us, pred=self.pred.params())
 
     def _coded(self) -> P.CodedKeypoints:
@@ -159,8 +163,18 @@ class Inputs:
             if r.random() < 0.05:
                 self.encoder.request_keyframe()  # as after a receiver's request
             f = self.encoder.encode(seq, self._vector() if r.random() < 0.3 else self._still())
-            if f is not None:
+            if f is None:
+                continue
+            prev, self.last_coded = self.last_coded, f
+            if r.random() < 0.5:  # untagged, as a version-2 sender's
                 return P.CodedKeypoints(f.seq, f.prev_seq, f.key, 33_333 * f.seq, f.payload)
+            # tagged with its source image (the current one, or another), and some carrying the previous
+            # coded frame once more (sender --bundle / redundancy): real, stale or mismatched
+            image_id = self.image_id if r.random() < 0.8 else r.choice([0, self.image_id + 1, 2**20])
+            redundant = None
+            if prev is not None and r.random() < 0.5:
+                redundant = P.RedundantFrame(prev.prev_seq, prev.key, prev.payload)
+            return P.CodedKeypoints(f.seq, f.prev_seq, f.key, 33_333 * f.seq, f.payload, image_id, redundant)
 
     def _still(self) -> np.ndarray:
         """A face that barely moves: most frames are skipped, the rest are small residuals."""

@@ -34,7 +34,7 @@ async def test_fuzz_2000_messages_nothing_crashes_and_counts_add_up() -> None:
     # the mix is meaningful: plenty of both outcomes, every message type accepted somewhere
     assert d["accepted"] > 200 and d["rejected"] > 1000
     assert set(d["accepted_by_type"]) >= {"Hello", "KeypointBatch", "CodedKeypoints", "KeyframeRequest", "SourceChunk",
-                                          "Heartbeat"}
+                                          "Heartbeat", "SourceReady"}
     # the session rejects everything the decoder rejects (and more: order, duplicates, channel...)
     assert s["accepted"] <= d["accepted"]
     assert s["frames_received"] > 0 and s["sessions"] >= 1

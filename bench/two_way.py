@@ -2,7 +2,7 @@
 
 Usage:
   sudo .venv/bin/python -m bench.two_way [--frames 300] [--fps 30] [--size auto] [--codec pred]
-      [--refine-regions auto|off] [--json OUT] [--png OUT]
+      [--refine-regions auto|off] [--views GRAB.jpg] [--json OUT] [--png OUT]
 
 The listening side runs in host ``a``, the calling side in host ``b`` (``bench.netns.two_hosts``: a
 clean veth link), each with the README's defaults and a file as its camera: the bundled clip on one
@@ -79,13 +79,16 @@ def _env() -> dict[str, str]:
 def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     other = mirrored_clip(Path(a.clip), work / "mirrored.mp4")
-    common = ["--loop", "--max-frames", str(a.frames), "--fps", str(a.fps), "--sink", "null", "--token", TOKEN,
+    def sink(side: str) -> list[str]:  # each side's own view (the other large, itself small) to a file, or nowhere
+        return ["--sink", f"file:{(work / f'{side}_view.mp4').resolve()}" if a.views else "null"]
+
+    common = ["--loop", "--max-frames", str(a.frames), "--fps", str(a.fps), "--token", TOKEN,
               "--codec", a.codec, "--refine-regions", a.refine_regions,
               *(["--weights", a.weights] if a.weights else ["--size", str(a.size)])]
     with two_hosts() as h, open(work / "listener.log", "w") as llog:
         listen = [sys.executable, "-m", "kpcast", "call", "--listen", "--host", h.addr_a, "--port", str(PORT),
                   "--video", str(a.clip), "--stats-json", str(work / "listener.json"),
-                  "--frames-log", str(work / "listener_frames.npz"), *common]
+                  "--frames-log", str(work / "listener_frames.npz"), *sink("listener"), *common]
         lp = h.popen("a", listen, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=llog, text=True)
         try:
             deadline = time.monotonic() + 120
@@ -96,7 +99,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
                     raise RuntimeError(f"the listening side did not start: {tail}")
             connect = [sys.executable, "-m", "kpcast", "call", "--connect", f"http://{h.addr_a}:{PORT}",
                        "--video", str(other), "--stats-json", str(work / "connector.json"),
-                       "--frames-log", str(work / "connector_frames.npz"), *common]
+                       "--frames-log", str(work / "connector_frames.npz"), *sink("connector"), *common]
             with open(work / "connector.log", "w") as clog:
                 cp = h.popen("b", connect, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=clog)
                 cp.wait(a.frames / a.fps * 4 + 120)
@@ -128,6 +131,25 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"frames": a.frames, "fps": a.fps, "size": a.size, "codec": a.codec, "refine_regions": a.refine_regions,
             "directions": rows, "exit_codes": {n: s["exit_code"] for n, s in sides.items()},
             "ended_by": {n: s["ended_by"] for n, s in sides.items()}}
+
+
+def view_grab(work: Path, out: str, at: float = 0.6) -> None:
+    """One frame of each side's view file (``--views``), side by side, each labelled with its side."""
+    tiles = []
+    for side in ("listener", "connector"):
+        cap = cv2.VideoCapture(str(work / f"{side}_view.mp4"))
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        cap.set(cv2.CAP_PROP_POS_FRAMES, max(0, int(n * at)))
+        ok, frame = cap.read()
+        cap.release()
+        if not ok:
+            raise RuntimeError(f"no frames in {side}_view.mp4")
+        frame = cv2.copyMakeBorder(frame, 28, 0, 0, 0, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+        cv2.putText(frame, f"{side}'s window", (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        tiles.append(frame)
+    h = min(t.shape[0] for t in tiles)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(out, np.concatenate([t[:h] for t in tiles], 1), [cv2.IMWRITE_JPEG_QUALITY, 85])
 
 
 def _long_gaps(frames_log: Path, over_ms: float) -> int | None:
@@ -177,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-regions", default="auto", help="kpcast call --refine-regions on both sides")
     p.add_argument("--clip", default=str(CLIP))
     p.add_argument("--workdir", default="out/bench/two_way_work")
+    p.add_argument("--views", help="also write each side's view (the other large, itself small) to the work folder "
+                                   "and one frame of both, side by side, to this .jpg")
     p.add_argument("--json")
     p.add_argument("--png")
     a = p.parse_args(argv)
@@ -194,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(a.json, res)
     if a.png:
         plot(res, a.png)
+    if a.views:
+        view_grab(Path(a.workdir), a.views)
     return 0 if all(c == 0 for c in res["exit_codes"].values()) else 1
 
 

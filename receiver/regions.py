@@ -163,22 +163,16 @@ def _one_thread() -> Iterator[None]:
 
 
 class OnnxRefiner:
-    """The region refiner as one ONNX Runtime session (batch 1, one thread, no spinning); its convolutions in
-    int8 when ``ranges`` (``models.expression.refiner_int8.load_ranges``) are given."""
+    """The region refiner as one ONNX Runtime session (batch 1, one thread, no spinning). In float32: its
+    convolutions in int8 (``models.expression.refiner_int8``) ran 1.5 -> 0.8-1.0 ms but opened closed eyes
+    less (docs/RESULTS.md), and the eyes are what the stage is for."""
 
-    def __init__(self, refiner: RegionRefiner, ranges: dict | None = None) -> None:
-        from models.expression.refiner_int8 import INPUTS, export_refiner, quantise
+    def __init__(self, refiner: RegionRefiner) -> None:
+        from models.expression.refiner_int8 import INPUTS, export_refiner
         from models.fomm.export import onnx_session
 
-        graph = export_refiner(refiner)
-        self.int8 = False
-        if ranges is not None:
-            try:
-                graph, self.int8 = quantise(graph, ranges), True
-            except Exception:  # bad ranges cost speed, not the stage
-                log.exception("region stage: int8 quantisation failed; the refiner runs in float32")
         self.names = INPUTS
-        self.session = onnx_session(graph, threads=1)  # 2 threads: slower on these small convolutions
+        self.session = onnx_session(export_refiner(refiner), threads=1)  # 2 threads: slower on these small convs
 
     def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         eyes, mouth = self.session.run(None, {n: np.ascontiguousarray(a, np.float32)
@@ -186,9 +180,9 @@ class OnnxRefiner:
         return eyes, mouth
 
 
-def _onnx_refiner(refiner: RegionRefiner, ranges: dict | None) -> OnnxRefiner | None:
+def _onnx_refiner(refiner: RegionRefiner) -> OnnxRefiner | None:
     try:
-        return OnnxRefiner(refiner, ranges)
+        return OnnxRefiner(refiner)
     except ImportError:
         return None
     except Exception:  # an export or runtime failure costs speed, not the stage
@@ -204,13 +198,11 @@ class RegionStage:
     added to the frame, ``paste_changes``, so an unchanged patch leaves the frame's pixels exactly as they
     were) or ``patches`` (the refined patches replace the frame's under the feathered window,
     ``paste_patches``, as the refiner's validation pasted them; resamples the regions through 32 pixels);
-    ``onnx``: run the refiner through ONNX Runtime when it is installed (the same numbers to ~1e-6);
-    ``int8``: its convolutions in int8 there when the shipped calibration ranges were measured on this refiner
-    (``models.expression.refiner_int8``: ~2x faster, within a grey level or two of float32).
+    ``onnx``: run the refiner through ONNX Runtime when it is installed (the same numbers to ~1e-6).
     """
 
     def __init__(self, refiner: RegionRefiner, regressor: OpeningNet, wire_gain: list[float] | np.ndarray,
-                 anchor_kp: list[int], paste: str = "changes", onnx: bool = True, int8: bool = True) -> None:
+                 anchor_kp: list[int], paste: str = "changes", onnx: bool = True) -> None:
         if paste not in ("changes", "patches"):
             raise ValueError(f"paste must be 'changes' or 'patches', not {paste!r}")
         self.paste = paste
@@ -224,13 +216,7 @@ class RegionStage:
         self.regressor = regressor.eval()
         self.gain = gain
         self.anchor_kp = anchors
-        ranges = None
-        if onnx and int8:
-            from models.expression.refiner_int8 import load_ranges
-
-            ranges = load_ranges(self.refiner)  # None unless measured on exactly these weights
-        self.onnx = _onnx_refiner(self.refiner, ranges) if onnx else None
-        self.int8 = self.onnx is not None and self.onnx.int8
+        self.onnx = _onnx_refiner(self.refiner) if onnx else None
 
     @classmethod
     def load(cls, path: str | Path, anchor_kp: list[int], regressor: str | Path = REGRESSOR_WEIGHTS,

@@ -10,6 +10,7 @@ graph is built (and timed) here, before any call.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -96,6 +97,11 @@ def load_render_models(weights: str | None, size: str | int, adapt: bool | None,
                 tiers = dataclasses.replace(tiers, start=start)
     if tiers is not None:
         model, path, fps = tiers.models[tiers.start], weights_for_size(tiers.start), tiers.fps[tiers.start]
+    # Everything loaded so far lives as long as the process: out of the collector's sight, so that a full
+    # collection during a call does not walk it (~50 ms over ~200,000 objects of models, torch and aiortc,
+    # holding the GIL: every thread of the process, renders included, waits; 0 ms frozen).
+    gc.collect()
+    gc.freeze()
     return RenderModels(model, tiers, fast, int8, fps, path, stage)
 
 

@@ -106,6 +106,21 @@ class RenderEstimate:
             model, _ = load_motion_model(weights or weights_for_size(ESTIMATE_SIZE))
         self.model = model
         self._cache = None
+        self._warm()
+
+    def _warm(self) -> None:
+        """Pay the first check's one-off costs now, before any call: importing scikit-image's SSIM (~0.2 s
+        holding the GIL, which stalled the other threads, renders included, in a two-way call's first second)
+        and torch's first render at this size."""
+        import torch
+        from skimage.metrics import structural_similarity  # noqa: F401
+
+        image = np.full((ESTIMATE_SIZE, ESTIMATE_SIZE, 3), 128, np.uint8)
+        with torch.no_grad():
+            vec = self.model.keypoints(self._tensor(image))[0].numpy()
+        self.set_source(image)
+        self(image, vec)
+        self._cache = None
 
     @staticmethod
     def _tensor(image: np.ndarray):

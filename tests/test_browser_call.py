@@ -98,7 +98,7 @@ def test_browser_call_page_against_kpcast_listen(tmp_path: Path, demo_clip: Path
 
 
 def test_the_page_notices_a_vanished_side(tmp_path: Path, demo_clip: Path) -> None:
-    """The listening side is killed (SIGKILL: no Bye) mid-call; the page ends the call within ~2 s (its watchdog:
+    """The listening side is killed (SIGKILL: no Bye) mid-call; the page ends the call within seconds (its watchdog:
     1.5 s of silence), not when the connection's consent checks give up."""
     import os
     import signal
@@ -133,4 +133,4 @@ def test_the_page_notices_a_vanished_side(tmp_path: Path, demo_clip: Path) -> No
     assert page.state == "ended" and remote is not None, (page.state, page.error, page.console[-20:])
     assert "silent" in (remote["end_reason"] or ""), remote["end_reason"]
     noticed_s = remote["ended_at_ms"] / 1000 - killed_at
-    assert 1.0 < noticed_s < 3.5, noticed_s  # 1.5 s of silence, plus the page's own busy moments
+    assert 0.5 < noticed_s < 4.0, noticed_s  # 1.5 s of silence after its last message, plus the page's busy moments

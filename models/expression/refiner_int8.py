@@ -15,7 +15,6 @@ named by a fingerprint of the weights) took the graph from ~1.5 to ~0.8 ms a fra
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ import torch
 
 from models.expression.openings import EYE_PATCH, MOUTH_PATCH
 from models.expression.region_refiner import DEFAULT_WEIGHTS, RegionRefiner, load_refiner
+from models.fomm.fastgraph import ranges_path
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,11 @@ def export_refiner(refiner: RegionRefiner) -> bytes:
 
 
 def refiner_id(refiner: RegionRefiner) -> str:
-    """Fingerprint of a refiner's config and weights (ranges measured on one never quantise another)."""
-    h = hashlib.sha256(json.dumps(refiner.config.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(refiner.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to(torch.float32).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Fingerprint of a refiner's config and weights (ranges measured on one never quantise another): the
+    render graph's own (``fastgraph.weights_id``)."""
+    from models.fomm.fastgraph import weights_id
 
-
-def ranges_path(weights: str | Path) -> Path:
-    p = Path(weights)
-    return p.with_name(p.stem + ".int8.json")
+    return weights_id(refiner)  # type: ignore[arg-type]
 
 
 def load_ranges(refiner: RegionRefiner, weights: str | Path = DEFAULT_WEIGHTS) -> dict[str, Any] | None:

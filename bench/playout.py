@@ -382,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default=None, help="motion model (default: shipped weights)")
     p.add_argument("--seed", type=int, default=0, help="jitter seed (nftables loss is not seedable)")
     p.add_argument("--render-threads", type=int, default=2, help="receiver torch threads")
-    p.add_argument("--extract-threads", type=int, default=1, help="sender torch threads")
+    p.add_argument("--extract-threads", type=int, default=2, help="sender --threads (its default)")
     p.add_argument("--workdir", default="out/bench/playout_work", help="per-condition logs and raw files")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--png", help="write a plot here")

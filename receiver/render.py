@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Built render graphs (models.fomm.fastgraph.cached_graph), so a receiver does not export and
 # quantise every tier at every start; named by everything a graph depends on.
-RENDER_CACHE_DIR = Path(__file__).resolve().parents[1] / "cache" / "render"
+RENDER_CACHE_DIR = fastgraph.CACHE_DIR
 
 
 def pick_device() -> str:

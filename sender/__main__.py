@@ -92,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
     p.add_argument("--source-quality", type=int, default=90, help="JPEG quality of the source image")
     p.add_argument("--source-image", help="send this picture (sent byte for byte) as the face to animate")
     p.add_argument("--list-cameras", action="store_true", help="print the cameras that open, then exit")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for keypoint extraction")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads for keypoint extraction (ONNX Runtime intra-op, and torch): 2 takes ~12 ms a frame "
+                        "to ~8 on a 2-core machine, 4 ms less latency (default %(default)s)")
     p.add_argument("--pacing", choices=["auto", "off"], default="auto",
                    help="auto: time keypoint extraction before the call and, when one frame's does not fit the "
                         "frame period here, send every k-th frame (the call's frame rate, announced to the "

@@ -210,7 +210,7 @@ class SenderCall:
             self.source.close()
             raise CaptureError(f"{fps:g} fps is under the {P.MIN_FPS:g} fps a receiver accepts")
         # after the input has opened: a missing camera or file fails before the detector is built
-        self.extractor = KeypointExtractor(self.model, cache_dir=DETECTOR_CACHE_DIR)
+        self.extractor = KeypointExtractor(self.model, threads=cfg.threads, cache_dir=DETECTOR_CACHE_DIR)
         stride = 1
         if cfg.pacing == "auto" and self.replay is None:
             work_ms = measure_work_ms(self.extractor, np.zeros((cfg.size, cfg.size, 3), np.uint8),

@@ -65,6 +65,8 @@ class SenderConfig:
     # auto: time the extraction before the call and keep every k-th frame when one frame's does not
     # fit this machine (sender.pacing), announced in the Hello; off: always the asked rate.
     pacing: str = "auto"
+    # extraction threads: 1 here for a sender sharing its cores with a renderer (kpcast call);
+    # `python -m sender`, alone on its machine, asks for 2
     threads: int = 1
     replay_keypoints: str | None = None  # send keypoints from a --truth-out file instead of detecting them
 

@@ -143,6 +143,13 @@ def test_render_estimate_scores_the_receivers_picture(tiny_weights: Path) -> Non
                               / 255)[0].numpy()
     same, other = est(src, vec), est(255 - src, vec)
     assert -1.0 <= other < same <= 1.0  # the picture it rebuilds is closer to its own source than to another
+    # it renders as the receiver does (the CPU render graph), to eager PyTorch's values (no int8 ranges
+    # ship for these weights: float32)
+    assert est._graph is not None and not est._graph.int8
+    eager = RenderEstimate.__new__(RenderEstimate)
+    eager.model, eager._cache, eager._graph = model, None, None
+    eager.set_source(src)
+    assert eager(src, vec) == pytest.approx(same, abs=1e-3)
 
 
 def test_bench_refresh_runs_on_the_bundled_clip(tmp_path: Path) -> None:

@@ -59,3 +59,26 @@ def test_a_file_faster_than_a_receiver_takes_is_thinned_to_60_fps(tmp_path: Path
         assert call.source.fps == P.MAX_FPS and call.stats.fps_stride == 2
     finally:
         call.source.close()
+
+
+def test_threads_reach_the_detectors_onnx_session(tmp_path: Path, tiny_weights: Path) -> None:
+    """``--threads`` sets ONNX Runtime's intra-op threads of the extraction, not only torch's."""
+    import cv2
+
+    from sender.call import SenderCall
+    from sender.config import SenderConfig
+
+    clip = tmp_path / "clip.avi"
+    out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 64))
+    for i in range(4):
+        out.write(np.full((64, 64, 3), 10 * i, np.uint8))
+    out.release()
+    for threads in (1, 2):
+        call = SenderCall(SenderConfig(video=str(clip), weights=str(tiny_weights), size=64, pacing="off",
+                                       framing="centre", refresh="off", threads=threads))
+        call.prepare()
+        try:
+            assert call.extractor.backend == "onnxruntime"
+            assert call.extractor.session.get_session_options().intra_op_num_threads == threads
+        finally:
+            call.source.close()

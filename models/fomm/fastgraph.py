@@ -46,6 +46,8 @@ from models.fomm.model import MotionModel
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+# where built graphs are kept (``cached_graph``): the receiver's tiers and the sender's refresh estimate
+CACHE_DIR = Path(__file__).resolve().parents[2] / "cache" / "render"
 FRAME_INPUT = "in0"  # the keypoint vector; every other input is the source's (SourceCache)
 _GRID_MODES = {"linear": "bilinear", "bilinear": "bilinear", "nearest": "nearest", "cubic": "bicubic",
                "bicubic": "bicubic"}

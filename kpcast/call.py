@@ -83,7 +83,10 @@ class CallConfig:
     weights: str | None = None  # one checkpoint for both halves (overrides --size)
     adapt: bool | None = None  # render tiers follow render times (default: on with --size auto on a CPU)
     device: str | None = None
-    threads: int = 2  # torch / ONNX Runtime intra-op threads of the renderer
+    # the renderer's torch / ONNX Runtime intra-op threads: 1, as a call's side also extracts its own
+    # keypoints (a second render thread bought 1.14x at 256 alone, and lost ~1 fps a direction in
+    # bench.two_way with both sides on one 2-core machine: docs/RESULTS.md, two-way call)
+    threads: int = 1
     fast_render: bool = True
     int8_render: bool = True
     sink: str = "null"

@@ -109,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> SenderConfig:
         p.error("--kp-every must be in 1..64 and --batch in 1..64")
     if not 32 <= cfg.size <= 1024:
         p.error("--size must be in 32..1024")
+    if not 1 <= cfg.threads <= 64:
+        p.error("--threads must be in 1..64")
     if cfg.fps is not None and not P.MIN_FPS <= cfg.fps <= P.MAX_FPS:  # NaN fails it too
         p.error(f"--fps must be in {P.MIN_FPS:g}..{P.MAX_FPS:g} (the frame rates a receiver accepts)")
     if cfg.target_kbps is not None and cfg.target_kbps <= 0:

@@ -135,6 +135,7 @@ def test_sender_missing_input_is_a_clear_error(tiny_weights: Path, args: list[st
 
 @pytest.mark.parametrize("args,message", [
     (["--video", "x.mp4", "--size", "8"], "--size must be in 32..1024"),
+    (["--video", "x.mp4", "--threads", "0"], "--threads must be in 1..64"),
     (["--video", "x.mp4", "--kp-every", "3"], "--kp-every and --batch are for --codec q8|f16"),
     (["--video", "x.mp4", "--max-gap", "100"], "--max-gap must be in 0..64"),
     (["--video", "x.mp4", "--tolerance", "-1"], "tolerance and max_gap must be >= 0"),

@@ -38,19 +38,25 @@ def test_replay_file_must_hold_keypoint_vectors(tmp_path: Path) -> None:
         load_replay(str(tmp_path / "missing.npz"))
 
 
+def _clip(path: Path, fps: float, frames: int) -> Path:
+    """A tiny 64x64 MJPG file of ``frames`` grey frames at ``fps``."""
+    import cv2
+
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (64, 64))
+    for i in range(frames):
+        out.write(np.full((64, 64, 3), 10 * i, np.uint8))
+    out.release()
+    return path
+
+
 def test_a_file_faster_than_a_receiver_takes_is_thinned_to_60_fps(tmp_path: Path, tiny_weights: Path) -> None:
     """A Hello over 60 fps is refused (shared.protocol.MAX_FPS): a 120 fps file is sent at 60 fps."""
-    import cv2
 
     from sender.call import SenderCall
     from sender.config import SenderConfig
     from shared import protocol as P
 
-    clip = tmp_path / "fast.avi"
-    out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 120.0, (64, 64))
-    for i in range(12):
-        out.write(np.full((64, 64, 3), 10 * i, np.uint8))
-    out.release()
+    clip = _clip(tmp_path / "fast.avi", 120.0, 12)
     call = SenderCall(SenderConfig(video=str(clip), weights=str(tiny_weights), size=64, pacing="off",
                                    framing="centre", refresh="off"))
     call.prepare()
@@ -63,16 +69,11 @@ def test_a_file_faster_than_a_receiver_takes_is_thinned_to_60_fps(tmp_path: Path
 
 def test_threads_reach_the_detectors_onnx_session(tmp_path: Path, tiny_weights: Path) -> None:
     """``--threads`` sets ONNX Runtime's intra-op threads of the extraction, not only torch's."""
-    import cv2
 
     from sender.call import SenderCall
     from sender.config import SenderConfig
 
-    clip = tmp_path / "clip.avi"
-    out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (64, 64))
-    for i in range(4):
-        out.write(np.full((64, 64, 3), 10 * i, np.uint8))
-    out.release()
+    clip = _clip(tmp_path / "clip.avi", 30.0, 4)
     for threads in (1, 2):
         call = SenderCall(SenderConfig(video=str(clip), weights=str(tiny_weights), size=64, pacing="off",
                                        framing="centre", refresh="off", threads=threads))

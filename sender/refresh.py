@@ -121,8 +121,9 @@ class RenderEstimate:
         from models.fomm.model import cache_tensors
 
         try:
-            cache = model.prepare_source(torch.zeros(1, 3, ESTIMATE_SIZE, ESTIMATE_SIZE))
-            example = (model.keypoints(cache.image), *cache_tensors(cache))
+            with torch.no_grad():
+                cache = model.prepare_source(torch.zeros(1, 3, ESTIMATE_SIZE, ESTIMATE_SIZE))
+                example = (model.keypoints(cache.image), *cache_tensors(cache))
             return fastgraph.cached_graph(model, example, 1, fastgraph.find_ranges(model), fastgraph.CACHE_DIR)
         except Exception as e:  # any exporter/runtime failure leaves the eager estimate working
             log.warning("refresh estimate renders with eager PyTorch (%s)", e)

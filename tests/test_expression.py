@@ -119,3 +119,25 @@ def test_per_clip_correlation_is_the_mean_over_clips() -> None:
     pred[4:] *= -1  # clip 1 moves the other way
     assert per_clip_corr(pred, t, clip) == pytest.approx([0.0] * 4, abs=1e-9)
     assert per_clip_corr(t, t, clip) == pytest.approx([1.0] * 4)
+
+
+@pytest.mark.parametrize("args,message", [(["--degrade", "1.5"], "--degrade is a share"),
+                                          (["--degrade", "nan"], "--degrade is a share"),
+                                          (["--width", "0"], "--width must be >= 1")])
+def test_training_refuses_bad_options(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.expression.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--tiny", "--steps", "1", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_degrade_changes_the_share_asked_and_keeps_shapes() -> None:
+    from models.expression.train import degrade
+
+    rng = np.random.default_rng(0)
+    eyes = (rng.random((8, 2, 32, 32, 3)) * 255).astype(np.uint8)
+    assert degrade(eyes, rng, 0.0) is eyes
+    out = degrade(eyes, rng, 1.0)
+    assert out.shape == eyes.shape and out.dtype == np.uint8
+    assert all((out[i] != eyes[i]).any() for i in range(8))  # every sample degraded, both eyes alike

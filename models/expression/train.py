@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     card_only = a.card_only
     del a.card_only
     cfg = TrainConfig(**vars(a))
+    if not 0.0 <= cfg.degrade <= 1.0:  # NaN fails it too
+        p.error("--degrade is a share of the training patches: 0..1")
+    if cfg.width < 1:
+        p.error("--width must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if card_only:
         command = ".venv/bin/python -m models.expression.train " + " ".join(

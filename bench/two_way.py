@@ -85,6 +85,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     common = ["--loop", "--max-frames", str(a.frames), "--fps", str(a.fps), "--token", TOKEN,
               "--codec", a.codec, "--refine-regions", a.refine_regions,
               *(["--threads", str(a.threads)] if a.threads else []),
+              *(["--send-nice", str(a.send_nice)] if a.send_nice is not None else []),
               *(["--weights", a.weights] if a.weights else ["--size", str(a.size)])]
     with two_hosts() as h, open(work / "listener.log", "w") as llog:
         listen = [sys.executable, "-m", "kpcast", "call", "--listen", "--host", h.addr_a, "--port", str(PORT),
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="auto", help="kpcast call --size on both sides")
     p.add_argument("--weights", help="kpcast call --weights on both sides (instead of --size)")
     p.add_argument("--codec", default="pred", choices=["pred", "q8", "f16"])
+    p.add_argument("--send-nice", type=int, help="kpcast call --send-nice on both sides (default: kpcast's)")
     p.add_argument("--threads", type=int, default=0, help="kpcast call --threads (the renderer's) on both sides; "
                    "0: its default")
     p.add_argument("--refine-regions", default="auto", help="kpcast call --refine-regions on both sides")

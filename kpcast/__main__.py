@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from kpcast.call import ERROR, CallConfig, CallResult, connect, listen
+from kpcast.call import ERROR, SEND_NICE, CallConfig, CallResult, connect, listen
 from kpcast.view import SINKS, check_view_spec
 from models.checkpoint import CheckpointError
 from models.fomm.io import DEFAULT_WEIGHTS, SHIPPED_SIZES
@@ -90,6 +90,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     c.add_argument("--connect-timeout", type=float, default=SenderConfig.connect_timeout,
                    help="seconds for the connection and both sides' channels to open (default %(default)s)")
     c.add_argument("--threads", type=int, default=CallConfig.threads, help="renderer threads (default %(default)s)")
+    c.add_argument("--send-nice", type=int, default=SEND_NICE,
+                   help="run this side's extraction, framing and refresh this many nice steps below its rendering "
+                        "(0..19, default %(default)s: the picture shown here gets the shared cores first)")
     c.add_argument("--frames-log", help="write every frame shown of the other side (seq, kind, keypoints, times) to "
                                         "this .npz when the call ends (a bench aid, as the receiver's)")
     c.add_argument("--device", help="cpu or cuda for the renderer (default: cuda when present)")
@@ -122,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> CallConfig:
         c.error("--connect-timeout must be > 0")
     if a.threads < 1:
         c.error("--threads must be >= 1")
+    if not 0 <= a.send_nice <= 19:
+        c.error("--send-nice must be in 0..19")
     if a.target_kbps is not None and a.target_kbps <= 0:
         c.error("--target-kbps must be > 0")
     if a.token is not None and not a.token.strip():
@@ -137,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> CallConfig:
         max_frames=a.max_frames, token=a.token, weights=a.weights or str(DEFAULT_WEIGHTS), codec=a.codec,
         tolerance=a.tolerance, target_kbps=a.target_kbps, framing=a.framing, refresh=a.refresh, pacing=a.pacing,
         connect_timeout=a.connect_timeout, ice_address=a.ice_address, ice_server=a.ice_server,
-        ice_username=a.ice_username, ice_credential=a.ice_credential, ice_relay_only=a.ice_relay_only)
+        ice_username=a.ice_username, ice_credential=a.ice_credential, ice_relay_only=a.ice_relay_only,
+        nice=a.send_nice)
     if sender.codec == "pred":
         try:
             sender.pred_config()

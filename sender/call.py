@@ -33,6 +33,7 @@ from sender.inputs import read_source_image
 from sender.kpsend import PredictiveSender
 from sender.pacing import PacingConfig, announceable_stride, choose_stride, measure_work_ms
 from sender.peer import SenderPeer
+from sender.priority import worker_pool
 from sender.rate import RateConfig, RateController, choose_rate
 from sender.refresh import RefreshConfig, RefreshMonitor
 from shared import protocol as P
@@ -94,25 +95,27 @@ class SenderStats:
 def make_refresh(cfg: SenderConfig, model: Any) -> RefreshMonitor:
     """The --refresh stage: off with --source-image; the keypoint estimate when the render one cannot run."""
     mode = "off" if cfg.source_image else cfg.refresh
-    rc = RefreshConfig(mode=mode, min_interval_s=cfg.refresh_min_interval)
+    rc = RefreshConfig(mode=mode, min_interval_s=cfg.refresh_min_interval, nice=cfg.nice)
     if mode != "render":
         return RefreshMonitor(rc)
     try:
         monitor = RefreshMonitor(rc, model)
     except Exception as e:  # missing weights or a broken model: refresh from keypoints instead
         log.warning("source refresh by rendering unavailable (%s): using the keypoint estimate", e)
-        return RefreshMonitor(RefreshConfig(mode="keypoints", min_interval_s=cfg.refresh_min_interval))
+        return RefreshMonitor(RefreshConfig(mode="keypoints", min_interval_s=cfg.refresh_min_interval,
+                                            nice=cfg.nice))
     if detector_id(monitor._render.model) != detector_id(model):
         log.warning("the 64x64 estimate model has another keypoint detector: refresh from keypoints instead")
         monitor.close()
-        return RefreshMonitor(RefreshConfig(mode="keypoints", min_interval_s=cfg.refresh_min_interval))
+        return RefreshMonitor(RefreshConfig(mode="keypoints", min_interval_s=cfg.refresh_min_interval,
+                                                  nice=cfg.nice))
     return monitor
 
 
 def make_framer(cfg: SenderConfig) -> Framer:
     """The --framing stage; face framing falls back to the centre square when dlib is missing."""
     try:
-        return Framer(FramingConfig(mode=cfg.framing, size=cfg.size))
+        return Framer(FramingConfig(mode=cfg.framing, size=cfg.size, nice=cfg.nice))
     except (ImportError, RuntimeError) as e:  # dlib-bin not installed (or a dlib that cannot build its detector)
         log.warning("face framing unavailable (%s): using the centre square", e)
         return Framer(FramingConfig(mode="centre", size=cfg.size))
@@ -211,6 +214,7 @@ class SenderCall:
             raise CaptureError(f"{fps:g} fps is under the {P.MIN_FPS:g} fps a receiver accepts")
         # after the input has opened: a missing camera or file fails before the detector is built
         self.extractor = KeypointExtractor(self.model, threads=cfg.threads, cache_dir=DETECTOR_CACHE_DIR)
+        self.extract_pool = worker_pool("extract", cfg.nice)  # ONNX Runtime runs on it (one intra-op thread)
         stride = 1
         if cfg.pacing == "auto" and self.replay is None:
             work_ms = measure_work_ms(self.extractor, np.zeros((cfg.size, cfg.size, 3), np.uint8),
@@ -392,7 +396,7 @@ class SenderCall:
         if self.replay is not None:
             vec = self.replay[frame.seq % len(self.replay)]
         else:
-            vec = await asyncio.to_thread(self.extractor, frame.image)
+            vec = await asyncio.get_running_loop().run_in_executor(self.extract_pool, self.extractor, frame.image)
         self.stats.extract_ms.append((time.perf_counter() - t0) * 1000)
         # off the hot path: a due estimate goes to a worker, the decision applies to a later frame
         self.refresh_due = self.refresh.observe(frame.image, vec, time.monotonic())
@@ -460,6 +464,7 @@ class SenderCall:
             st.parts.update(self.pred.summary())
         await self.peer.close(self.stop_reason or "done")
         self.source.close()
+        self.extract_pool.shutdown(wait=False)
 
     def _write_truth(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

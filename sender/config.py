@@ -68,6 +68,9 @@ class SenderConfig:
     # extraction threads: 1 here for a sender sharing its cores with a renderer (kpcast call);
     # `python -m sender`, alone on its machine, asks for 2
     threads: int = 1
+    # the sending half's worker threads (extraction, framing, refresh) run this many nice steps below the
+    # rest of the process: kpcast call's renderer gets the shared cores first (sender.priority)
+    nice: int = 0
     replay_keypoints: str | None = None  # send keypoints from a --truth-out file instead of detecting them
 
     def ice_options(self) -> IceServerOptions:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from sender.priority import worker_pool
+
 log = logging.getLogger(__name__)
 
 FaceBox = tuple[int, int, int, int]  # left, top, right, bottom (pixels, dlib's convention)
@@ -62,6 +64,7 @@ class FramingConfig:
     detect_max_side: int = 640  # larger frames are shrunk to this for detection (HOG's cost grows with area)
     upsample: int = 0  # dlib upsampling: 1 finds faces down to ~40 px instead of ~80 px, at 4x the cost
     threaded: bool = True  # False: detect inline (tests, offline use)
+    nice: int = 0  # the worker thread runs this many nice steps below its caller (sender.priority)
 
 
 def face_square(face: FaceBox, frame_hw: tuple[int, int], scale: float = 1.9, lift: float = 0.10) -> Square:
@@ -194,7 +197,7 @@ class Framer:
         if config.mode == "face" and detector is None:
             self._detector = dlib_detector(config.upsample)
         if config.mode == "face" and config.threaded:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framing")
+            self._pool = worker_pool("framing", config.nice)
 
     @property
     def square(self) -> Square | None:

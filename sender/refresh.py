@@ -32,12 +32,14 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from sender.priority import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class RefreshConfig:
         exceeds this ([-1, 1] units; talking without moving the head stays around 0.02-0.05).
     weights: the model the render estimate uses (the shipped 64 model by default).
     threaded: False: run each check inline (tests, offline benches).
+    nice: the worker thread runs this many nice steps below its caller (``sender.priority``).
     """
 
     mode: str = "render"
@@ -82,6 +85,7 @@ class RefreshConfig:
     kp_threshold: float = 0.12
     weights: str | None = None
     threaded: bool = True
+    nice: int = 0
 
 
 def keypoint_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -186,7 +190,7 @@ class RefreshMonitor:
             raise ValueError(f"--refresh must be one of {REFRESH_MODES}, not {config.mode!r}")
         self.config = config
         self._render = RenderEstimate(model, config.weights) if config.mode == "render" else None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="refresh") if (
+        self._pool = worker_pool("refresh", config.nice) if (
             config.threaded and config.mode != "off") else None
         self._pending: Future | None = None
         self._recent: deque[float] = deque(maxlen=max(1, config.window))

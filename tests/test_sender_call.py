@@ -83,3 +83,30 @@ def test_threads_reach_the_detectors_onnx_session(tmp_path: Path, tiny_weights: 
             assert call.extractor.session.get_session_options().intra_op_num_threads == threads
         finally:
             call.source.close()
+
+
+def test_nice_lowers_the_sending_workers_only(tmp_path: Path, tiny_weights: Path) -> None:
+    """``SenderConfig.nice`` (kpcast call --send-nice): extraction and framing run below the caller."""
+    import os
+    import threading
+
+    from sender.call import SenderCall
+    from sender.config import SenderConfig
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = nice()
+    clip = _clip(tmp_path / "clip.avi", 30.0, 4)
+    call = SenderCall(SenderConfig(video=str(clip), weights=str(tiny_weights), size=64, pacing="off",
+                                   framing="face", refresh="keypoints", nice=4))
+    call.prepare()
+    try:
+        assert call.extract_pool.submit(nice).result() == min(19, base + 4)
+        framer = call.source.framer
+        if framer._pool is not None:  # dlib present: face framing has its worker
+            assert framer._pool.submit(nice).result() == min(19, base + 4)
+        assert nice() == base
+    finally:
+        call.source.close()
+        call.extract_pool.shutdown()

@@ -279,6 +279,8 @@ def test_bad_token_is_refused_with_a_clear_error(tmp_path: Path, tiny_weights: P
     (["--listen", "--camera", "0", "--video", "x.mp4"], "not allowed with"),
     (["--listen", "--fps", "240"], "--fps must be in 1..60"),  # what a Hello may announce
     (["--listen", "--fps", "0.001"], "--fps must be in 1..60"),
+    (["--listen", "--send-nice", "20"], "--send-nice must be in 0..19"),
+    (["--listen", "--send-nice", "-1"], "--send-nice must be in 0..19"),
 ])
 def test_argument_errors(args: list[str], message: str) -> None:
     rc, err = kpcast_main(["call", *args])

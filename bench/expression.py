@@ -23,7 +23,8 @@ frame, the Q8 codec) and ``pred`` (the sender's default predictive stream,
 the same at tolerance T), with
 their kbps on the wire (messages + 95 B each, as bench.bandwidth) and ``h264_kbps_at_mouth_corr``:
 the libx264 rate that gives the same mouth-opening correlation (interpolated over the CRF
-rows; H.264 here is payload only, no packet headers).
+rows; H.264 here is payload only, no packet headers). Rendered as the first ``--render``; with
+``--refine-regions`` also ``'<row> <stream> + regions'``: what a call shows, end to end.
 
 ``--refine-regions [PATH]``: rows for the first model's renders (each ``--render``) with the
 receiver's region stage applied (``receiver.regions``: eyes and mouth redrawn by the region
@@ -142,10 +143,11 @@ class Row:
     """One way of showing the call: a model, the static source or an H.264 stream."""
 
     name: str
-    kind: str  # model | static | h264
+    kind: str  # model | regions | stream | static | h264
     kbps: float | None = None
     weights: str | None = None
     size: int | None = None
+    stream: str | None = None  # kind stream: the stream's name (q8, pred, pred:T)
 
 
 def score_clip(fl: FaceLandmarks, driving: np.ndarray, shown: dict[str, np.ndarray],
@@ -227,8 +229,11 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
         rows += [Row(f"{row_name(first[0], r)} {suffix}", "regions", weights=str(first[3]),
                      size=first[1].config.size) for r in renders for suffix in stages]
     regions_s, regions_frames = 0.0, 0
-    rows += [Row(f"{first[0]} {st}", "stream", weights=str(first[3]), size=first[1].config.size)
+    rows += [Row(f"{first[0]} {st}", "stream", weights=str(first[3]), size=first[1].config.size, stream=st)
              for st in stream_names]
+    # what a call shows: the delivered keypoints rendered (the first --render) and redrawn by the region stage
+    rows += [Row(f"{first[0]} {st} {suffix}", "stream", weights=str(first[3]), size=first[1].config.size, stream=st)
+             for st in stream_names for suffix in stages]
     stream_bits = {st: [0, 0, 0] for st in stream_names}  # message bytes, messages, frames
     rows.append(Row("static source", "static"))
     rows += [Row(f"libx264 CRF {c}", "h264") for c in crfs]
@@ -271,7 +276,11 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
                 stream_bits[st][0] += nbytes
                 stream_bits[st][1] += nmsgs
                 stream_bits[st][2] += len(kp_all)
-                shown[f"{label} {st}"] = upscale(common.render_vectors(model, cache, got[idx]))
+                shown[f"{label} {st}"] = upscale(common.render_vectors(model, cache, got[idx], render=renders[0]))
+                for suffix, stage in stages.items():
+                    src = stage.prepare(clip256[0], kp_to_vector(cache.kp)[0].numpy())
+                    shown[f"{label} {st} {suffix}"] = np.stack(
+                        [stage.apply(f, k, src) for f, k in zip(shown[f"{label} {st}"], got[idx], strict=True)])
         shown["static source"] = np.broadcast_to(clip256[0], (len(idx), *clip256.shape[1:]))
         for c in crfs:
             streams, dec, _kf = h264_encode(clip256, c)
@@ -288,7 +297,7 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
             c = int(r.name.rsplit(" ", 1)[1])
             r.kbps = h264_bits[c][0] * 8 / max(1, h264_bits[c][1]) * FPS / 1000
         elif r.kind == "stream":
-            b, n, f = stream_bits[r.name.rsplit(" ", 1)[1]]
+            b, n, f = stream_bits[r.stream]
             r.kbps = wire_kbps(b, n, f / FPS) if f else None
     summary = {}
     for r in rows:

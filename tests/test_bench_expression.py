@@ -81,3 +81,17 @@ def test_streams_deliver_what_the_receiver_decodes_and_rates_interpolate() -> No
     assert expression.kbps_at(curve, 0.7) == pytest.approx(20.0)
     assert 10.0 < expression.kbps_at(curve, 0.6) < 20.0
     assert expression.kbps_at(curve, 0.95) is None and expression.kbps_at(curve[:1], 0.5) is None
+
+
+def test_streams_with_the_region_stage_show_what_a_call_shows(tmp_path: Path) -> None:
+    """``--streams pred --refine-regions``: the delivered keypoints rendered, then redrawn by the region stage."""
+    out = tmp_path / "e.json"
+    expression.main(["--data", "assets", "--split", "all", "--weights", "models/weights/fomm_face256.pt",
+                     "--labels", "m", "--stride", "20", "--aed-every", "5", "--max-frames", "41", "--crf", "40",
+                     "--streams", "pred", "--refine-regions", "--json", str(out)])
+    s = json.loads(out.read_text())["summary"]
+    assert {"m", "m + regions", "m pred", "m pred + regions"} <= set(s)
+    assert s["m pred"]["kbps"] > 0
+    # the stage redraws the eyes and the mouth of the streamed frames: their pixels change, a little
+    assert s["m pred + regions"]["l1"] != s["m pred"]["l1"]
+    assert abs(s["m pred + regions"]["l1"] - s["m pred"]["l1"]) < 0.01

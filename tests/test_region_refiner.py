@@ -236,3 +236,60 @@ def test_wire_targets_follow_the_jacobians_change_since_the_source() -> None:
     assert np.abs(got - s.target).max() < 1e-4
     # the source frame itself gets the source's own openings
     assert wire_targets(s, source_open, fitted, js[source], js)[0] == pytest.approx(source_open[source[0]])
+
+
+def test_degrade_alike_degrades_the_share_asked_each_sample_alike_across_its_patches() -> None:
+    from models.expression.train_refiner import degrade_alike
+
+    rng = np.random.default_rng(0)
+    eyes = rng.integers(0, 255, (6, 2, 32, 32, 3), dtype=np.uint8)
+    mouth = rng.integers(0, 255, (6, 32, 48, 3), dtype=np.uint8)
+    none = degrade_alike([eyes, mouth], np.random.default_rng(1), 0.0)
+    assert all((a == b).all() for a, b in zip(none, [eyes, mouth], strict=True))
+    out_e, out_m = degrade_alike([eyes, mouth], np.random.default_rng(1), 1.0)
+    assert out_e.shape == eyes.shape and out_m.shape == mouth.shape and out_e.dtype == np.uint8
+    # every sample changed, in every group (JPEG at quality <= 70 alone changes random pixels)
+    assert all((out_e[i] != eyes[i]).any() and (out_m[i] != mouth[i]).any() for i in range(6))
+    # a noisy patch's detail is softened, never sharpened: the degraded patch is closer to its own blur
+    blur = lambda x: cv2.GaussianBlur(x, (0, 0), 1.0).astype(np.float32)  # noqa: E731
+    assert np.abs(out_m.astype(np.float32) - blur(out_m.reshape(-1, 48, 3)).reshape(out_m.shape)).mean() < \
+        np.abs(mouth.astype(np.float32) - blur(mouth.reshape(-1, 48, 3)).reshape(mouth.shape)).mean()
+
+
+def test_training_can_start_from_other_weights_and_degrade_its_samples(tmp_path: Path) -> None:
+    first = RefinerTrainConfig(out=str(tmp_path / "a.pt"), run_dir=str(tmp_path / "a"), regressor="", steps=20,
+                               batch=8, val_every=10, tiny=True, lr=3e-3, target="dlib")
+    tr, va = synthetic_samples(64, 4, 0), synthetic_samples(16, 4, 1)
+    train(first, tr, va, {})
+    start, _ = load_refiner(first.out)
+    second = RefinerTrainConfig(**{**first.__dict__, "out": str(tmp_path / "b.pt"), "run_dir": str(tmp_path / "b"),
+                                   "steps": 0, "init": first.out, "degrade": 0.5})
+    summary = train(second, tr, va, {})
+    assert summary["final"]["step"] == 0
+    got, _ = load_refiner(second.out)  # step 0's check: the weights it started from, not fresh ones
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), got.state_dict().values(), strict=True))
+    wide = RefinerTrainConfig(**{**second.__dict__, "width": 8, "tiny": False, "run_dir": str(tmp_path / "c")})
+    with pytest.raises(SystemExit, match="has width"):
+        train(wide, tr, va, {})
+    third = RefinerTrainConfig(**{**second.__dict__, "run_dir": str(tmp_path / "d"), "steps": 10})
+    assert train(third, tr, va, {})["last_loss"] is not None  # degraded batches train
+
+
+def test_wild_rows_are_the_clips_of_the_in_the_wild_sets() -> None:
+    from models.expression.train_refiner import wild_rows
+
+    s = synthetic_samples(8, 4, 0)
+    s.meta["clips"] = ["../shared/data/pcavs_vox2/a.mp4", "../shared/data/mead/b.mp4", "x/styletalk_faces/c.mp4",
+                       "d.mp4"]
+    assert wild_rows(s).tolist() == [True, False, True, False] * 2
+
+
+@pytest.mark.parametrize("args,message", [(["--degrade", "2"], "--degrade is a share"),
+                                          (["--degrade", "nan"], "--degrade is a share"),
+                                          (["--init", "x.pt", "--resume"], "--init starts a run")])
+def test_refiner_training_argument_errors(args: list[str], message: str, capsys) -> None:
+    from models.expression.train_refiner import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err

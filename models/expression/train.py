@@ -157,10 +157,40 @@ def to_tensors(p: Patches, idx: np.ndarray, rng: np.random.Generator | None = No
     return eyes, mouth
 
 
+@dataclass(frozen=True)
+class Degradation:
+    """One webcam-like degradation (``draw_degradation``), applied alike to every patch of a sample."""
+
+    quality: int  # JPEG quality
+    scale: float  # rescale to this share of the side and back
+    sigma: float  # Gaussian blur (px; <= 0.3: none)
+    noise: float  # sensor noise, grey levels (<= 0.5: none)
+
+
+def draw_degradation(rng: np.random.Generator) -> Degradation:
+    """A JPEG round trip at quality 15-70, a rescale to 45-100 % and back, a blur and sensor noise."""
+    return Degradation(int(rng.integers(15, 71)), float(rng.uniform(0.45, 1.0)), float(rng.uniform(0, 1.0)),
+                       float(rng.uniform(0, 5.0)))
+
+
+def apply_degradation(x: np.ndarray, d: Degradation, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 patch (H, W, 3) degraded by ``d`` (the noise drawn from ``rng``)."""
+    h, w = x.shape[:2]
+    if d.scale < 0.97:
+        x = cv2.resize(cv2.resize(x, (max(4, round(w * d.scale)), max(4, round(h * d.scale))),
+                                  interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
+    if d.sigma > 0.3:
+        x = cv2.GaussianBlur(x, (0, 0), d.sigma)
+    x = cv2.imdecode(cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, d.quality])[1], cv2.IMREAD_UNCHANGED)
+    if d.noise > 0.5:
+        x = np.clip(x + rng.normal(0, d.noise, x.shape), 0, 255).astype(np.uint8)
+    return x
+
+
 def degrade(patches: np.ndarray, rng: np.random.Generator, share: float) -> np.ndarray:
     """Degrade ``share`` of the uint8 patches (N, ..., H, W, 3) as a webcam's compressed, soft, noisy
-    video is (in-the-wild faces read worst: VoxCeleb2 eyes): a JPEG round trip at quality 15-70, a
-    rescale to 45-100 % and back, a Gaussian blur and sensor noise, each drawn per patch."""
+    video is (in-the-wild faces read worst: VoxCeleb2 eyes): ``draw_degradation`` per sample, the
+    sample's patches (2 eyes) alike."""
     if share <= 0:
         return patches
     out = patches.copy()
@@ -169,20 +199,9 @@ def degrade(patches: np.ndarray, rng: np.random.Generator, share: float) -> np.n
     for i in range(patches.shape[0]):
         if rng.random() >= share:
             continue
-        q, scale = int(rng.integers(15, 71)), float(rng.uniform(0.45, 1.0))
-        sigma, noise = float(rng.uniform(0, 1.0)), float(rng.uniform(0, 5.0))
+        d = draw_degradation(rng)
         for j in range(i * per, (i + 1) * per):
-            x = flat[j]
-            h, w = x.shape[:2]
-            if scale < 0.97:
-                x = cv2.resize(cv2.resize(x, (max(4, round(w * scale)), max(4, round(h * scale))),
-                                          interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
-            if sigma > 0.3:
-                x = cv2.GaussianBlur(x, (0, 0), sigma)
-            x = cv2.imdecode(cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, q])[1], cv2.IMREAD_UNCHANGED)
-            if noise > 0.5:
-                x = np.clip(x + rng.normal(0, noise, x.shape), 0, 255).astype(np.uint8)
-            flat[j] = x
+            flat[j] = apply_degradation(flat[j], d, rng)
     return out
 
 

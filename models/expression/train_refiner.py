@@ -60,7 +60,7 @@ from models.expression.openings import openings
 from models.expression.region_data import RegionSamples, load_samples
 from models.expression.region_refiner import RefinerConfig, RegionRefiner, load_refiner, paste_patches, save_refiner
 from models.expression.regressor import OpeningNet
-from models.expression.train import SELECT, per_clip_corr
+from models.expression.train import SELECT, WILD_SETS, apply_degradation, draw_degradation, per_clip_corr
 from models.fomm.losses import ssim
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,10 @@ class RefinerTrainConfig:
     seed: int = 0
     tiny: bool = False
     resume: bool = False
+    # share of training samples degraded as webcam video is (JPEG, rescale, blur, noise: train.draw_degradation),
+    # the rendered, source and driving patches of a sample alike: in-the-wild faces (#29)
+    degrade: float = 0.0
+    init: str = ""  # start from this refiner checkpoint's weights (not with --resume, which continues its own)
 
 
 # --------------------------------------------------------------------------- batches
@@ -104,11 +108,32 @@ def _f(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).movedim(-1, -3).float() / 255.0
 
 
-def batch_of(s: RegionSamples, idx: np.ndarray, target: np.ndarray) -> dict[str, torch.Tensor]:
+def degrade_alike(groups: list[np.ndarray], rng: np.random.Generator, share: float) -> list[np.ndarray]:
+    """Degrade ``share`` of the samples: one ``draw_degradation`` per sample, applied to that sample's patches
+    in every group (uint8 arrays (N, ..., H, W, 3): its rendered, source and driving eyes and mouth alike, as a
+    webcam degrades the source image and the driving frames alike and the render inherits the source's)."""
+    out = [g.copy() for g in groups]
+    flats = [o.reshape(len(o), -1, *o.shape[-3:]) for o in out]
+    for i in range(len(groups[0])):
+        if rng.random() >= share:
+            continue
+        d = draw_degradation(rng)
+        for f in flats:
+            for j in range(f.shape[1]):
+                f[i, j] = apply_degradation(f[i, j], d, rng)
+    return out
+
+
+def batch_of(s: RegionSamples, idx: np.ndarray, target: np.ndarray, rng: np.random.Generator | None = None,
+             degrade: float = 0.0) -> dict[str, torch.Tensor]:
     si = s.source[idx]
-    return {"rendered_eyes": _f(s.rendered_eyes[idx]), "rendered_mouth": _f(s.rendered_mouth[idx]),
-            "source_eyes": _f(s.source_eyes[si]), "source_mouth": _f(s.source_mouth[si]),
-            "driving_eyes": _f(s.driving_eyes[idx]), "driving_mouth": _f(s.driving_mouth[idx]),
+    patches = [s.rendered_eyes[idx], s.rendered_mouth[idx], s.source_eyes[si], s.source_mouth[si],
+               s.driving_eyes[idx], s.driving_mouth[idx]]
+    if rng is not None and degrade > 0:
+        patches = degrade_alike(patches, rng, degrade)
+    re, rm, se, sm, de, dm = (_f(x) for x in patches)
+    return {"rendered_eyes": re, "rendered_mouth": rm, "source_eyes": se, "source_mouth": sm,
+            "driving_eyes": de, "driving_mouth": dm,
             "target": torch.from_numpy(target[idx]), "source_open": torch.from_numpy(s.source_open[si])}
 
 
@@ -199,6 +224,13 @@ def dlib_openings(fl, s: RegionSamples, eyes: np.ndarray | None, mouth: np.ndarr
     return out
 
 
+def wild_rows(s: RegionSamples) -> np.ndarray:
+    """(N,) bool: rows of clips from the in-the-wild sets (``train.WILD_SETS``: webcam and interview footage)."""
+    names = s.meta.get("clips") or []
+    wild = np.array([Path(n).parent.name in WILD_SETS for n in names], bool)
+    return wild[s.clip] if len(wild) else np.zeros(len(s), bool)
+
+
 def score(eyes: np.ndarray, mouth: np.ndarray, s: RegionSamples, reg: OpeningNet | None, fl=None,
           as_is: bool = False) -> dict:
     """Metrics of float patches (CHW in [0, 1]) against the driving patches and the dlib openings; ``fl``
@@ -216,6 +248,9 @@ def score(eyes: np.ndarray, mouth: np.ndarray, s: RegionSamples, reg: OpeningNet
         if not ok.any():
             return m
         m["dlib_corr"] = per_clip_corr(pred[ok], s.target[ok], s.seq[ok])
+        wild = ok & wild_rows(s)
+        if wild.any():  # in-the-wild clips of held-out persons (train.WILD_SETS): reported, not selected by
+            m["dlib_corr_wild"] = per_clip_corr(pred[wild], s.target[wild], s.seq[wild])
         m["dlib_mae"] = np.abs(pred[ok] - s.target[ok]).mean(0).tolist()
         m["dlib_frames"] = int(ok.sum())
     return m
@@ -353,6 +388,13 @@ def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: d
         opt.load_state_dict(st["opt"])
         step, elapsed, best = st["step"], st["elapsed"], st["best"]
         log.info("resumed at step %d (%.1f min, best %.3f)", step, elapsed / 60, best["select"])
+    elif cfg.init:
+        start, _ = load_refiner(cfg.init)
+        if start.config.width != net.config.width:
+            raise SystemExit(f"--init {cfg.init} has width {start.config.width}, not --width {net.config.width}")
+        net.load_state_dict(start.state_dict())
+        net.set_open_stats(torch.from_numpy(tr_target.mean(0)), torch.from_numpy(tr_target.std(0) + 1e-6))
+        log.info("started from the weights of %s", cfg.init)
     meta = {**meta, "wire_gain": None if wire_gain is None else wire_gain.tolist(),
             "opening_loss": reg is not None and cfg.w_open > 0, "regressor": cfg.regressor if reg else None,
             "target": ("regressor" if reg is not None else "dlib") if cfg.target == "auto" else cfg.target,
@@ -389,7 +431,7 @@ def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: d
         if step >= cfg.steps or time.monotonic() - t0 >= cfg.minutes * 60:
             break
         idx = rng.integers(0, len(tr), cfg.batch)
-        out = losses(net, reg, augment(batch_of(tr, idx, tr_target), gen), cfg)
+        out = losses(net, reg, augment(batch_of(tr, idx, tr_target, rng, cfg.degrade), gen), cfg)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -475,8 +517,15 @@ def write_card(cfg: RefinerTrainConfig, summary: dict, meta: dict, command: str)
         "## Training",
         f"- {final['step']} steps, {final['minutes']} min on CPU ({cfg.threads} thread), batch {cfg.batch}, AdamW lr "
         f"{cfg.lr}; loss {cfg.w_l1} x L1 + {cfg.w_ssim} x (1 - SSIM) + opening term + {cfg.w_mask} x mask mean; "
-        "brightness/contrast and mirrored-mouth augmentation.",
+        "brightness/contrast and mirrored-mouth augmentation"
+        + (f"; {cfg.degrade:.0%} of the samples degraded as webcam video is (JPEG 15-70, rescale, blur, noise; "
+           "rendered, source and driving patches alike)" if cfg.degrade > 0 else "") + "."
+        + (f" Started from the weights of `{cfg.init}`." if cfg.init else ""),
         f"- opening loss: {opening}.",
+        *([f"- in-the-wild validation clips (train.WILD_SETS), dlib corr eye L / eye R / mouth open / width at the "
+           f"selected check: {', '.join(f'{v:.3f}' for v in best['dlib_corr_wild'])} (rendered as is: "
+           f"{', '.join(f'{v:.3f}' for v in base['rendered'].get('dlib_corr_wild', []))})"]
+          if "dlib_corr_wild" in best else []),
         f"- **model selection**: the validation check (every {cfg.val_every} steps) with the {selected_by(best)}: "
         f"step {best['step']}. Selected on the validation split, so its numbers are optimistic.",
         "",
@@ -502,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, RefinerTrainConfig())
     a = p.parse_args(argv)
+    if not 0.0 <= a.degrade <= 1.0:  # NaN fails it too
+        p.error("--degrade is a share of the training samples: 0..1")
+    if a.init and a.resume:
+        p.error("--init starts a run from other weights; --resume continues this run's own state")
     cfg = RefinerTrainConfig(**vars(a))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -258,6 +258,7 @@ def run_call(cond: Condition, a: argparse.Namespace, work: Path) -> dict[str, An
         recv_args = [sys.executable, "-m", "receiver", "--host", link.addr_a, "--port", str(PORT),
                      "--weights", str(a.weights), "--playout", "clock", "--forecaster", cond.forecaster,
                      "--lookahead-ms", str(cond.lookahead_ms), "--max-delay-ms", str(cond.max_delay_ms),
+                     *([] if a.early_render is None else ["--early-render" if a.early_render else "--no-early-render"]),
                      "--stats-dir", str(work),
                      "--frames-log", str(work / "frames.npz"), "--stop-after-calls", "1",
                      "--threads", str(a.render_threads), "--device", "cpu",
@@ -381,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", default=str(DEFAULT_CLIP))
     p.add_argument("--weights", default=None, help="motion model (default: shipped weights)")
     p.add_argument("--seed", type=int, default=0, help="jitter seed (nftables loss is not seedable)")
+    p.add_argument("--early-render", action=argparse.BooleanOptionalAction, default=None,
+                   help="the receiver's --early-render / --no-early-render (default: the receiver's)")
     p.add_argument("--render-threads", type=int, default=2, help="receiver torch threads")
     p.add_argument("--extract-threads", type=int, default=2, help="sender --threads (its default)")
     p.add_argument("--workdir", default="out/bench/playout_work", help="per-condition logs and raw files")

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="low-delay playout: the jitter buffer never holds frames longer than this; a later frame "
                         "is shown as the stream predicts it when due (default %(default)g; 1000: the buffer follows "
                         "the 95th percentile of arrivals, for the smoothest picture at the highest latency)")
+    p.add_argument("--early-render", action=argparse.BooleanOptionalAction, default=SessionConfig.early_render,
+                   help="clock playout: render a frame whose keypoints are in about one render before it is due and "
+                        "show it when due (default on; --no-early-render: start each render when its frame is due)")
     p.add_argument("--max-calls", type=int, default=4, help="concurrent calls")
     p.add_argument("--max-batch", type=int, default=ServerConfig.max_batch,
                    help="render up to this many concurrent calls' frames in one run (default: %(default)s; "
@@ -99,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     if not a.max_delay_ms >= 0:
         p.error("--max-delay-ms must be >= 0")
     session = SessionConfig(sink=a.sink, playout=a.playout, forecaster=a.forecaster, lookahead_ms=a.lookahead_ms,
-                            frames_log=a.frames_log, setup_timeout_s=a.setup_timeout, max_delay_ms=a.max_delay_ms)
+                            frames_log=a.frames_log, setup_timeout_s=a.setup_timeout, max_delay_ms=a.max_delay_ms,
+                            early_render=a.early_render)
     cfg = ServerConfig(a.host, a.port, a.token, a.max_calls, a.stop_after_calls, a.stats_dir, session,
                        fast_render=not a.eager_render, int8_render=not a.no_int8, ice=ice,
                        cors_origins=a.cors_origin, max_batch=a.max_batch, refine_regions=a.refine_regions)

@@ -280,6 +280,11 @@ class Playout:
         self._last_out = frame
         return frame
 
+    def next_in(self) -> bool:
+        """Whether the frame after the cursor is buffered (received, or decoded by prediction): it can be
+        rendered before it falls due (the session's early render) without anyone waiting for it."""
+        return self.cursor is not None and self.buffer.get(self.cursor + 1) is not None
+
     def next_due_s(self) -> float | None:
         """Local time at which the frame after the cursor falls due (None until the clock is known).
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -79,6 +80,11 @@ class SessionConfig:
     # 0.002 SSIM and 0.017 mouth correlation (5 runs each, docs/RESULTS.md "Low-delay playout");
     # 35 ms cost 0.07 of mouth correlation. 1000: the buffer follows the 95th percentile of arrivals.
     max_delay_ms: float = DEFAULT_MAX_DELAY_MS
+    # Clock mode: render a frame whose keypoints are already in ahead of its due time, by about one render,
+    # and show it when due, instead of starting the render when it falls due and showing it a render late
+    # (the decoder's lead of WebRTC's timing model). A frame not yet in is still waited for until it is
+    # due, then concealed as before: no keypoint deadline moves, so the picture is the same.
+    early_render: bool = True
     # Benchmark aid, off by default: write every frame shown (seq, kind, vector, capture and
     # render time, ...) to this .npz when the call ends, so keypoint error against the sender's
     # ``--truth-out`` can be computed offline. Later calls get ``_2``, ``_3``... like file sinks.
@@ -86,6 +92,8 @@ class SessionConfig:
 
 
 SOURCE_BURST_S = 0.1  # after the source image is ready, keypoints may still be draining out of SCTP
+EARLY_RENDER_SLACK_S = 0.002  # SessionConfig.early_render: the sink's share of a frame's lead
+EARLY_RENDER_MAX = 0.6  # ... and its lead at most this share of a frame period
 
 
 class CallSession:
@@ -385,10 +393,14 @@ class CallSession:
         """Ask the sender for a fresh source image (e.g. the scene changed)."""
         self.send(P.SourceRequest(reason))
 
-    async def _render(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any = None) -> None:
+    async def _render(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any = None,
+                      show_at: float | None = None) -> None:
         t0 = time.perf_counter()
         image, together = await self.batcher.render_counted(self.renderer.job(vec), self)
         t1 = time.perf_counter()
+        if show_at is not None:  # rendered early: shown when due, not before
+            await self._hold_until(show_at)
+        t_show = time.perf_counter()
         self.stats.render_batch.append(together)
         self.stats.render_ms.append((t1 - t0) * 1000)
         if isinstance(self.renderer, TieredRenderer):
@@ -406,7 +418,7 @@ class CallSession:
         self.stats.latency_ms.append(time.time() * 1000 - capture_us / 1000)
         self._log_frame(seq, capture_us, vec, frame, repeated=False, render_start_us=int(
             time.time_ns() // 1000 - (time.perf_counter() - t0) * 1e6), render_ms=(t1 - t0) * 1000,
-            sink_ms=(time.perf_counter() - t1) * 1000)
+            sink_ms=(time.perf_counter() - t_show) * 1000)
 
     def _log_frame(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any, repeated: bool,
                    render_start_us: int = 0, render_ms: float = 0.0, sink_ms: float = 0.0) -> None:
@@ -445,13 +457,41 @@ class CallSession:
                 else:  # behind real time, or reordered
                     self.stats.frames_dropped += 1
 
+    def _lead_s(self, period: float) -> float:
+        """How long before a frame's due time its render starts (``early_render``): the recent median render
+        time and 2 ms for the sink, at most 60 % of a frame period (the clock must still tick every period)."""
+        recent = self.stats.render_ms[-9:]
+        if not self.config.early_render or not recent:
+            return 0.0
+        return min(float(np.median(recent)) / 1000.0 + EARLY_RENDER_SLACK_S, EARLY_RENDER_MAX * period)
+
+    async def _until_in_or(self, deadline: float) -> None:
+        """Return once the frame after the playout's cursor is buffered, or at ``deadline``."""
+        while not self.playout.next_in() and not self.closed.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+
+    @staticmethod
+    async def _hold_until(t: float) -> None:
+        left = t - time.monotonic()
+        if left > 0:
+            await asyncio.sleep(left)
+
     async def _tick_clock(self) -> None:
         period = 1.0 / self.hello.fps
-        next_tick = time.monotonic()
+        next_tick = time.monotonic()  # when the next frame is shown (its due time, phase-locked)
         while not self.closed.is_set():
+            lead = self._lead_s(period)
             now = time.monotonic()
-            if now < next_tick:
-                await asyncio.sleep(next_tick - now)
+            if now < next_tick - lead:
+                await asyncio.sleep(next_tick - lead - now)
+            if lead > 0 and self.renderer.ready:
+                await self._until_in_or(next_tick)  # render now if its keypoints are in, else when due
+            show_at = next_tick
             next_tick += period
             if time.monotonic() - next_tick > period:  # renderer fell behind: don't burst to catch up
                 next_tick = time.monotonic() + period
@@ -461,15 +501,17 @@ class CallSession:
                 continue
             t_tick = time.perf_counter()
             now = time.monotonic()
-            frame = self.playout.tick(now)
+            shown = max(now, show_at)
+            frame = self.playout.tick(shown)  # the frame for the time it will be shown
             self._tick_ms = (time.perf_counter() - t_tick) * 1000
             due = self.playout.next_due_s()
-            if due is not None:  # phase-locked: tick when the next frame falls due, 0.5 to 1.5 periods on
-                next_tick = min(max(due, now + 0.5 * period), now + 1.5 * period)
+            if due is not None:  # phase-locked: show the next frame when it falls due, 0.5 to 1.5 periods on
+                next_tick = min(max(due, shown + 0.5 * period), shown + 1.5 * period)
             if frame is None:
                 continue
             if frame.repeated and self._last_image is not None:
                 # the playout holds a frame to let the buffer refill: show it again, don't re-render
+                await self._hold_until(show_at)
                 self._repeat(frame.seq, frame.capture_us, frame.vector, frame)
                 continue
             vector = frame.vector
@@ -480,12 +522,13 @@ class CallSession:
                 # last picture rather than draw these keypoints on a picture they do not belong to
                 self.stats.frames_source_wait += 1
                 if self._last_image is not None:
+                    await self._hold_until(show_at)
                     self._repeat(frame.seq, frame.capture_us, frame.vector, frame)
                 continue
             if self.sources.held != held:  # switched: the old image's frames must not shape this one's
                 clean = self.playout.forget_before(frame.seq)
                 vector = clean if clean is not None else vector
-            await self._render(frame.seq, frame.capture_us, vector, frame)
+            await self._render(frame.seq, frame.capture_us, vector, frame, show_at=show_at)
             # counted once rendered, like frames_rendered: a render cut off by the hang-up counts in neither
             if frame.kind == "concealed":
                 self.stats.frames_concealed += 1

@@ -25,17 +25,39 @@ from tests.live import active_calls, kill, start_sender
 pytestmark = pytest.mark.call  # real receiver and sender processes
 
 
-@pytest.mark.skipif(not cpuquota.available(), reason="needs root and a writable cpu cgroup controller")
-def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> None:
+def _start_call(tmp_path: Path) -> tuple:
+    """A receiver at 256 with adaptation and a light sender; (receiver, sender, port)."""
     port = free_port()
     recv = start_receiver(["--port", str(port), "--size", "256", "--adapt", "--max-calls", "1",
                            "--stats-dir", str(tmp_path)], log_path=tmp_path / "receiver.log", timeout_s=180)
     send = start_sender(port, WEIGHTS / "fomm_face64.pt", DEMO_CLIP,
                         "--framing", "centre", "--refresh", "off", log_path=tmp_path / "sender.log")
-    try:
-        call = wait_for(lambda: [c for c in active_calls(port) if c["frames_rendered"] > 10], 90,
+    return recv, send, port
+
+
+def _end_call(recv, send) -> None:
+    kill(send)
+    # the receiver serves until told to stop (no --stop-after-calls): without the signal, stop()
+    # would wait out its whole timeout
+    recv.terminate()
+    stop(recv, 30)
+
+
+@pytest.mark.skipif(not cpuquota.available(), reason="needs root and a writable cpu cgroup controller")
+def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> None:
+    # The call must first render at 256 unthrottled. On a machine busy with the rest of a loaded suite the
+    # first renders can take over twice the budget and step down before the quota (a fresh-clone suite
+    # did, once): that call says nothing about the quota, so another is started, up to three.
+    for _attempt in range(3):
+        recv, send, port = _start_call(tmp_path)
+        call = wait_for(lambda port=port: [c for c in active_calls(port) if c["frames_rendered"] > 10], 90,
                         "the call to render")[0]
-        assert call["render_size"] == 256 and call["tier_changes"] == []
+        if call["render_size"] == 256 and call["tier_changes"] == []:
+            break
+        _end_call(recv, send)
+    else:
+        pytest.fail(f"three calls stepped down from 256 before any CPU quota (last: {call['tier_changes']})")
+    try:
         with cpuquota.cpu_quota(recv.pid, 0.25):
             call = wait_for(lambda: [c for c in active_calls(port) if c["tier_changes"]], 90,
                             "a tier change under the CPU quota")[0]
@@ -49,10 +71,6 @@ def test_overloaded_receiver_steps_its_tier_down_mid_call(tmp_path: Path) -> Non
                      "frames after the tier change")
         assert active_calls(port)[0]["render_size"] in (64, 128)
     finally:
-        kill(send)
-        # the receiver serves until told to stop (no --stop-after-calls): without the signal, stop()
-        # would wait out its whole timeout
-        recv.terminate()
-        stop(recv, 30)
+        _end_call(recv, send)
     log = (tmp_path / "receiver.log").read_text()
     assert f"render tier 256 -> {first['to']} (overuse" in log, log[-2000:]

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--playout", default="clock", choices=["clock", "immediate"])
     p.add_argument("--forecaster", default=DEFAULT_FORECASTER)
     p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--early-render", action=argparse.BooleanOptionalAction, default=None,
+                   help="the receiver's --early-render / --no-early-render (default: the receiver's)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         model_args = ["--weights", a.weights] if a.weights else ["--size", a.size]
         recv = start_receiver(["--port", str(port), *model_args, "--playout", a.playout,
                                "--forecaster", a.forecaster, "--sink", f"file:{out / 'received.mp4'}",
+                               *([] if a.early_render is None else
+                                 ["--early-render" if a.early_render else "--no-early-render"]),
                                "--stats-dir", str(out), "--stop-after-calls", "1"], log_path=out / "receiver.log")
     except (RuntimeError, TimeoutError) as e:
         print(f"{e}\n" + (out / "receiver.log").read_text()[-3000:], file=sys.stderr)

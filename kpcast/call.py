@@ -61,10 +61,10 @@ log = logging.getLogger(__name__)
 # How long the sending half may take to finish after the call ended (its Bye waits up to 1 s for the
 # other side, a frame may be in extraction); then it is cancelled.
 SENDER_FINISH_S = 5.0
-CPU_SHARE_PERIOD_S = 1.0
+CPU_SHARE_PERIOD_S = 1.0  # how often the receiving half learns what the sending half costs
 # The sending half's worker threads run this many nice steps below the renderer (sender.priority): when the
 # shared cores are short, a late extraction costs the other side one fresh frame, a late render freezes ours.
-SEND_NICE = 5  # how often the receiving half learns what the sending half costs
+SEND_NICE = 5
 # Exit statuses: a call that ended as someone asked (either side hung up, or the input ended) is 0;
 # one whose other side vanished or broke the connection is LOST; set-up failures are ERROR.
 LOST = 1

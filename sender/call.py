@@ -102,13 +102,11 @@ def make_refresh(cfg: SenderConfig, model: Any) -> RefreshMonitor:
         monitor = RefreshMonitor(rc, model)
     except Exception as e:  # missing weights or a broken model: refresh from keypoints instead
         log.warning("source refresh by rendering unavailable (%s): using the keypoint estimate", e)
-        return RefreshMonitor(RefreshConfig(mode="keypoints", min_interval_s=cfg.refresh_min_interval,
-                                            nice=cfg.nice))
+        return RefreshMonitor(replace(rc, mode="keypoints"))
     if detector_id(monitor._render.model) != detector_id(model):
         log.warning("the 64x64 estimate model has another keypoint detector: refresh from keypoints instead")
         monitor.close()
-        return RefreshMonitor(RefreshConfig(mode="keypoints", min_interval_s=cfg.refresh_min_interval,
-                                                  nice=cfg.nice))
+        return RefreshMonitor(replace(rc, mode="keypoints"))
     return monitor
 
 

@@ -40,6 +40,32 @@ def test_untrained_refiner_returns_the_rendered_patches_exactly() -> None:
     assert out["eye_mask"].shape == (3, 2, 1, EYE_PATCH, EYE_PATCH) and out["mouth_mask"].shape == (3, 1, 32, 48)
 
 
+def test_a_two_level_refiner_drops_the_coarsest_level_and_is_still_the_identity_untrained(tmp_path: Path) -> None:
+    from models.expression.region_refiner import save_refiner
+
+    torch.manual_seed(0)
+    three, two = RegionRefiner(), RegionRefiner(RefinerConfig(levels=2)).eval()
+    assert not hasattr(two.eye, "enc2") and not hasattr(two.eye, "dec1") and hasattr(three.eye, "enc2")
+    # every tensor of the 2-level net has its namesake, of the same shape, in the 3-level one (what --init copies)
+    big = three.state_dict()
+    assert all(k in big and big[k].shape == v.shape for k, v in two.state_dict().items())
+    eyes, mouth = torch.rand(2, 2, 3, EYE_PATCH, EYE_PATCH), torch.rand(2, 3, MOUTH_PATCH[1], MOUTH_PATCH[0])
+    macs = {"3": [], "2": []}
+    for n, net in (("3", three), ("2", two)):
+        hooks = [m.register_forward_hook(lambda m, i, o, c=macs[n]: c.append(o.numel() * m.weight[0].numel()))
+                 for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        net(eyes, eyes, mouth, mouth, torch.rand(2, 4), torch.rand(2, 4))
+        for h in hooks:
+            h.remove()
+    assert sum(macs["2"]) < 0.65 * sum(macs["3"])  # the point of it: ~40 % fewer multiply-adds
+    out = two(eyes, torch.rand_like(eyes), mouth, torch.rand_like(mouth), torch.rand(2, 4), torch.rand(2, 4))
+    assert torch.equal(out["eyes"], eyes) and torch.equal(out["mouth"], mouth)
+    save_refiner(tmp_path / "r2.pt", two, {})
+    assert load_refiner(tmp_path / "r2.pt")[0].config.levels == 2
+    with pytest.raises(ValueError, match="levels must be 2 or 3"):
+        RegionRefiner(RefinerConfig(levels=4))
+
+
 def test_untrained_refine_frame_changes_nothing_and_the_checkpoint_loads(demo_clip: Path, tmp_path: Path) -> None:
     from models.expression.region_refiner import save_refiner
 
@@ -273,6 +299,14 @@ def test_training_can_start_from_other_weights_and_degrade_its_samples(tmp_path:
         train(wide, tr, va, {})
     third = RefinerTrainConfig(**{**second.__dict__, "run_dir": str(tmp_path / "d"), "steps": 10})
     assert train(third, tr, va, {})["last_loss"] is not None  # degraded batches train
+    # a 2-level net starts from the 3-level one's shared layers (all of its own)
+    fewer = RefinerTrainConfig(**{**second.__dict__, "out": str(tmp_path / "e.pt"), "run_dir": str(tmp_path / "e"),
+                                  "levels": 2})
+    train(fewer, tr, va, {})
+    two, _ = load_refiner(fewer.out)
+    full = start.state_dict()
+    assert two.config.levels == 2
+    assert all(torch.equal(v, full[k]) for k, v in two.state_dict().items())
 
 
 def test_wild_rows_are_the_clips_of_the_in_the_wild_sets() -> None:

@@ -36,10 +36,10 @@ def _kp(left=(-0.3, -0.15), right=(0.3, -0.15), mouth=(0.0, 0.45), anchors=ANCHO
     return v
 
 
-def _refiner(perturbed: bool, seed: int = 0) -> RegionRefiner:
+def _refiner(perturbed: bool, seed: int = 0, levels: int = 3) -> RegionRefiner:
     """Untrained (its zero-initialised output layer: the identity) or trained-looking (that layer random)."""
     torch.manual_seed(seed)
-    net = RegionRefiner(RefinerConfig(width=4)).eval()
+    net = RegionRefiner(RefinerConfig(width=4, levels=levels)).eval()
     if perturbed:
         with torch.no_grad():
             for p in (*net.eye.out.parameters(), *net.mouth.out.parameters()):
@@ -111,9 +111,10 @@ def test_a_trained_refiner_changes_only_the_eyes_and_the_mouth(regressor, frames
         assert diff[dist[k] < 0.15 * d].max() > 5, k
 
 
-def test_onnx_runtime_and_eager_refiners_draw_the_same_frame(regressor, frames: np.ndarray) -> None:
-    fast = RegionStage(_refiner(True), regressor, GAIN, ANCHORS)
-    eager = RegionStage(_refiner(True), regressor, GAIN, ANCHORS, onnx=False)
+@pytest.mark.parametrize("levels", [3, 2])
+def test_onnx_runtime_and_eager_refiners_draw_the_same_frame(regressor, frames: np.ndarray, levels: int) -> None:
+    fast = RegionStage(_refiner(True, levels=levels), regressor, GAIN, ANCHORS)
+    eager = RegionStage(_refiner(True, levels=levels), regressor, GAIN, ANCHORS, onnx=False)
     assert fast.onnx is not None and eager.onnx is None  # onnxruntime is a dependency: the fast path runs
     kp = _kp(left=(-0.3, -0.1), right=(0.25, -0.12), mouth=(-0.02, 0.42))
     src = fast.prepare(frames[0], kp)

@@ -53,6 +53,9 @@ FEATHER = 0.25  # paste window: fraction of each patch side over which the weigh
 @dataclass
 class RefinerConfig:
     width: int = 16  # channels at full patch resolution; 2x and 4x after the two downsamplings
+    # 3: two downsamplings (32 -> 16 -> 8 px); 2: one (the 8 px level and its decoder convolution dropped:
+    # ~40 % of the multiply-adds, which is what the stage's time is on these patch sizes, issue #29)
+    levels: int = 3
     # opening statistics for the constant planes (set by training): planes hold (opening - mean) / std
     open_mean: list[float] = field(default_factory=lambda: [0.0] * len(CHANNELS))
     open_std: list[float] = field(default_factory=lambda: [1.0] * len(CHANNELS))
@@ -68,13 +71,18 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class _UNet(nn.Module):
     """(B, cin, H, W) -> residual (B, 3, H, W) and mask logit (B, 1, H, W); H, W divisible by 4."""
 
-    def __init__(self, cin: int, width: int) -> None:
+    def __init__(self, cin: int, width: int, levels: int = 3) -> None:
         super().__init__()
+        if levels not in (2, 3):
+            raise ValueError(f"levels must be 2 or 3, not {levels!r}")
         w = width
+        self.levels = levels
         self.enc0 = nn.Sequential(_conv(cin, w), _conv(w, w))
         self.enc1 = nn.Sequential(_conv(w, 2 * w, 2), _conv(2 * w, 2 * w))
-        self.enc2 = nn.Sequential(_conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w))
-        self.dec1 = _conv(4 * w + 2 * w, 2 * w)
+        if levels == 3:
+            self.enc2 = nn.Sequential(_conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w))
+            self.dec1 = _conv(4 * w + 2 * w, 2 * w)
+        # the same input width either way (2w coarse + w skip), so a 2-level net can start from a 3-level one
         self.dec0 = _conv(2 * w + w, w)
         self.out = nn.Conv2d(w, 4, 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -82,9 +90,11 @@ class _UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e0 = self.enc0(x)
-        e1 = self.enc1(e0)
-        e2 = self.enc2(e1)
-        d1 = self.dec1(torch.cat([F.interpolate(e2, size=e1.shape[-2:], mode="bilinear", align_corners=False), e1], 1))
+        d1 = e1 = self.enc1(e0)
+        if self.levels == 3:
+            e2 = self.enc2(e1)
+            d1 = self.dec1(torch.cat([F.interpolate(e2, size=e1.shape[-2:], mode="bilinear", align_corners=False),
+                                      e1], 1))
         d0 = self.dec0(torch.cat([F.interpolate(d1, size=e0.shape[-2:], mode="bilinear", align_corners=False), e0], 1))
         o = self.out(d0)
         return o[:, :3], o[:, 3:]
@@ -99,8 +109,8 @@ class RegionRefiner(nn.Module):
     def __init__(self, config: RefinerConfig | None = None) -> None:
         super().__init__()
         self.config = config or RefinerConfig()
-        self.eye = _UNet(3 + 3 + 2, self.config.width)
-        self.mouth = _UNet(3 + 3 + 4, self.config.width)
+        self.eye = _UNet(3 + 3 + 2, self.config.width, self.config.levels)
+        self.mouth = _UNet(3 + 3 + 4, self.config.width, self.config.levels)
         self.register_buffer("open_mean", torch.tensor(self.config.open_mean, dtype=torch.float32))
         self.register_buffer("open_std", torch.tensor(self.config.open_std, dtype=torch.float32))
 

@@ -85,6 +85,7 @@ class RefinerTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     width: int = 16
+    levels: int = 3  # the U-Nets' levels (RefinerConfig.levels); 2 renders faster
     w_l1: float = 1.0
     w_ssim: float = 1.0
     w_open: float = 0.1
@@ -375,7 +376,7 @@ def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: d
         fl = FaceLandmarks()
     else:
         log.warning("validation samples without rendered frames (region_data --keep-frames): no dlib judge")
-    net = RegionRefiner(RefinerConfig(width=4 if cfg.tiny else cfg.width))
+    net = RegionRefiner(RefinerConfig(width=4 if cfg.tiny else cfg.width, levels=cfg.levels))
     net.set_open_stats(torch.from_numpy(tr_target.mean(0)), torch.from_numpy(tr_target.std(0) + 1e-6))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Path(cfg.run_dir)
@@ -392,7 +393,14 @@ def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: d
         start, _ = load_refiner(cfg.init)
         if start.config.width != net.config.width:
             raise SystemExit(f"--init {cfg.init} has width {start.config.width}, not --width {net.config.width}")
-        net.load_state_dict(start.state_dict())
+        if start.config.levels == net.config.levels:
+            net.load_state_dict(start.state_dict())
+        else:  # fewer levels: every layer the two share (all but the dropped level's), the rest as initialised
+            own = net.state_dict()
+            shared = {k: v for k, v in start.state_dict().items() if k in own and own[k].shape == v.shape}
+            net.load_state_dict(shared, strict=False)
+            log.info("--init: %d of %d tensors taken from %s (levels %d -> %d)", len(shared), len(own), cfg.init,
+                     start.config.levels, net.config.levels)
         net.set_open_stats(torch.from_numpy(tr_target.mean(0)), torch.from_numpy(tr_target.std(0) + 1e-6))
         log.info("started from the weights of %s", cfg.init)
     meta = {**meta, "wire_gain": None if wire_gain is None else wire_gain.tolist(),

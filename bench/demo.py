@@ -8,8 +8,9 @@ real time on this machine, see ``python -m receiver --help``); the sender captur
 sends its source image at 256x256 and detects keypoints at 64x64 whatever that size is.
 
 Starts a receiver and a sender as two processes on 127.0.0.1, streams the clip, and writes
-``received.mp4`` (what the receiver rendered), ``side_by_side.mp4`` (input | rendered) and
-``report.json``, then prints a summary table.
+``received.mp4`` (what the receiver rendered), ``side_by_side.mp4`` (input | rendered, each with its eyes
+and mouth enlarged below it: ``bench.zoom``; ``--no-zoom`` for the frames alone) and ``report.json``, then
+prints a summary table.
 
 How ``wire_kbps`` is estimated: the sender's DTLS transport counts every UDP payload byte it
 sends (handshake, source image, keypoints, heartbeats, SCTP control); 28 B of IPv4 + UDP header
@@ -32,6 +33,7 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from bench.calls import free_port, start_receiver, stop
+from bench.zoom import ZoomTracker, side_by_side_zoomed
 from models.data import center_square, read_clip
 from models.fomm.io import SHIPPED_SIZES
 from receiver.session import DEFAULT_FORECASTER
@@ -44,10 +46,12 @@ def write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> None:
     from fractions import Fraction
     with av.open(str(path), "w") as c:
         st = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        st.height, st.width = frames[0].shape[:2]
+        h, w = frames[0].shape[:2]
+        st.height, st.width = h + h % 2, w + w % 2  # yuv420p needs even sides
         st.pix_fmt = "yuv420p"
         st.options = {"crf": "18"}
         for f in frames:
+            f = np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)))
             for p in st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 c.mux(p)
         for p in st.encode():
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--playout", default="clock", choices=["clock", "immediate"])
     p.add_argument("--forecaster", default=DEFAULT_FORECASTER)
     p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--zoom", action=argparse.BooleanOptionalAction, default=True,
+                   help="side_by_side.mp4 with the eyes and the mouth enlarged under each frame (dlib landmarks)")
     p.add_argument("--early-render", action=argparse.BooleanOptionalAction, default=None,
                    help="the receiver's --early-render / --no-early-render (default: the receiver's)")
     a = p.parse_args(argv)
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [center_square(f, size) for f in read_clip(a.clip)]
     source = inputs[0]
     pairs, ssim_m, ssim_s, psnr_m, psnr_s = [], [], [], [], []
+    tracker = ZoomTracker() if a.zoom else None
     for seq, img in zip(seqs, rendered, strict=False):
         if seq >= len(inputs):
             continue
@@ -121,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         ssim_s.append(structural_similarity(ref, source, channel_axis=-1, data_range=255))
         psnr_m.append(peak_signal_noise_ratio(ref, img, data_range=255))
         psnr_s.append(peak_signal_noise_ratio(ref, source, data_range=255) if not np.array_equal(ref, source) else 99.0)
-        pairs.append(np.concatenate([_enlarge(ref), _enlarge(img)], axis=1))
+        ref_v, img_v = _enlarge(ref), _enlarge(img)
+        pairs.append(side_by_side_zoomed(ref_v, img_v, tracker.boxes(ref_v)) if tracker is not None
+                     else np.concatenate([ref_v, img_v], axis=1))
     write_mp4(out / "side_by_side.mp4", pairs, call["hello"].get("fps", 30.0))
 
     duration = max(1e-6, sender["duration_s"])

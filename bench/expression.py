@@ -33,6 +33,9 @@ first frame, the source; after the upscale to 256, as the receiver does), named
 ``'<row> + regions'``, and ``regions_ms_per_frame``: the stage's own time per frame (1 thread).
 ``--regions-paste changes patches``: a row per way of pasting the refined patches back
 (``RegionStage``'s ``paste``; the receiver's is ``changes``), named ``'<row> + regions (MODE)'``.
+``--refine-regions OLD.pt NEW.pt``: a row per refiner, side by side in one run, named
+``'<row> + regions (LABEL)'`` (LABEL: the file's stem, with its folder where two stems are alike; with
+several paste modes too, ``'LABEL, MODE'``).
 
 Definitions (fixed, so numbers compare from one model version to the next):
 - face box: dlib's HOG detector on the *driving* frame (largest face, no upsampling),
@@ -203,10 +206,24 @@ def h264_kbps(streams: list[bytes]) -> float:
     return sum(len(s) for s in streams[1:]) * 8 / max(1, len(streams) - 1) * FPS / 1000
 
 
+def refiner_labels(paths: str | Path | list[str | Path] | None) -> dict[str, str | Path]:
+    """``--refine-regions`` paths -> {row label: path}: "" for one refiner, else each file's stem (with its
+    folder where stems repeat)."""
+    paths = [] if paths is None else [paths] if isinstance(paths, str | Path) else list(paths)
+    if len(paths) == 1:
+        return {"": paths[0]}
+    stems = [Path(p).stem for p in paths]
+    labels = [f"{Path(p).parent.name}/{st}" if stems.count(st) > 1 else st for p, st in zip(paths, stems, strict=True)]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--refine-regions names the same refiner twice: {paths}")
+    return dict(zip(labels, paths, strict=True))
+
+
 def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | Path]], crfs: list[int],
         stride: int, aed_every: int, max_frames: int, max_clips: int | None,
         stream_names: list[str] = (), renders: list[str] = ("eager",),
-        refine_regions: str | Path | None = None, regions_paste: list[str] = ("changes",)) -> dict[str, Any]:
+        refine_regions: str | Path | list[str | Path] | None = None,
+        regions_paste: list[str] = ("changes",)) -> dict[str, Any]:
     fl = FaceLandmarks(descriptors=True)
     clips = common.select_clips(data, kinds, split)[:max_clips]
     loaded_models = []
@@ -223,9 +240,12 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
     if refine_regions:
         from receiver.regions import RegionStage, anchor_kp_of, load_region_weights
 
-        parts, anchors = load_region_weights(refine_regions), anchor_kp_of(first[2], first[3])
-        stages = {("+ regions" if len(regions_paste) == 1 else f"+ regions ({mode})"):
-                  RegionStage(*parts, anchors, paste=mode) for mode in regions_paste}
+        anchors = anchor_kp_of(first[2], first[3])
+        for label, path in refiner_labels(refine_regions).items():
+            parts = load_region_weights(path)
+            for mode in regions_paste:
+                tag = ", ".join(x for x in (label, mode if len(regions_paste) > 1 else "") if x)
+                stages["+ regions" + (f" ({tag})" if tag else "")] = RegionStage(*parts, anchors, paste=mode)
         rows += [Row(f"{row_name(first[0], r)} {suffix}", "regions", weights=str(first[3]),
                      size=first[1].config.size) for r in renders for suffix in stages]
     regions_s, regions_frames = 0.0, 0
@@ -320,7 +340,8 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
             "frames_scored": sum(c["scored"] for c in per_clip), "no_face": sum(c["no_face"] for c in per_clip),
             "models": [{"label": label, "weights": str(p), "step": meta.get("step"), "size": m.config.size}
                        for label, m, meta, p in loaded_models],
-            "refine_regions": str(refine_regions) if refine_regions else None,
+            "refine_regions": ({label or "regions": str(path) for label, path in refiner_labels(refine_regions).items()}
+                               if refine_regions else None),
             "regions_ms_per_frame": 1000 * regions_s / regions_frames if regions_frames else None,
             "summary": summary, "per_clip": per_clip, "seconds": time.time() - t0}
 
@@ -383,9 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--render", nargs="+", choices=common.RENDERS, default=["eager"],
                    help="how model rows are rendered: eager PyTorch, or the receiver's CPU graph in fp32 / int8 "
                         "(several: side by side, rows named '<label> <render>')")
-    p.add_argument("--refine-regions", nargs="?", const="models/weights/region_refiner.pt", default=None,
-                   metavar="PATH", help="also the first model's rows with the receiver's region stage applied "
-                                        "(receiver.regions; PATH default: models/weights/region_refiner.pt)")
+    p.add_argument("--refine-regions", nargs="*", default=None, metavar="PATH",
+                   help="also the first model's rows with the receiver's region stage applied (receiver.regions; "
+                        "no PATH: models/weights/region_refiner.pt; several: a row each, side by side)")
     p.add_argument("--regions-paste", nargs="+", choices=["changes", "patches"], default=["changes"],
                    help="with --refine-regions: how the refined patches go back into the frame (several: a row "
                         "each); changes (the receiver's): only what the refiner changed; patches: the whole patch")
@@ -410,8 +431,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(str(e))
     if a.stride < 1 or a.aed_every < 1:
         p.error("--stride and --aed-every must be >= 1")
+    refiners = None if a.refine_regions is None else (a.refine_regions or ["models/weights/region_refiner.pt"])
+    try:
+        refiner_labels(refiners)
+    except ValueError as e:
+        p.error(str(e))
     res = run(a.data, a.split, a.kinds, models, a.crf, a.stride, a.aed_every, a.max_frames, a.max_clips,
-              a.streams, a.render, a.refine_regions, a.regions_paste)
+              a.streams, a.render, refiners, a.regions_paste)
     print(table(res))
     if a.json:
         common.write_json(a.json, res)

@@ -303,6 +303,27 @@ def test_bench_rows_with_the_region_stage(tmp_path: Path, anchored_tiny: Path) -
         assert s[name]["l1"] != s["tiny"]["l1"]  # the stage changed the frames it was given
 
 
+def test_bench_compares_two_refiners_side_by_side(tmp_path: Path, anchored_tiny: Path) -> None:
+    from bench import expression
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = _save_refiner(tmp_path / "old" / "r.pt")
+    new = _save_refiner(tmp_path / "new" / "r.pt", perturbed=False)  # untrained: the identity
+    out = tmp_path / "e.json"
+    expression.main(["--data", "assets", "--split", "all", "--weights", str(anchored_tiny), "--labels", "tiny",
+                     "--stride", "30", "--aed-every", "3", "--max-frames", "61", "--crf", "40",
+                     "--refine-regions", str(old), str(new), "--json", str(out)])
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert res["refine_regions"] == {"old/r": str(old), "new/r": str(new)}
+    assert s["tiny + regions (old/r)"]["l1"] != s["tiny"]["l1"]  # the perturbed one redraws
+    assert s["tiny + regions (new/r)"]["l1"] == pytest.approx(s["tiny"]["l1"], abs=1e-6)  # the identity does not
+    assert expression.refiner_labels(["a/x.pt", "b/y.pt"]) == {"x": "a/x.pt", "y": "b/y.pt"}
+    with pytest.raises(ValueError, match="same refiner twice"):
+        expression.refiner_labels(["a/x.pt", "a/x.pt"])
+
+
 def test_bench_render_speed_times_the_stage_beside_int8(tmp_path: Path, anchored_tiny: Path, capsys) -> None:
     from bench import render_speed
 

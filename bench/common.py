@@ -248,3 +248,16 @@ def new_figure(width: float = 7.0, height: float = 4.5):
     import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=(width, height))
+
+
+def refiner_labels(paths: str | Path | list[str | Path] | None) -> dict[str, str | Path]:
+    """``--refine-regions`` paths -> {label: path}: "" for one refiner, else each file's stem (with its folder
+    where stems repeat); ValueError when a path is named twice. The benches name their rows with it."""
+    paths = [] if paths is None else [paths] if isinstance(paths, str | Path) else list(paths)
+    if len(paths) == 1:
+        return {"": paths[0]}
+    stems = [Path(p).stem for p in paths]
+    labels = [f"{Path(p).parent.name}/{st}" if stems.count(st) > 1 else st for p, st in zip(paths, stems, strict=True)]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--refine-regions names the same refiner twice: {paths}")
+    return dict(zip(labels, paths, strict=True))

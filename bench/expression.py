@@ -206,19 +206,6 @@ def h264_kbps(streams: list[bytes]) -> float:
     return sum(len(s) for s in streams[1:]) * 8 / max(1, len(streams) - 1) * FPS / 1000
 
 
-def refiner_labels(paths: str | Path | list[str | Path] | None) -> dict[str, str | Path]:
-    """``--refine-regions`` paths -> {row label: path}: "" for one refiner, else each file's stem (with its
-    folder where stems repeat)."""
-    paths = [] if paths is None else [paths] if isinstance(paths, str | Path) else list(paths)
-    if len(paths) == 1:
-        return {"": paths[0]}
-    stems = [Path(p).stem for p in paths]
-    labels = [f"{Path(p).parent.name}/{st}" if stems.count(st) > 1 else st for p, st in zip(paths, stems, strict=True)]
-    if len(set(labels)) < len(labels):
-        raise ValueError(f"--refine-regions names the same refiner twice: {paths}")
-    return dict(zip(labels, paths, strict=True))
-
-
 def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | Path]], crfs: list[int],
         stride: int, aed_every: int, max_frames: int, max_clips: int | None,
         stream_names: list[str] = (), renders: list[str] = ("eager",),
@@ -241,7 +228,7 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
         from receiver.regions import RegionStage, anchor_kp_of, load_region_weights
 
         anchors = anchor_kp_of(first[2], first[3])
-        for label, path in refiner_labels(refine_regions).items():
+        for label, path in common.refiner_labels(refine_regions).items():
             parts = load_region_weights(path)
             for mode in regions_paste:
                 tag = ", ".join(x for x in (label, mode if len(regions_paste) > 1 else "") if x)
@@ -340,7 +327,7 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
             "frames_scored": sum(c["scored"] for c in per_clip), "no_face": sum(c["no_face"] for c in per_clip),
             "models": [{"label": label, "weights": str(p), "step": meta.get("step"), "size": m.config.size}
                        for label, m, meta, p in loaded_models],
-            "refine_regions": ({label or "regions": str(path) for label, path in refiner_labels(refine_regions).items()}
+            "refine_regions": ({k or "regions": str(v) for k, v in common.refiner_labels(refine_regions).items()}
                                if refine_regions else None),
             "regions_ms_per_frame": 1000 * regions_s / regions_frames if regions_frames else None,
             "summary": summary, "per_clip": per_clip, "seconds": time.time() - t0}
@@ -433,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--stride and --aed-every must be >= 1")
     refiners = None if a.refine_regions is None else (a.refine_regions or ["models/weights/region_refiner.pt"])
     try:
-        refiner_labels(refiners)
+        common.refiner_labels(refiners)
     except ValueError as e:
         p.error(str(e))
     res = run(a.data, a.split, a.kinds, models, a.crf, a.stride, a.aed_every, a.max_frames, a.max_clips,

@@ -15,7 +15,9 @@ cached, the keypoints of real frames of the bundled clip. With ``--refine-region
 ``int8+picture`` (the int8 frame made the uint8 picture a receiver shows, ``receiver.render.to_image``)
 and ``int8+regions`` (that picture's eyes and mouth redrawn by the receiver's region stage,
 ``receiver.regions``, one thread, as ``receiver --refine-regions`` shows it); ``regions / picture`` is
-the stage's speed cost, the ratio of the two in each round.
+the stage's speed cost, the ratio of the two in each round. ``--refine-regions OLD.pt NEW.pt``: a column
+pair per refiner (``int8+regions (LABEL)``, ``regions / picture (LABEL)``), all in the same rounds.
+``--ways int8``: time only these of the four ways (int8 always), so the rounds that matter come round faster.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def _regions_frame(fast: Any, bound: dict[str, np.ndarray], vecs: np.ndarray, st
 
 
 def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads: int,
-        refine_regions: str | None = None) -> dict[str, Any]:
+        refine_regions: str | list[str] | None = None, ways: tuple[str, ...] = WAYS) -> dict[str, Any]:
     from models.fomm.model import kp_to_vector
     from receiver.regions import RegionStage, anchor_kp_of, load_region_weights
     from receiver.render import fast_render, onnx_render
@@ -76,8 +78,10 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
     clip = read_clip(CLIP, max_frames=frames + 1)
     fns: dict[tuple[str, str], Any] = {}
     sizes = {}
-    ways = WAYS + (("int8+picture", "int8+regions") if refine_regions else ())
-    parts = load_region_weights(refine_regions) if refine_regions else None
+    refiners = {(f"int8+regions ({k})" if k else "int8+regions"): load_region_weights(v)
+                for k, v in common.refiner_labels(refine_regions).items()}
+    timed = tuple(w for w in WAYS if w == "int8" or w in ways)
+    ways = timed + (("int8+picture", *refiners) if refiners else ())
     for label, w in zip(labels, weights, strict=True):
         model, meta, path = common.load_model(w)
         size = model.config.size
@@ -92,17 +96,18 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
             raise SystemExit(f"cannot build the ONNX Runtime renderers for {w}")
         if not int8.int8:
             log.warning("%s: no int8 calibration ranges, the int8 column is float32", w)
-        fns[(label, "int8")] = partial(_fast_frame, int8, int8.bind(args), vecs.numpy())
-        fns[(label, "split")] = partial(_fast_frame, split, split.bind(args), vecs.numpy())
-        fns[(label, "whole")] = partial(_onnx_frame, whole, args, vecs)
-        fns[(label, "eager")] = partial(_eager_frame, model, args, vecs)
-        if parts is not None:
+        every = {"int8": partial(_fast_frame, int8, int8.bind(args), vecs.numpy()),
+                 "split": partial(_fast_frame, split, split.bind(args), vecs.numpy()),
+                 "whole": partial(_onnx_frame, whole, args, vecs), "eager": partial(_eager_frame, model, args, vecs)}
+        fns.update({(label, w): every[w] for w in timed})
+        if refiners:
+            fns[(label, "int8+picture")] = partial(_picture_frame, int8, int8.bind(args), vecs.numpy())
+        for way, parts in refiners.items():
             stage = RegionStage(*parts, anchor_kp_of(meta, path))
             src = stage.prepare(f[0], kp_to_vector(cache.kp)[0].numpy())
             if src is None:
                 raise SystemExit(f"the region stage cannot place the eyes and mouth on {CLIP}'s first frame")
-            fns[(label, "int8+picture")] = partial(_picture_frame, int8, int8.bind(args), vecs.numpy())
-            fns[(label, "int8+regions")] = partial(_regions_frame, int8, int8.bind(args), vecs.numpy(), stage, src)
+            fns[(label, way)] = partial(_regions_frame, int8, int8.bind(args), vecs.numpy(), stage, src)
     spent = {k: [] for k in fns}
     with torch.no_grad():
         for f in fns.values():
@@ -121,34 +126,39 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
             rows[label][f"fps_{way}"] = float(np.median(spent[(label, way)]))
             rows[label][f"rounds_{way}"] = spent[(label, way)]
         # per round, so a slow round slows both sides of the ratio alike
-        rows[label]["int8_vs_whole"] = float(np.median(np.divide(spent[(label, "int8")], spent[(label, "whole")])))
-        rows[label]["split_vs_whole"] = float(np.median(np.divide(spent[(label, "split")],
-                                                                  spent[(label, "whole")])))
-        if refine_regions:
-            rows[label]["regions_vs_int8"] = float(np.median(np.divide(spent[(label, "int8+regions")],
-                                                                       spent[(label, "int8")])))
-            rows[label]["regions_vs_picture"] = float(np.median(np.divide(spent[(label, "int8+regions")],
-                                                                          spent[(label, "int8+picture")])))
+        def ratio(a: str, b: str, lab: str = label) -> float:
+            return float(np.median(np.divide(spent[(lab, a)], spent[(lab, b)])))
+
+        if "whole" in timed:
+            rows[label]["int8_vs_whole"] = ratio("int8", "whole")
+            if "split" in timed:
+                rows[label]["split_vs_whole"] = ratio("split", "whole")
+        for way in refiners:
+            tag = way[len("int8+regions"):]  # "" or " (LABEL)"
+            rows[label][f"regions_vs_int8{tag}"] = ratio(way, "int8")
+            rows[label][f"regions_vs_picture{tag}"] = ratio(way, "int8+picture")
     base = rows[labels[0]]
     for r in rows.values():
         r["int8_vs_first"] = r["fps_int8"] / base["fps_int8"]
-    return {"rounds": rounds, "frames_per_round": frames, "threads": threads, "models": rows,
-            "refine_regions": refine_regions}
+    return {"rounds": rounds, "frames_per_round": frames, "threads": threads, "models": rows, "ways": list(ways),
+            "refine_regions": ({k or "regions": str(v) for k, v in common.refiner_labels(refine_regions).items()}
+                               if refine_regions else None)}
 
 
 def table(res: dict[str, Any]) -> str:
-    reg = bool(res.get("refine_regions"))
-    rows = [[k, r["size"], r["fps_int8"], r["fps_split"], r["fps_whole"], r["fps_eager"], r["int8_vs_whole"],
-             r["split_vs_whole"], r["int8_vs_first"],
-             *([r["fps_int8+picture"], r["fps_int8+regions"], r["regions_vs_int8"], r["regions_vs_picture"]]
-               if reg else [])]
-            for k, r in res["models"].items()]
+    ways = res.get("ways", [*WAYS, *(("int8+picture", "int8+regions") if res.get("refine_regions") else ())])
+    cols = [(f"fps {w}", f"fps_{w}") for w in ways]
+    cols += [(name, key) for name, key in (("int8 / whole", "int8_vs_whole"), ("split / whole", "split_vs_whole"),
+                                           ("int8 vs first", "int8_vs_first"))]
+    for w in ways:
+        if w.startswith("int8+regions"):
+            tag = w[len("int8+regions"):]
+            cols += [(f"regions / int8{tag}", f"regions_vs_int8{tag}"), (f"regions / picture{tag}",
+                                                                         f"regions_vs_picture{tag}")]
+    cols = [(n, k) for n, k in cols if any(k in r for r in res["models"].values())]
+    rows = [[name, r["size"], *(r.get(k, "-") for _n, k in cols)] for name, r in res["models"].items()]
     return (f"render fps, median of {res['rounds']} alternating rounds of {res['frames_per_round']} frames, "
-            f"{res['threads']} threads\n"
-            + common.format_table(["model", "size", "fps int8", "fps split fp32", "fps whole ONNX", "fps eager",
-                                   "int8 / whole", "split / whole", "int8 vs first",
-                                   *(["fps int8+picture", "fps int8+regions", "regions / int8",
-                                      "regions / picture"] if reg else [])], rows))
+            f"{res['threads']} threads\n" + common.format_table(["model", "size", *(n for n, _k in cols)], rows))
 
 
 def plot(res: dict[str, Any], path: str | Path) -> None:
@@ -158,7 +168,9 @@ def plot(res: dict[str, Any], path: str | Path) -> None:
     labels = {"int8": "int8 split graph (receiver)", "split": "float32 split graph", "whole": "whole ONNX graph",
               "eager": "eager PyTorch"}
     labels["int8+picture"] = "int8 + picture"
-    labels["int8+regions"] = "int8 + picture + region stage"
+    for w in res.get("ways", []):
+        if w.startswith("int8+regions"):
+            labels[w] = "int8 + picture + region stage" + w[len("int8+regions"):]
     ways = [w for w in labels if all(f"fps_{w}" in res["models"][n] for n in names)]
     width = 0.8 / len(ways)
     for k, way in enumerate(ways):
@@ -183,15 +195,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
-    p.add_argument("--refine-regions", nargs="?", const="models/weights/region_refiner.pt", default=None,
-                   metavar="PATH", help="also time int8 + the receiver's region stage (256 models)")
+    p.add_argument("--refine-regions", nargs="*", default=None, metavar="PATH",
+                   help="also time int8 + the receiver's region stage (256 models; no PATH: the shipped refiner; "
+                        "several: a column each)")
+    p.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS),
+                   help="which renderers to time (int8 always: the baseline of every ratio)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     labels = a.labels or [Path(w).stem for w in a.weights]
     if len(labels) != len(a.weights) or len(set(labels)) != len(labels):
         p.error("--labels needs one distinct label per --weights")
+    refiners = None if a.refine_regions is None else (a.refine_regions or ["models/weights/region_refiner.pt"])
+    try:
+        common.refiner_labels(refiners)
+    except ValueError as e:
+        p.error(str(e))
     common.set_threads(a.threads)
-    res = run(a.weights, labels, a.rounds, a.frames, a.threads, a.refine_regions)
+    res = run(a.weights, labels, a.rounds, a.frames, a.threads, refiners, tuple(a.ways))
     print(table(res))
     if a.json:
         common.write_json(a.json, res)

@@ -304,7 +304,7 @@ def test_bench_rows_with_the_region_stage(tmp_path: Path, anchored_tiny: Path) -
 
 
 def test_bench_compares_two_refiners_side_by_side(tmp_path: Path, anchored_tiny: Path) -> None:
-    from bench import expression
+    from bench import common, expression
 
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
@@ -319,9 +319,9 @@ def test_bench_compares_two_refiners_side_by_side(tmp_path: Path, anchored_tiny:
     assert res["refine_regions"] == {"old/r": str(old), "new/r": str(new)}
     assert s["tiny + regions (old/r)"]["l1"] != s["tiny"]["l1"]  # the perturbed one redraws
     assert s["tiny + regions (new/r)"]["l1"] == pytest.approx(s["tiny"]["l1"], abs=1e-6)  # the identity does not
-    assert expression.refiner_labels(["a/x.pt", "b/y.pt"]) == {"x": "a/x.pt", "y": "b/y.pt"}
+    assert common.refiner_labels(["a/x.pt", "b/y.pt"]) == {"x": "a/x.pt", "y": "b/y.pt"}
     with pytest.raises(ValueError, match="same refiner twice"):
-        expression.refiner_labels(["a/x.pt", "a/x.pt"])
+        common.refiner_labels(["a/x.pt", "a/x.pt"])
 
 
 def test_bench_render_speed_times_the_stage_beside_int8(tmp_path: Path, anchored_tiny: Path, capsys) -> None:
@@ -333,6 +333,19 @@ def test_bench_render_speed_times_the_stage_beside_int8(tmp_path: Path, anchored
     r = next(iter(json.loads(out.read_text())["models"].values()))
     assert r["fps_int8+regions"] > 0 and len(r["rounds_int8+regions"]) == 2 and r["regions_vs_int8"] > 0
     assert "regions / int8" in capsys.readouterr().out
+    # two refiners side by side, only the int8 renderer beside them
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    two = [str(_save_refiner(tmp_path / d / "r.pt")) for d in "ab"]
+    res = render_speed.main(["--weights", str(anchored_tiny), "--labels", "m", "--rounds", "2", "--frames", "3",
+                             "--ways", "int8", "--refine-regions", *two])
+    r = res["models"]["m"]
+    assert res["ways"] == ["int8", "int8+picture", "int8+regions (a/r)", "int8+regions (b/r)"]
+    assert "fps_eager" not in r and "int8_vs_whole" not in r
+    for tag in ("a/r", "b/r"):
+        assert len(r[f"rounds_int8+regions ({tag})"]) == 2 and r[f"regions_vs_picture ({tag})"] > 0
+    out_text = capsys.readouterr().out
+    assert "regions / picture (a/r)" in out_text and "fps eager" not in out_text
 
 
 def test_auto_turns_the_stage_on_only_where_it_applies(anchored_tiny: Path, tiny_weights: Path) -> None:

@@ -54,8 +54,11 @@ def pct(x: np.ndarray) -> dict[str, float | None]:
 
 def stage_times(truth: dict[str, np.ndarray], shown: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Join sender and receiver logs by seq; only real (sent, received, not repeated) frames: a frame the
-    predictive codec skipped (sent_us 0) has no network time."""
+    predictive codec skipped (sent_us 0) has no network time; nor a reused one (shown as the picture on screen,
+    not rendered: no render or buffer time to split)."""
     real = (shown["kind"] == 0) & ~shown["repeated"] & (shown["arrival_us"] > 0)
+    if "reused" in shown:
+        real &= ~shown["reused"].astype(bool)
     by_seq = {int(s): i for i, s in enumerate(truth["seq"]) if truth["sent_us"][i] > 0}
     rows = [(i, by_seq[int(s)]) for i, s in enumerate(shown["seq"]) if real[i] and int(s) in by_seq]
     r = np.array([a for a, _ in rows], dtype=int)

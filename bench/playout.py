@@ -17,11 +17,12 @@ What is reported per condition (JSON keys in brackets):
 
 - Frame counts from the receiver's call stats and frames log: rendered, real, concealed,
   interpolated, repeated (playout holds), late and dropped (playout), lost on the wire.
-- ``rendered_fps``: new frames rendered per second between the first and last render
-  (repeated holds excluded); ``stalls``: gaps > 100 ms between rendered frames.
+- ``rendered_fps``: new frames shown per second between the first and the last (repeated holds
+  excluded; a frame whose keypoints are the picture's on screen is shown without a render, ``reused``,
+  and counts); ``stalls``: gaps > 100 ms between new frames shown.
 - ``target_delay_ms_p50``: the jitter buffer's target delay over the rendered frames.
-- ``latency_ms_p50/p95``: glass-to-glass, sender capture time -> render done (all rendered
-  frames; both ends share the host clock, namespaces don't change it).
+- ``latency_ms_p50/p95``: glass-to-glass, sender capture time -> shown (all new frames shown, reused
+  ones included; both ends share the host clock, namespaces don't change it).
 - Keypoint error (mean distance over the 10 keypoints, [-1, 1] units) of what was rendered
   against the sender's true keypoints of that seq: per kind, and for the concealed seqs also
   what repeat-last would have given on the same seqs (the true keypoints of the last seq
@@ -207,6 +208,7 @@ def analyse(frames: dict[str, np.ndarray], truth: dict[str, np.ndarray], call: d
         "call_concealed": int(call.get("frames_concealed", 0)),
         "call_interpolated": int(call.get("frames_interpolated", 0)),
         "repeated": int(call.get("frames_repeated", 0)),
+        "reused": int(call.get("frames_reused", 0)),
         "late": int(pl.get("late", 0)),
         "dropped": int(pl.get("dropped", 0)) + int(call.get("frames_dropped", 0)),
         "playout_stalls": int(pl.get("stalls", 0)),
@@ -402,7 +404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 TABLE_COLS = [
     ("condition", "name"), ("fps", "rendered_fps"), ("rend", "rendered"), ("real", "real"), ("conc", "concealed"),
-    ("intp", "interpolated"), ("rep", "repeated"), ("late", "late"), ("drop", "dropped"), ("lost", "frames_lost"),
+    ("intp", "interpolated"), ("rep", "repeated"), ("reuse", "reused"), ("late", "late"), ("drop", "dropped"),
+    ("lost", "frames_lost"),
     ("c_end", "concealed_after_end"), ("stalls", "stalls"), ("tgt_ms", "target_delay_ms_p50"),
     ("lat50", "latency_ms_p50"), ("lat95", "latency_ms_p95"), ("cap_fps", "capture_fps_actual"),
     ("rnd_ms", "render_ms_p50"), ("err_conc", "concealed_kp_error_paired"), ("err_rep", "repeat_last_kp_error"),

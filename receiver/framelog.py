@@ -39,13 +39,14 @@ class FrameRecord:
     tick_ms: float = 0.0  # the playout decision (buffer + forecast)
     render_ms: float = 0.0
     sink_ms: float = 0.0
+    reused: bool = False  # a new frame shown as the picture on screen (its keypoints'), not rendered
 
 
 # (column, dtype) in the .npz, in FrameRecord's field order
 _DTYPES = {"seq": np.int64, "kind": np.int8, "vector": np.float32, "capture_us": np.int64, "rendered_us": np.int64,
            "repeated": bool, "lookahead": np.int32, "blend": np.float32, "target_delay_ms": np.float32,
            "arrival_us": np.int64, "render_start_us": np.int64, "tick_ms": np.float32, "render_ms": np.float32,
-           "sink_ms": np.float32}
+           "sink_ms": np.float32, "reused": bool}
 
 
 class FramesLog:

@@ -366,6 +366,7 @@ class CallSession:
             # the first image (nothing else to show), or a sender that does not name images: use it now
             self.renderer.use(prepared)
             router.switch(image_id)
+            self._last_vector = None
         else:  # used from its first frame on: frames of the image in use may still be in the buffer
             router.add_ready(image_id, prepared)
         self.stats.source_image_bytes += len(blob)
@@ -421,14 +422,16 @@ class CallSession:
             sink_ms=(time.perf_counter() - t_show) * 1000)
 
     def _log_frame(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any, repeated: bool,
-                   render_start_us: int = 0, render_ms: float = 0.0, sink_ms: float = 0.0) -> None:
+                   render_start_us: int = 0, render_ms: float = 0.0, sink_ms: float = 0.0,
+                   reused: bool = False) -> None:
         """One shown frame to the frames log (``frame``: the PlayoutFrame, None when immediate)."""
         if self.frames_log is None:
             return
         played = {} if frame is None else {"lookahead": frame.lookahead, "blend": frame.blend,
                                             "target_delay_ms": frame.target_delay_ms, "tick_ms": self._tick_ms}
         self.frames_log.shown(seq, frame.kind if frame is not None else None, vec, capture_us, repeated,
-                              render_start_us=render_start_us, render_ms=render_ms, sink_ms=sink_ms, **played)
+                              render_start_us=render_start_us, render_ms=render_ms, sink_ms=sink_ms, reused=reused,
+                              **played)
 
     def _frames_log_path(self) -> Path:
         path = Path(self.config.frames_log)
@@ -528,8 +531,15 @@ class CallSession:
             if self.sources.held != held:  # switched: the old image's frames must not shape this one's
                 clean = self.playout.forget_before(frame.seq)
                 vector = clean if clean is not None else vector
-            await self._render(frame.seq, frame.capture_us, vector, frame, show_at=show_at)
-            # counted once rendered, like frames_rendered: a render cut off by the hang-up counts in neither
+            if self._shows(vector):
+                # the keypoints of the picture on screen (a frame the sender skipped, or one predicted or
+                # concealed as the last): a render would draw the same picture, so show it when due, without
+                # rendering (no render time, and no render's delay for a frame that was not in early)
+                await self._hold_until(show_at)
+                self._reuse(frame.seq, frame.capture_us, vector, frame)
+            else:
+                await self._render(frame.seq, frame.capture_us, vector, frame, show_at=show_at)
+            # counted once shown, like frames_rendered: a render cut off by the hang-up counts in neither
             if frame.kind == "concealed":
                 self.stats.frames_concealed += 1
             elif frame.kind == "interpolated":
@@ -554,6 +564,7 @@ class CallSession:
             return "wait"
         self.renderer.use(prepared)
         router.switch(need)
+        self._last_vector = None  # the picture on screen is the old image's
         self.stats.source_switches += 1
         return "ok"
 
@@ -569,6 +580,7 @@ class CallSession:
             if self.closed.is_set():
                 return
             if r.switch_tier(prepared):
+                self._last_vector = None  # the picture on screen is the old tier's: the next frame renders
                 break
         self.stats.render_size = r.current.size if r.current is not None else change.to_size
         self.stats.tier_changes.append({"t_s": round(time.time() - self.stats.started, 3), "from": change.from_size,
@@ -581,6 +593,19 @@ class CallSession:
         """Whether the last shown image is exactly the rendering of ``vec``."""
         return (self._last_image is not None and self._last_vector is not None
                 and np.array_equal(self._last_vector, np.asarray(vec, np.float32).reshape(-1)))
+
+    def _reuse(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any) -> None:
+        """Show new frame ``seq`` as the picture on screen, which ``_shows`` its keypoints (counted in
+        frames_rendered, as a new frame shown, and in frames_reused)."""
+        if self.sink is not None:
+            self.sink.write(self._last_image, seq)
+        if self.on_frame is not None:
+            self.on_frame(self._last_image)
+        self.stats.frames_rendered += 1
+        self.stats.frames_reused += 1
+        self.stats.render_times.append(time.monotonic())
+        self.stats.latency_ms.append(time.time() * 1000 - capture_us / 1000)
+        self._log_frame(seq, capture_us, vec, frame, repeated=False, reused=True)
 
     def _repeat(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any) -> None:
         """Show the last image again for ``seq`` (counted in frames_repeated, not rendered)."""

@@ -27,7 +27,10 @@ class CallStats:
     keypoint_message_bytes: int = 0
     keypoint_payload_bytes: int = 0
     frames_received: int = 0  # keypoint frames accepted
+    # new frames shown: each rendered, or (``frames_reused`` of them, clock playout) shown as the picture already
+    # on screen because its keypoints are exactly those of that picture (a render would draw it again)
     frames_rendered: int = 0
+    frames_reused: int = 0
     frames_real: int = 0  # clock playout: rendered from received keypoints
     frames_concealed: int = 0
     frames_interpolated: int = 0
@@ -50,7 +53,7 @@ class CallStats:
     rejected: Counter = field(default_factory=Counter)
     latency_ms: list[float] = field(default_factory=list)  # capture (sender clock) -> rendered
     render_ms: list[float] = field(default_factory=list)
-    render_times: list[float] = field(default_factory=list)  # monotonic time of each rendered frame
+    render_times: list[float] = field(default_factory=list)  # monotonic time of each new frame shown (or reused)
     render_batch: list[int] = field(default_factory=list)  # frames rendered in the same run as each (receiver.batching)
     udp: dict[str, int] = field(default_factory=dict)
     hello: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +86,7 @@ class CallStats:
             "keypoint_message_bytes": self.keypoint_message_bytes,
             "frames_received": self.frames_received,
             "frames_rendered": self.frames_rendered,
+            "frames_reused": self.frames_reused,
             "frames_real": self.frames_real,
             "frames_concealed": self.frames_concealed,
             "frames_interpolated": self.frames_interpolated,

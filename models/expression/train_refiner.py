@@ -563,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--degrade is a share of the training samples: 0..1")
     if a.init and a.resume:
         p.error("--init starts a run from other weights; --resume continues this run's own state")
+    if a.levels not in (2, 3):
+        p.error("--levels is the U-Nets' depth: 2 or 3")
     cfg = RefinerTrainConfig(**vars(a))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

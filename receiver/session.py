@@ -133,6 +133,7 @@ class CallSession:
         self.playout = None
         self._last_image: np.ndarray | None = None
         self._last_vector: np.ndarray | None = None  # what _last_image shows
+        self._picture_gen = 0  # bumped when the renderer changes (image or tier): see _new_picture
         self.frames_log: FramesLog | None = FramesLog() if config.frames_log else None
         self._tick_ms = 0.0  # time the last playout decision took (buffer + forecast)
         self.on_frame: Callable[[np.ndarray], None] | None = None  # every shown frame, e.g. to the viewer
@@ -366,7 +367,7 @@ class CallSession:
             # the first image (nothing else to show), or a sender that does not name images: use it now
             self.renderer.use(prepared)
             router.switch(image_id)
-            self._last_vector = None
+            self._new_picture()
         else:  # used from its first frame on: frames of the image in use may still be in the buffer
             router.add_ready(image_id, prepared)
         self.stats.source_image_bytes += len(blob)
@@ -397,6 +398,7 @@ class CallSession:
     async def _render(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any = None,
                       show_at: float | None = None) -> None:
         t0 = time.perf_counter()
+        gen = self._picture_gen
         image, together = await self.batcher.render_counted(self.renderer.job(vec), self)
         t1 = time.perf_counter()
         if show_at is not None:  # rendered early: shown when due, not before
@@ -413,7 +415,8 @@ class CallSession:
         if self.on_frame is not None:
             self.on_frame(image)
         self._last_image = image
-        self._last_vector = np.asarray(vec, np.float32).reshape(-1)
+        # what the picture shows, unless the renderer changed while it was drawn (then nothing may reuse it)
+        self._last_vector = np.asarray(vec, np.float32).reshape(-1) if gen == self._picture_gen else None
         self.stats.frames_rendered += 1
         self.stats.render_times.append(time.monotonic())
         self.stats.latency_ms.append(time.time() * 1000 - capture_us / 1000)
@@ -564,7 +567,7 @@ class CallSession:
             return "wait"
         self.renderer.use(prepared)
         router.switch(need)
-        self._last_vector = None  # the picture on screen is the old image's
+        self._new_picture()  # the picture on screen is the old image's
         self.stats.source_switches += 1
         return "ok"
 
@@ -580,7 +583,7 @@ class CallSession:
             if self.closed.is_set():
                 return
             if r.switch_tier(prepared):
-                self._last_vector = None  # the picture on screen is the old tier's: the next frame renders
+                self._new_picture()  # the picture on screen is the old tier's: the next frame renders
                 break
         self.stats.render_size = r.current.size if r.current is not None else change.to_size
         self.stats.tier_changes.append({"t_s": round(time.time() - self.stats.started, 3), "from": change.from_size,
@@ -593,6 +596,12 @@ class CallSession:
         """Whether the last shown image is exactly the rendering of ``vec``."""
         return (self._last_image is not None and self._last_vector is not None
                 and np.array_equal(self._last_vector, np.asarray(vec, np.float32).reshape(-1)))
+
+    def _new_picture(self) -> None:
+        """The renderer draws differently from now on (another image or tier): no frame may reuse the picture on
+        screen, nor the picture of a render already under way (``_render`` checks the generation)."""
+        self._last_vector = None
+        self._picture_gen += 1
 
     def _reuse(self, seq: int, capture_us: int, vec: np.ndarray, frame: Any) -> None:
         """Show new frame ``seq`` as the picture on screen, which ``_shows`` its keypoints (counted in

@@ -77,3 +77,24 @@ async def test_a_frame_with_the_keypoints_on_screen_is_shown_without_a_render(ex
     moved = np.flatnonzero(shown & (cols["seq"] % 2 == 0) & (cols["seq"] > 0) & (cols["seq"] < FRAMES))
     assert not reused[moved].any()
     assert len(stats["rejected_by_reason"]) == 0
+
+
+async def test_a_new_image_or_tier_ends_the_reuse_even_of_a_render_under_way(executor: ThreadPoolExecutor) -> None:
+    s = make_session(executor, playout="clock", max_delay_ms=1000.0)
+    job = s.renderer.job
+    s.renderer.job = lambda vector: job(vector).then(lambda f: (time.sleep(RENDER_S), f)[1])
+    s.on_message("control", P.encode(P.Hello(tiny_detector_id(), 64, FPS)))
+    await _send_source(s, _jpeg(64, 64))
+    vec = np.array([0.1, -0.1] * 10 + [1.0, 0.0, 0.0, 1.0] * 10, np.float32)
+    await s._render(1, 0, vec)
+    assert s._shows(vec)  # rendered: the next frame with these keypoints may reuse the picture
+    s._new_picture()  # e.g. a tier switch
+    assert not s._shows(vec)
+    # a switch while a render is under way: that render's picture is the old renderer's, so it is not reused
+    switch = asyncio.get_running_loop().call_later(RENDER_S / 3, s._new_picture)
+    await s._render(2, 0, vec)
+    switch.cancel()
+    assert s._last_image is not None and not s._shows(vec)
+    await s._render(3, 0, vec)
+    assert s._shows(vec)
+    await s.close("done")

@@ -7,6 +7,7 @@ Frames are numpy ``(T, H, W, 3)``: ``uint8`` straight from the clip readers, ``f
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -261,3 +262,16 @@ def refiner_labels(paths: str | Path | list[str | Path] | None) -> dict[str, str
     if len(set(labels)) < len(labels):
         raise ValueError(f"--refine-regions names the same refiner twice: {paths}")
     return dict(zip(labels, paths, strict=True))
+
+
+def refiner_paths(p: argparse.ArgumentParser, given: list[str] | None) -> list[str] | None:
+    """``--refine-regions`` as parsed (``nargs="*"``) -> None (not asked), the shipped refiner (no PATH), or the
+    paths given; an argument error when a path is named twice."""
+    if given is None:
+        return None
+    paths = given or ["models/weights/region_refiner.pt"]
+    try:
+        refiner_labels(paths)
+    except ValueError as e:
+        p.error(str(e))
+    return paths

@@ -418,11 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(str(e))
     if a.stride < 1 or a.aed_every < 1:
         p.error("--stride and --aed-every must be >= 1")
-    refiners = None if a.refine_regions is None else (a.refine_regions or ["models/weights/region_refiner.pt"])
-    try:
-        common.refiner_labels(refiners)
-    except ValueError as e:
-        p.error(str(e))
+    refiners = common.refiner_paths(p, a.refine_regions)
     res = run(a.data, a.split, a.kinds, models, a.crf, a.stride, a.aed_every, a.max_frames, a.max_clips,
               a.streams, a.render, refiners, a.regions_paste)
     print(table(res))

@@ -205,11 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     labels = a.labels or [Path(w).stem for w in a.weights]
     if len(labels) != len(a.weights) or len(set(labels)) != len(labels):
         p.error("--labels needs one distinct label per --weights")
-    refiners = None if a.refine_regions is None else (a.refine_regions or ["models/weights/region_refiner.pt"])
-    try:
-        common.refiner_labels(refiners)
-    except ValueError as e:
-        p.error(str(e))
+    refiners = common.refiner_paths(p, a.refine_regions)
     common.set_threads(a.threads)
     res = run(a.weights, labels, a.rounds, a.frames, a.threads, refiners, tuple(a.ways))
     print(table(res))

@@ -365,3 +365,12 @@ def test_auto_turns_the_stage_on_only_where_it_applies(anchored_tiny: Path, tiny
     named = load_render_models(str(anchored_tiny), refine_regions=str(_save_refiner(Path(anchored_tiny).parent
                                                                                       / "r_auto.pt")), **kw)
     assert named.regions is not None
+
+
+def test_benches_refuse_the_same_refiner_twice(capsys) -> None:
+    from bench import expression, render_speed
+
+    for main, extra in ((expression.main, ["--data", "assets"]), (render_speed.main, ["--weights", "x.pt"])):
+        with pytest.raises(SystemExit) as e:
+            main([*extra, "--refine-regions", "a/r.pt", "a/r.pt"])
+        assert e.value.code == 2 and "same refiner twice" in capsys.readouterr().err

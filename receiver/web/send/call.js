@@ -248,6 +248,7 @@ export class SenderCall {
       if (this.samples.length > opts.samples) this.samples.shift();
     }
     if (this.sourceWanted) await this.sendSource(rgb);
+    if (!this.running) return; // the call ended while the picture went out (e.g. the receiver's Bye)
     this.sendKeypoints(this.seq, capture, vec);
     this.last = { seq: this.seq, capture, vec };
     // framing: this frame's own keypoints say where the face is (no second detector run)
@@ -289,8 +290,10 @@ export class SenderCall {
       try {
         await this.processFrame(meta && meta.captureTime);
       } catch (e) {
+        // a call that already ended (a Bye, a closed connection) said why: a send on its closed channel is no news
+        const live = this.running;
         this.running = false;
-        this.ui.fatal("ended", `the sender failed: ${e.message}`);
+        if (live) this.ui.fatal("ended", `the sender failed: ${e.message}`);
         console.error(e);
         if (this.peer) this.peer.close();
       } finally {

@@ -58,7 +58,8 @@ def run(data: str, split: str, landmarks: str, weights: str | None, refiner: str
     model, meta, wpath = common.load_model(weights)
     if model.config.size != LANDMARK_SIZE:
         raise ValueError(f"needs the {LANDMARK_SIZE} model, got {model.config.size}")
-    stage = RegionStage(*load_region_weights(refiner or "models/weights/region_refiner.pt"), anchor_kp_of(meta, wpath))
+    stage = RegionStage.of(load_region_weights(refiner or "models/weights/region_refiner.pt"),
+                            anchor_kp_of(meta, wpath))
     per_clip, sheets = [], []
     for info in common.select_clips(data, ["face"], split)[:max_clips]:
         got = cache.get(info.path, data)

@@ -232,7 +232,7 @@ def run(data: str, split: str, kinds: list[str], models: list[tuple[str, str | P
             parts = load_region_weights(path)
             for mode in regions_paste:
                 tag = ", ".join(x for x in (label, mode if len(regions_paste) > 1 else "") if x)
-                stages["+ regions" + (f" ({tag})" if tag else "")] = RegionStage(*parts, anchors, paste=mode)
+                stages["+ regions" + (f" ({tag})" if tag else "")] = RegionStage.of(parts, anchors, paste=mode)
         rows += [Row(f"{row_name(first[0], r)} {suffix}", "regions", weights=str(first[3]),
                      size=first[1].config.size) for r in renders for suffix in stages]
     regions_s, regions_frames = 0.0, 0

@@ -103,7 +103,7 @@ def run(weights: list[str], labels: list[str], rounds: int, frames: int, threads
         if refiners:
             fns[(label, "int8+picture")] = partial(_picture_frame, int8, int8.bind(args), vecs.numpy())
         for way, parts in refiners.items():
-            stage = RegionStage(*parts, anchor_kp_of(meta, path))
+            stage = RegionStage.of(parts, anchor_kp_of(meta, path))
             src = stage.prepare(f[0], kp_to_vector(cache.kp)[0].numpy())
             if src is None:
                 raise SystemExit(f"the region stage cannot place the eyes and mouth on {CLIP}'s first frame")

@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +42,8 @@ import torch
 from models.checkpoint import CheckpointError
 from models.expression import DEFAULT_WEIGHTS as REGRESSOR_WEIGHTS
 from models.expression import load_regressor
-from models.expression.openings import centres_from_keypoints, cut_patches, jacobian_scales
+from models.expression.openings import cut_patches, jacobian_scales, patch_affines
+from models.expression.refiner_int8 import FeedTemplate, feed_template, frame_feed, load_ranges
 from models.expression.region_refiner import DEFAULT_WEIGHTS, RegionRefiner, load_refiner, paste_changes, paste_patches
 from models.expression.regressor import OpeningNet
 
@@ -61,11 +64,23 @@ def anchor_kp_of(meta: dict, path: str | Path) -> list[int]:
     return [int(i) for i in anchors]
 
 
+class RegionWeights(NamedTuple):
+    """What ``load_region_weights`` reads: the stage's weights, shared by the calls of a receiver."""
+
+    refiner: RegionRefiner
+    regressor: OpeningNet
+    wire_gain: list[float]
+    # int8 calibration ranges measured on exactly this refiner (``refiner_int8``; its convolutions then run in
+    # int8), or None: float32
+    int8_ranges: dict | None = None
+
+
 def load_region_weights(path: str | Path = DEFAULT_REFINER,
-                        regressor: str | Path = REGRESSOR_WEIGHTS) -> tuple[RegionRefiner, OpeningNet, list[float]]:
-    """The refiner of a checkpoint trained with ``--target wire``, the opening regressor and the refiner's
-    ``wire_gain``; CheckpointError when either file is missing or corrupt, or the refiner has no ``wire_gain``
-    (trained for another target, which a receiver cannot compute)."""
+                        regressor: str | Path = REGRESSOR_WEIGHTS) -> RegionWeights:
+    """The refiner of a checkpoint trained with ``--target wire``, the opening regressor, the refiner's
+    ``wire_gain`` and its int8 ranges when a file of them lies beside it (``WEIGHTS.int8.json``, measured on
+    these weights); CheckpointError when either checkpoint is missing or corrupt, or the refiner has no
+    ``wire_gain`` (trained for another target, which a receiver cannot compute)."""
     net, meta = load_refiner(path)
     gain = meta.get("wire_gain")
     try:
@@ -76,7 +91,7 @@ def load_region_weights(path: str | Path = DEFAULT_REFINER,
         raise CheckpointError(f"{path} has no wire_gain in its meta (trained with --target {meta.get('target')!r}, "
                               "not 'wire'): a receiver cannot compute its target openings from the keypoints")
     reg, _ = load_regressor(regressor)
-    return net, reg, [float(g) for g in gain]
+    return RegionWeights(net, reg, [float(g) for g in gain], load_ranges(net, path))
 
 
 AUTO = "auto"  # --refine-regions' default: the shipped refiner wherever it applies (see ``auto_regions``)
@@ -98,10 +113,9 @@ def auto_regions(display_size: int, meta: dict) -> bool:
     return display_size == 256 and len(meta.get("anchor_kp") or []) >= 3 and Path(DEFAULT_REFINER).exists()
 
 
-def region_stage(parts: tuple[RegionRefiner, OpeningNet, list[float]] | None, meta: dict,
-                 weights: str | os.PathLike) -> RegionStage | None:
+def region_stage(parts: RegionWeights | None, meta: dict, weights: str | os.PathLike) -> RegionStage | None:
     """The stage from ``load_region_weights``' parts (None: off) and the motion model checkpoint's meta."""
-    return None if parts is None else RegionStage(*parts, anchor_kp_of(meta, weights))
+    return None if parts is None else RegionStage.of(parts, anchor_kp_of(meta, weights))
 
 
 @dataclass(frozen=True)
@@ -113,9 +127,8 @@ class RegionSource:
     mouth: np.ndarray  # (32, 48, 3) uint8
     openings: np.ndarray  # (4,) float32: the regressor's reading of these patches
     scales: np.ndarray  # (4,) float32: the source keypoints' anchored Jacobian scales
-    # the patches as the refiner takes them, converted once per source instead of once per frame
-    eyes_in: np.ndarray | None = None  # (1, 2, 3, 32, 32) float32 in [0, 1]
-    mouth_in: np.ndarray | None = None  # (1, 3, 32, 48) float32 in [0, 1]
+    # the stage graph's inputs as far as this source fixes them (its patches and openings), once per source
+    feed: FeedTemplate | None = None
 
 
 @dataclass
@@ -129,24 +142,21 @@ class RegionCounts:
         return {"refined": self.refined, "passed": self.passed}
 
 
-def _planar(patches: np.ndarray) -> np.ndarray:
-    """(..., H, W, 3) uint8 -> (1, ..., 3, H, W) float32 in [0, 1]: ``_chw`` in numpy, for ONNX Runtime
-    (on these few thousand values torch's per-call overhead was most of the cost)."""
-    return (np.moveaxis(patches, -1, -3).astype(np.float32, order="C") / np.float32(255.0))[None]
-
-
 def _chw(patches: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [0, 1] (as the refiner and the regressor were trained)."""
     return torch.from_numpy(np.ascontiguousarray(patches)).movedim(-1, -3).float() / 255.0
 
 
-def _hwc_u8(t: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(..., 3, H, W) float in [0, 1] -> (..., H, W, 3) uint8 (``refine_frame``'s rounding)."""
-    # in numpy: torch's round on these few thousand values took ~5 ms a call (a slow kernel path on
-    # the movedim view), more than the refiner's convolutions
-    a = np.moveaxis(t.detach().numpy() if isinstance(t, torch.Tensor) else t, -3, -1) * np.float32(255.0)
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+def _u8(t: torch.Tensor) -> np.ndarray:
+    """(..., 3, H, W) float in [0, 1] -> (..., H, W, 3) uint8 (``refine_frame``'s rounding; in numpy: torch's
+    round on these few thousand values took ~5 ms a call, a slow kernel path on the movedim view)."""
+    return np.clip(np.rint(np.moveaxis(t.numpy(), -3, -1) * np.float32(255.0)), 0, 255).astype(np.uint8)
 
+
+def _change(refined: torch.Tensor, rendered: np.ndarray) -> np.ndarray:
+    """(..., 3, H, W) refined patches in [0, 1] and the rendered (..., H, W, 3) uint8 -> the change in grey levels,
+    channels last (what the stage graph outputs, but the window)."""
+    return np.moveaxis(refined.numpy(), -3, -1) * np.float32(255.0) - rendered
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
@@ -163,26 +173,33 @@ def _one_thread() -> Iterator[None]:
 
 
 class OnnxRefiner:
-    """The region refiner as one ONNX Runtime session (batch 1, one thread, no spinning). In float32: its
-    convolutions in int8 (``models.expression.refiner_int8``) ran 1.5 -> 0.8-1.0 ms but opened closed eyes
-    less (docs/RESULTS.md), and the eyes are what the stage is for."""
+    """The region refiner as one ONNX Runtime session (batch 1, one thread, no spinning); its convolutions in
+    int8 when ``int8_ranges`` are given (``models.expression.refiner_int8``: ~0.7 ms a frame less; float32
+    weights quantised after training opened closed eyes less, docs/RESULTS.md, so only weights fine-tuned for
+    int8 ship ranges)."""
 
-    def __init__(self, refiner: RegionRefiner) -> None:
-        from models.expression.refiner_int8 import INPUTS, export_refiner
+    def __init__(self, refiner: RegionRefiner, int8_ranges: dict | None = None) -> None:
+        from models.expression.refiner_int8 import export_refiner, quantise
         from models.fomm.export import onnx_session
 
-        self.names = INPUTS
-        self.session = onnx_session(export_refiner(refiner), threads=1)  # 2 threads: slower on these small convs
+        graph = export_refiner(refiner)
+        self.int8 = False
+        if int8_ranges is not None:
+            try:
+                graph, self.int8 = quantise(graph, int8_ranges), True
+            except Exception:  # ranges of another graph (a tensor missing): float32 costs speed, not the stage
+                log.exception("region stage: the int8 ranges do not fit this refiner's graph; it runs in float32")
+        self.session = onnx_session(graph, threads=1)  # 2 threads: slower on these small convs
 
-    def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        eyes, mouth = self.session.run(None, {n: np.ascontiguousarray(a, np.float32)
-                                              for n, a in zip(self.names, arrays, strict=True)})
+    def __call__(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``graph_feed``'s inputs -> the windowed changes (2, 32, 32, 3) and (1, 32, 48, 3), grey levels."""
+        eyes, mouth = self.session.run(None, feed)
         return eyes, mouth
 
 
-def _onnx_refiner(refiner: RegionRefiner) -> OnnxRefiner | None:
+def _onnx_refiner(refiner: RegionRefiner, int8_ranges: dict | None) -> OnnxRefiner | None:
     try:
-        return OnnxRefiner(refiner)
+        return OnnxRefiner(refiner, int8_ranges)
     except ImportError:
         return None
     except Exception:  # an export or runtime failure costs speed, not the stage
@@ -198,11 +215,13 @@ class RegionStage:
     added to the frame, ``paste_changes``, so an unchanged patch leaves the frame's pixels exactly as they
     were) or ``patches`` (the refined patches replace the frame's under the feathered window,
     ``paste_patches``, as the refiner's validation pasted them; resamples the regions through 32 pixels);
-    ``onnx``: run the refiner through ONNX Runtime when it is installed (the same numbers to ~1e-6).
+    ``onnx``: run the refiner through ONNX Runtime when it is installed (the same numbers to ~1e-6 in float32);
+    ``int8_ranges``: its convolutions in int8 there, from these calibration ranges (``RegionWeights``).
     """
 
     def __init__(self, refiner: RegionRefiner, regressor: OpeningNet, wire_gain: list[float] | np.ndarray,
-                 anchor_kp: list[int], paste: str = "changes", onnx: bool = True) -> None:
+                 anchor_kp: list[int], paste: str = "changes", onnx: bool = True,
+                 int8_ranges: dict | None = None) -> None:
         if paste not in ("changes", "patches"):
             raise ValueError(f"paste must be 'changes' or 'patches', not {paste!r}")
         self.paste = paste
@@ -216,13 +235,18 @@ class RegionStage:
         self.regressor = regressor.eval()
         self.gain = gain
         self.anchor_kp = anchors
-        self.onnx = _onnx_refiner(self.refiner) if onnx else None
+        self.onnx = _onnx_refiner(self.refiner, int8_ranges) if onnx else None
+
+    @classmethod
+    def of(cls, parts: RegionWeights, anchor_kp: list[int], paste: str = "changes") -> RegionStage:
+        """The stage of ``load_region_weights``' parts and the motion model's anchored keypoints."""
+        return cls(parts.refiner, parts.regressor, parts.wire_gain, anchor_kp, paste, int8_ranges=parts.int8_ranges)
 
     @classmethod
     def load(cls, path: str | Path, anchor_kp: list[int], regressor: str | Path = REGRESSOR_WEIGHTS,
              paste: str = "changes") -> RegionStage:
         """``load_region_weights`` + the motion model's anchored keypoints."""
-        return cls(*load_region_weights(path, regressor), anchor_kp, paste)
+        return cls.of(load_region_weights(path, regressor), anchor_kp, paste)
 
     # ------------------------------------------------------------------ geometry
     def centres(self, kp: np.ndarray, size: int) -> np.ndarray | None:
@@ -231,12 +255,14 @@ class RegionStage:
         v = np.asarray(kp, np.float32).reshape(-1)
         if v.shape != (6 * NUM_KP,) or not np.isfinite(v).all():
             return None
-        c = centres_from_keypoints(v, self.anchor_kp, size)
-        if not ((c >= 0).all() and (c <= size - 1).all()):
+        # centres_from_keypoints in Python floats: numpy's per-call overhead on six numbers, once a frame
+        xy, half = v[:2 * NUM_KP].tolist(), size / 2.0
+        c = [((xy[2 * i] + 1.0) * half - 0.5, (xy[2 * i + 1] + 1.0) * half - 0.5) for i in self.anchor_kp[:3]]
+        if not all(0 <= x <= size - 1 and 0 <= y <= size - 1 for x, y in c):
             return None
-        if float(np.linalg.norm(c[1] - c[0])) < MIN_INTEROCULAR_PX:
+        if math.hypot(c[1][0] - c[0][0], c[1][1] - c[0][1]) < MIN_INTEROCULAR_PX:
             return None
-        return c
+        return np.array(c, np.float32)
 
     # ------------------------------------------------------------------ per source, per frame
     @torch.no_grad()
@@ -255,7 +281,7 @@ class RegionStage:
         with _one_thread():
             opening = self.regressor(_chw(eyes)[None], _chw(mouth)[None])[0].numpy().astype(np.float32)
         scales = jacobian_scales(np.asarray(source_kp, np.float32).reshape(-1), self.anchor_kp).astype(np.float32)
-        return RegionSource(size, eyes, mouth, opening, scales, _planar(eyes), _planar(mouth))
+        return RegionSource(size, eyes, mouth, opening, scales, feed_template(self.refiner, eyes, mouth, opening))
 
     def target(self, source: RegionSource, kp: np.ndarray) -> np.ndarray:
         """(4,) target openings of the frame with keypoints ``kp``: the source's + gain x the scales' change."""
@@ -270,22 +296,21 @@ class RegionStage:
         if centres is None:
             return None
         frame = np.ascontiguousarray(frame)
-        eyes, mouth = cut_patches(frame, centres)
-        target, opened = self.target(source, kp)[None], source.openings[None]
-        if self.onnx is not None:
-            src_eyes = source.eyes_in if source.eyes_in is not None else _planar(source.eyes)
-            src_mouth = source.mouth_in if source.mouth_in is not None else _planar(source.mouth)
-            out_eyes, out_mouth = self.onnx(_planar(eyes), src_eyes, _planar(mouth), src_mouth, target, opened)
-            new_eyes, new_mouth = _hwc_u8(out_eyes[0]), _hwc_u8(out_mouth[0])
-        else:
-            args = (_chw(eyes)[None], _chw(source.eyes)[None], _chw(mouth)[None], _chw(source.mouth)[None],
-                    torch.from_numpy(target), torch.from_numpy(opened))
-            with _one_thread(), torch.no_grad():
-                out = self.refiner(*args)
-            new_eyes, new_mouth = _hwc_u8(out["eyes"][0]), _hwc_u8(out["mouth"][0])
+        affines = patch_affines(centres)
+        eyes, mouth = cut_patches(frame, centres, affines)
+        target = self.target(source, kp)
+        if self.onnx is not None and self.paste == "changes":
+            tpl = source.feed or feed_template(self.refiner, source.eyes, source.mouth, source.openings)
+            eye_change, mouth_change = self.onnx(frame_feed(tpl, eyes, mouth, target))
+            return paste_changes(frame, centres, eye_change, mouth_change[0], feather=None, affines=affines)
+        args = (_chw(eyes)[None], _chw(source.eyes)[None], _chw(mouth)[None], _chw(source.mouth)[None],
+                torch.from_numpy(target)[None], torch.from_numpy(source.openings)[None])
+        with _one_thread(), torch.no_grad():
+            out = self.refiner(*args)
         if self.paste == "patches":
-            return paste_patches(frame, centres, new_eyes, new_mouth)
-        return paste_changes(frame, centres, new_eyes.astype(np.float32) - eyes, new_mouth.astype(np.float32) - mouth)
+            return paste_patches(frame, centres, _u8(out["eyes"][0]), _u8(out["mouth"][0]))
+        return paste_changes(frame, centres, _change(out["eyes"][0], eyes), _change(out["mouth"][0], mouth),
+                             affines=affines)
 
     def apply(self, frame: np.ndarray, kp: np.ndarray, source: RegionSource | None) -> np.ndarray:
         """``refine``, or the frame unchanged where the stage cannot handle it."""

@@ -309,6 +309,45 @@ def test_training_can_start_from_other_weights_and_degrade_its_samples(tmp_path:
     assert all(torch.equal(v, full[k]) for k, v in two.state_dict().items())
 
 
+def test_quantisation_aware_training_ships_its_ranges_and_the_stage_runs_them_in_int8(tmp_path: Path) -> None:
+    """``--qat all``: the run trains through simulated int8 and saves the ranges it trained with in the
+    checkpoint's meta; ``refiner_int8 --qat`` writes them beside the weights; the receiver's stage then runs
+    every convolution in int8, and leaves a refiner without such a file in float32."""
+    import json
+
+    from models.expression.refiner_int8 import main as int8_main
+    from models.expression.refiner_int8 import ranges_path
+    from models.expression.region_refiner import save_refiner
+    from receiver.regions import RegionStage, load_region_weights
+
+    reg = OpeningNet(OpeningConfig(width=4, stages=2))
+    reg.set_label_stats(torch.full((4,), 0.5), torch.full((4,), 0.3))
+    save_regressor(tmp_path / "openings.pt", reg.eval())
+    cfg = RefinerTrainConfig(out=str(tmp_path / "q.pt"), run_dir=str(tmp_path / "q"),
+                             regressor=str(tmp_path / "openings.pt"), steps=20, batch=8, val_every=10, tiny=True,
+                             lr=3e-3, target="dlib", qat="all")
+    tr, va = synthetic_samples(64, 4, 0), synthetic_samples(16, 4, 1)
+    assert train(cfg, tr, va, {})["last_loss"] is not None
+    net, meta = load_refiner(cfg.out)
+    assert len(meta["qat_ranges"]) == 18  # every convolution of both U-Nets
+    assert not any(k.startswith("_q") for k in net.state_dict())  # plain weights: the refiner loads as any other
+    save_samples(tmp_path / "train.npz", tr)
+    save_refiner(tmp_path / "plain.pt", RegionRefiner(RefinerConfig(width=4)))
+    with pytest.raises(SystemExit):  # weights not trained for int8 are refused --qat
+        int8_main(["--weights", str(tmp_path / "plain.pt"), "--train", str(tmp_path / "train.npz"), "--qat"])
+    # the receiver's stage needs wire targets' gain in the meta; the rest of the checkpoint is the QAT run's
+    save_refiner(cfg.out, net, {**meta, "wire_gain": [0.1, 0.1, 0.3, 0.6], "target": "wire"})
+    int8_main(["--weights", cfg.out, "--train", str(tmp_path / "train.npz"), "--samples", "16", "--qat"])
+    ranges = json.loads(ranges_path(cfg.out).read_text())
+    # every convolution's input and output tensors, its ReLU's and each upsampling's
+    assert ranges["float_convs"] == [] and ranges["method"].startswith("qat ranges for 44 tensors")
+    parts = load_region_weights(cfg.out, tmp_path / "openings.pt")
+    stage = RegionStage.of(parts, [0, 1, 2])
+    assert parts.int8_ranges is not None and stage.onnx is not None and stage.onnx.int8
+    ranges_path(cfg.out).unlink()
+    assert not RegionStage.of(load_region_weights(cfg.out, tmp_path / "openings.pt"), [0, 1, 2]).onnx.int8
+
+
 def test_wild_rows_are_the_clips_of_the_in_the_wild_sets() -> None:
     from models.expression.train_refiner import wild_rows
 

@@ -20,6 +20,8 @@ sender (``centres_from_keypoints``) and from the landmarks themselves in trainin
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -74,35 +76,44 @@ def jacobian_scales(kp: np.ndarray, anchor_kp: list[int]) -> np.ndarray:
     return np.stack([jac[..., el, 1, 1], jac[..., er, 1, 1], jac[..., mo, 1, 1], jac[..., mo, 0, 0]], -1)
 
 
-def patch_affine(centre: np.ndarray, axis: np.ndarray, width: float, height: float, out_w: int, out_h: int,
-            mirror: bool) -> np.ndarray:
+def patch_affine(centre: np.ndarray | tuple[float, float], axis: np.ndarray | tuple[float, float], width: float,
+                 height: float, out_w: int, out_h: int, mirror: bool) -> np.ndarray:
     """2x3 matrix taking frame pixels to patch pixels: ``axis`` (unit vector along the eye line) maps to
     the patch's x axis, a ``width`` x ``height`` box around ``centre`` fills the patch."""
-    ux, uy = axis
+    # patch = S R (p - c) + patch centre, R rotating the eye line onto x (then x negated when mirrored); in
+    # Python floats: numpy's per-call overhead on 2x2 matrices was most of the region stage's geometry
+    ux, uy = float(axis[0]), float(axis[1])
+    cx, cy = float(centre[0]), float(centre[1])
     sx, sy = out_w / width, out_h / height
-    # patch = S R (p - c) + patch centre, R rotating the eye line onto x
-    rot = np.array([[ux, uy], [-uy, ux]], np.float64)
-    m = np.diag([sx, sy]) @ rot
     if mirror:
-        m = np.diag([-1.0, 1.0]) @ m
-    t = np.array([out_w / 2.0 - 0.5, out_h / 2.0 - 0.5]) - m @ np.asarray(centre, np.float64)
-    return np.concatenate([m, t[:, None]], 1)
+        sx = -sx
+    a, b, c, d = sx * ux, sx * uy, -sy * uy, sy * ux
+    return np.array([[a, b, out_w / 2.0 - 0.5 - (a * cx + b * cy)],
+                     [c, d, out_h / 2.0 - 0.5 - (c * cx + d * cy)]], np.float64)
 
 
-def cut_patches(frame: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Frame (H, W, 3) uint8 + centres (3, 2) px -> eye patches (2, EYE_PATCH, EYE_PATCH, 3) (the image-right
-    one mirrored) and the mouth patch (MOUTH_PATCH[1], MOUTH_PATCH[0], 3)."""
-    left, right, mouth = (np.asarray(c, np.float64) for c in centres)
-    v = right - left
-    d = max(float(np.linalg.norm(v)), 1.0)
-    axis = v / d
-    eyes = []
-    for c, mirror in ((left, False), (right, True)):
-        m = patch_affine(c, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, mirror)
-        eyes.append(cv2.warpAffine(frame, m, (EYE_PATCH, EYE_PATCH), flags=cv2.INTER_LINEAR,
-                                   borderMode=cv2.BORDER_REPLICATE))
-    down = np.array([-axis[1], axis[0]])  # the face's vertical axis (image y when upright)
+def patch_affines(centres: np.ndarray) -> list[np.ndarray]:
+    """The three 2x3 frame -> patch matrices of (3, 2) px centres (image-left eye, image-right eye mirrored,
+    mouth): what ``cut_patches`` cuts and ``region_refiner.paste_changes`` pastes back."""
+    (lx, ly), (rx, ry), (mx, my) = (tuple(float(v) for v in c) for c in np.asarray(centres)[:3])
+    d = max(math.hypot(rx - lx, ry - ly), 1.0)
+    ux, uy = (rx - lx) / d, (ry - ly) / d
+    # the mouth patch sits MOUTH_BELOW x d down the face's vertical axis (-uy, ux) (image y when upright)
+    mouth = (mx - MOUTH_BELOW * d * uy, my + MOUTH_BELOW * d * ux)
     mw, mh = MOUTH_PATCH
-    m = patch_affine(mouth + MOUTH_BELOW * d * down, axis, MOUTH_W * d, MOUTH_H * d, mw, mh, False)
-    mouth_patch = cv2.warpAffine(frame, m, (mw, mh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return np.stack(eyes), mouth_patch
+    return [patch_affine((lx, ly), (ux, uy), EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, False),
+            patch_affine((rx, ry), (ux, uy), EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, True),
+            patch_affine(mouth, (ux, uy), MOUTH_W * d, MOUTH_H * d, mw, mh, False)]
+
+
+def cut_patches(frame: np.ndarray, centres: np.ndarray,
+                affines: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frame (H, W, 3) uint8 + centres (3, 2) px -> eye patches (2, EYE_PATCH, EYE_PATCH, 3) (the image-right
+    one mirrored) and the mouth patch (MOUTH_PATCH[1], MOUTH_PATCH[0], 3); ``affines``: ``patch_affines(centres)``
+    when the caller has them."""
+    left, right, mouth = patch_affines(centres) if affines is None else affines
+    mw, mh = MOUTH_PATCH
+    eyes = np.stack([cv2.warpAffine(frame, m, (EYE_PATCH, EYE_PATCH), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REPLICATE) for m in (left, right)])
+    mouth_patch = cv2.warpAffine(frame, mouth, (mw, mh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return eyes, mouth_patch

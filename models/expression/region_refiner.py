@@ -23,6 +23,7 @@ refine -> paste for one frame. Training: ``models.expression.train_refiner``; sa
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,14 +36,8 @@ from torch import nn
 from models.checkpoint import load_model, save_checkpoint
 from models.expression.openings import (
     CHANNELS,
-    EYE_PATCH,
-    EYE_SIDE,
-    MOUTH_BELOW,
-    MOUTH_H,
-    MOUTH_PATCH,
-    MOUTH_W,
     cut_patches,
-    patch_affine,
+    patch_affines,
 )
 
 KIND = "region-refiner"
@@ -105,6 +100,14 @@ def _planes(values: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return values[:, :, None, None].expand(-1, -1, h, w)
 
 
+def blend(net: _UNet, x: torch.Tensor, rendered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One U-Net on its input planes ``x`` -> (the refined patches: rendered + sigmoid(mask) x residual in [0, 1],
+    the mask)."""
+    residual, logit = net(x)
+    mask = torch.sigmoid(logit)
+    return (rendered + mask * residual).clamp(0.0, 1.0), mask
+
+
 class RegionRefiner(nn.Module):
     def __init__(self, config: RefinerConfig | None = None) -> None:
         super().__init__()
@@ -124,9 +127,7 @@ class RegionRefiner(nn.Module):
                planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = rendered.shape[-2:]
         x = torch.cat([rendered * 2 - 1, source * 2 - 1, _planes(planes, h, w)], 1)
-        residual, logit = net(x)
-        mask = torch.sigmoid(logit)
-        return (rendered + mask * residual).clamp(0.0, 1.0), mask
+        return blend(net, x, rendered)
 
     def forward(self, rendered_eyes: torch.Tensor, source_eyes: torch.Tensor, rendered_mouth: torch.Tensor,
                 source_mouth: torch.Tensor, target: torch.Tensor, source_open: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -155,22 +156,8 @@ def load_refiner(path: str | Path = DEFAULT_WEIGHTS) -> tuple[RegionRefiner, dic
 # --------------------------------------------------------------------------- frame <-> patches
 
 
-def patch_affines(centres: np.ndarray) -> list[np.ndarray]:
-    """The three 2x3 frame -> patch matrices ``cut_patches`` uses (image-left eye, image-right eye mirrored,
-    mouth), from (3, 2) px centres."""
-    left, right, mouth = (np.asarray(c, np.float64) for c in centres)
-    v = right - left
-    d = max(float(np.linalg.norm(v)), 1.0)
-    axis = v / d
-    down = np.array([-axis[1], axis[0]])
-    mw, mh = MOUTH_PATCH
-    return [patch_affine(left, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, False),
-            patch_affine(right, axis, EYE_SIDE * d, EYE_SIDE * d, EYE_PATCH, EYE_PATCH, True),
-            patch_affine(mouth + MOUTH_BELOW * d * down, axis, MOUTH_W * d, MOUTH_H * d, mw, mh, False)]
-
-
 @functools.lru_cache(maxsize=8)
-def _window(w: int, h: int, feather: float) -> np.ndarray:
+def window(w: int, h: int, feather: float) -> np.ndarray:
     """(h, w) float32 weights: 1 in the middle, a smooth ramp to 0 at the patch's border (cached: the
     same few shapes on every frame; read-only)."""
     def ramp(n: int) -> np.ndarray:
@@ -188,14 +175,20 @@ def _frame_box(m: np.ndarray, pw: int, ph: int, w: int, h: int) -> tuple[int, in
     """The frame box (x0, y0, x1, y1) a ``pw`` x ``ph`` patch of the frame->patch affine ``m`` covers, clipped to
     the ``w`` x ``h`` frame, and ``m`` shifted to map box pixels (u, v) = frame pixels (u + x0, v + y0); None when
     the patch is off the frame. Pasting touches only that box."""
-    inv = cv2.invertAffineTransform(m)
-    corners = np.array([[-0.5, -0.5, 1], [pw - 0.5, -0.5, 1], [-0.5, ph - 0.5, 1], [pw - 0.5, ph - 0.5, 1]]) @ inv.T
-    x0, y0 = (int(v) for v in np.maximum(np.floor(corners.min(0)).astype(int), 0))
-    x1, y1 = (int(v) for v in np.minimum(np.ceil(corners.max(0)).astype(int) + 1, (w, h)))
+    # the patch's corners in the frame, by the inverse of m = [A | t] (A^-1 (q - t)), in Python floats: numpy's
+    # per-call overhead on these 2x3 matrices was a third of the paste's time
+    (a, b, tx), (c, d, ty) = m.tolist()
+    det = a * d - b * c
+    xs, ys = [], []
+    for qx, qy in ((-0.5, -0.5), (pw - 0.5, -0.5), (-0.5, ph - 0.5), (pw - 0.5, ph - 0.5)):
+        ux, uy = qx - tx, qy - ty
+        xs.append((d * ux - b * uy) / det)
+        ys.append((a * uy - c * ux) / det)
+    x0, y0 = max(math.floor(min(xs)), 0), max(math.floor(min(ys)), 0)
+    x1, y1 = min(math.ceil(max(xs)) + 1, w), min(math.ceil(max(ys)) + 1, h)
     if x1 <= x0 or y1 <= y0:
         return None
-    shifted = m.copy()
-    shifted[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
+    shifted = np.array([[a, b, tx + a * x0 + b * y0], [c, d, ty + c * x0 + d * y0]], np.float64)
     return x0, y0, x1, y1, shifted
 
 
@@ -215,7 +208,7 @@ def paste_patches(frame: np.ndarray, centres: np.ndarray, eyes: np.ndarray, mout
         x0, y0, x1, y1, shifted = box
         size = (x1 - x0, y1 - y0)
         back = cv2.warpAffine(patch.astype(np.float32), shifted, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
-        alpha = cv2.warpAffine(_window(pw, ph, feather), shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT,
+        alpha = cv2.warpAffine(window(pw, ph, feather), shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT,
                                borderValue=0.0)[..., None]
         roi = out[y0:y1, x0:x1].astype(np.float32)
         out[y0:y1, x0:x1] = np.clip(np.rint(roi * (1 - alpha) + back * alpha), 0, 255).astype(np.uint8)
@@ -223,15 +216,18 @@ def paste_patches(frame: np.ndarray, centres: np.ndarray, eyes: np.ndarray, mout
 
 
 def paste_changes(frame: np.ndarray, centres: np.ndarray, eye_change: np.ndarray, mouth_change: np.ndarray,
-                  feather: float = FEATHER) -> np.ndarray:
+                  feather: float | None = FEATHER, affines: list[np.ndarray] | None = None) -> np.ndarray:
     """``paste_patches``, but only what the refiner changed: frame + window x the warped-back change of each
-    patch (float grey levels, (2, 32, 32, 3) eyes, the image-right one mirrored, and (32, 48, 3) mouth).
+    patch (float grey levels, (2, 32, 32, 3) eyes, the image-right one mirrored, and (32, 48, 3) mouth;
+    ``feather`` None: the changes come with the window applied, as the stage's graph outputs them; ``affines``:
+    ``patch_affines(centres)`` when the caller has them).
     Where a patch is unchanged, the frame keeps its own full-resolution pixels (``paste_patches`` resamples the
     whole window through the 32-pixel patch: up to ~13 grey levels off at edges with an identity refiner)."""
     h, w = frame.shape[:2]
     out = frame.copy()
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    for m, change in zip(patch_affines(centres), (eye_change[0], eye_change[1], mouth_change), strict=True):
+    for m, change in zip(patch_affines(centres) if affines is None else affines,
+                         (eye_change[0], eye_change[1], mouth_change), strict=True):
         ph, pw = change.shape[:2]
         if not np.any(change):
             continue
@@ -240,10 +236,12 @@ def paste_changes(frame: np.ndarray, centres: np.ndarray, eye_change: np.ndarray
             continue
         x0, y0, x1, y1, shifted = box
         size = (x1 - x0, y1 - y0)
-        weighted = change.astype(np.float32) * _window(pw, ph, feather)[..., None]
+        weighted = change.astype(np.float32, copy=False)
+        if feather is not None:
+            weighted = weighted * window(pw, ph, feather)[..., None]
         back = cv2.warpAffine(weighted, shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-        roi = out[y0:y1, x0:x1].astype(np.float32)
-        out[y0:y1, x0:x1] = np.clip(np.rint(roi + back), 0, 255).astype(np.uint8)
+        roi = out[y0:y1, x0:x1]
+        cv2.add(roi, back, dst=roi, dtype=cv2.CV_8U)  # rounded and saturated, as np.clip(np.rint(roi + back))
     return out
 
 

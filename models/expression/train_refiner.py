@@ -99,6 +99,9 @@ class RefinerTrainConfig:
     # the rendered, source and driving patches of a sample alike: in-the-wild faces (#29)
     degrade: float = 0.0
     init: str = ""  # start from this refiner checkpoint's weights (not with --resume, which continues its own)
+    # quantisation-aware fine-tuning (models.expression.qat): 'all' convolutions in simulated int8, 'mixed' all
+    # but each branch's first and output (refiner_int8.FLOAT_CONVS), '' none (float32)
+    qat: str = ""
 
 
 # --------------------------------------------------------------------------- batches
@@ -349,6 +352,32 @@ def wire_targets(s: RegionSamples, source_open: np.ndarray, gain: np.ndarray, jd
     return (source_open[s.source] + gain * (jd - js[s.source])).astype(np.float32)
 
 
+QAT_FLOAT = ("eye.enc0.0.0", "eye.out", "mouth.enc0.0.0", "mouth.out")  # refiner_int8.FLOAT_CONVS, by module
+
+
+@torch.no_grad()
+def warm_fake_quant(net: RegionRefiner, cfg: RefinerTrainConfig, tr: RegionSamples, target: np.ndarray,
+                    rng: np.random.Generator, batches: int = 20) -> None:
+    """Simulate the int8 graph (``qat.fake_quantise``) and measure its running ranges on training batches before
+    the first check (a resumed run starts its ranges afresh: they are not in the state)."""
+    from models.expression.qat import fake_quantise, ranges_seen
+
+    names = fake_quantise(net, QAT_FLOAT if cfg.qat == "mixed" else ())
+    net.train()
+    for _ in range(batches):
+        refine(net, batch_of(tr, rng.integers(0, len(tr), cfg.batch), target))
+    log.info("qat %s: %d convolutions in simulated int8; input ranges %s", cfg.qat, len(names),
+             {k: [round(v, 2) for v in r] for k, r in list(ranges_seen(net).items())[:4]})
+
+
+def qat_meta(net: RegionRefiner) -> dict:
+    """A quantisation-aware run's ranges, for the checkpoint's meta (``refiner_int8 --qat`` quantises with them)."""
+    from models.expression.qat import ranges_seen
+
+    seen = ranges_seen(net)
+    return {"qat_ranges": seen} if seen else {}
+
+
 def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: dict) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -403,6 +432,8 @@ def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: d
                      start.config.levels, net.config.levels)
         net.set_open_stats(torch.from_numpy(tr_target.mean(0)), torch.from_numpy(tr_target.std(0) + 1e-6))
         log.info("started from the weights of %s", cfg.init)
+    if cfg.qat:
+        warm_fake_quant(net, cfg, tr, tr_target, rng)
     meta = {**meta, "wire_gain": None if wire_gain is None else wire_gain.tolist(),
             "opening_loss": reg is not None and cfg.w_open > 0, "regressor": cfg.regressor if reg else None,
             "target": ("regressor" if reg is not None else "dlib") if cfg.target == "auto" else cfg.target,
@@ -425,7 +456,7 @@ def train(cfg: RefinerTrainConfig, tr: RegionSamples, va: RegionSamples, meta: d
             f.write(json.dumps(m) + "\n")
         if m["select"] > best["select"]:
             best = m
-            save_refiner(cfg.out, net, {**meta, "selected": m, "baselines": base})
+            save_refiner(cfg.out, net, {**meta, "selected": m, "baselines": base, **qat_meta(net)})
         log.info("step %d: loss %s, val corr dlib %s regressor %s, L1 eyes %.2f mouth %.2f, mask %.3f (best %.3f at "
                  "%d)", step, m["train_loss"] and round(m["train_loss"], 4), np.round(m.get("dlib_corr", []), 3),
                  np.round(m.get("corr", []), 3), m["l1_eyes"], m["l1_mouth"], m["mask"], best["select"], best["step"])
@@ -565,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--init starts a run from other weights; --resume continues this run's own state")
     if a.levels not in (2, 3):
         p.error("--levels is the U-Nets' depth: 2 or 3")
+    if a.qat not in ("", "all", "mixed"):
+        p.error("--qat is 'all', 'mixed' or '' (float32)")
     cfg = RefinerTrainConfig(**vars(a))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

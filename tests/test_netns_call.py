@@ -185,8 +185,11 @@ def test_call_through_impaired_link(tmp_path: Path, tiny_weights: Path, demo_cli
     # rendering itself cannot keep up with the clock, the playout skips frames whatever the network
     # does, so the bar scales with the renderer's measured capacity (1 when it keeps up). On a busy
     # machine a CPU stall delays a burst of packets, and the playout's resync after it drops 15-30
-    # of the 150 frames (seen in two fresh-clone runs with a core kept busy): the bar is "most of
-    # the call", the rate itself is bench.playout's to measure.
+    # of the 150 frames (seen in two fresh-clone runs with a core kept busy), once 74 (a third
+    # fresh-clone run with a busy core: sender, receiver and the spinning core on two cores; the
+    # median render time, the capacity above, does not see such stalls). So the bar is that the
+    # playout goes on through the loss (a playout that waited on lost frames would show a handful),
+    # at 40 % of the renderable frames; the rate itself is bench.playout's to measure.
     # Nor can any playout show the frames sent before the source image arrived: through 10 % loss
     # SCTP's retransmission backoff once took 11 s to deliver it (a loaded fresh-clone run), so the
     # bar counts from the first frame shown.
@@ -194,8 +197,9 @@ def test_call_through_impaired_link(tmp_path: Path, tiny_weights: Path, demo_cli
     shown = ~log["repeated"]
     renderable = frames - int(log["seq"][shown].min())
     capacity = min(1.0, 1000.0 / (got["render_ms_p50"] * FPS))
-    assert got["frames_rendered"] >= 0.6 * renderable * capacity, (got["frames_rendered"], renderable, capacity,
-                                                                   got["playout"])
+    assert got["frames_rendered"] >= 0.4 * renderable * capacity, (got["frames_rendered"], renderable, capacity,
+                                                                   got["playout"], sent["frames_late"],
+                                                                   sent["extract_ms_p95"])
     _check_counts(got, tmp_path / "frames.npz")
     # the frames log lines up with the sender's truth: unblended real frames are the truth (8-bit codec)
     truth = np.load(tmp_path / "truth.npz")

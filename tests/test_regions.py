@@ -68,6 +68,17 @@ def test_jacobian_scales_are_the_training_definition() -> None:
     assert np.array_equal(jacobian_scales(kp[3], ANCHORS), _jac_baseline(kp[3:4], ANCHORS)[0])
 
 
+def test_the_stage_places_the_regions_where_the_training_did(regressor) -> None:
+    """``RegionStage.centres`` (Python floats, once a frame) = ``centres_from_keypoints`` (what the samples the
+    refiner trained on were cut at)."""
+    stage = _stage(regressor, False)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        kp = _kp(left=tuple(rng.uniform(-0.5, -0.1, 2)), right=tuple(rng.uniform(0.1, 0.5, 2)),
+                 mouth=tuple(rng.uniform(-0.2, 0.6, 2)))
+        np.testing.assert_allclose(stage.centres(kp, 256), centres_from_keypoints(kp, ANCHORS, 256), atol=1e-4)
+
+
 def test_target_is_the_source_openings_plus_the_wire_change(regressor, frames: np.ndarray) -> None:
     stage = _stage(regressor, False)
     kp = _kp()

@@ -15,13 +15,14 @@ anchored keypoints from the motion model's meta, ``anchor_kp``).
 :class:`RegionStage` holds the shared weights (one per receiver): ``prepare`` runs once per source
 image (its patches, openings and scales: a :class:`RegionSource`), ``apply`` once per frame on the
 render worker, after any upscale (cut the frame's patches at its own keypoints' centres, refine on one
-thread — through ONNX Runtime when it is installed, ~2x eager PyTorch on these small convolutions, else
-eager — add back what the refiner changed: ``paste_changes``, so the frame keeps its own pixels where
-the refiner leaves a patch alone; ``paste="patches"`` pastes the whole patches as the refiner's validation
-did). A frame it cannot handle is shown unchanged: keypoints not finite, a centre
-off the frame, eyes closer than ``MIN_INTEROCULAR_PX`` (no face to speak of), or a source image whose
-own keypoints are so. ``Renderer`` / ``TieredRenderer`` add it as a ``RenderJob.then`` step and count
-refined and passed frames per call (``RegionCounts``, in the call's stats as ``regions``).
+thread — through ONNX Runtime when it is installed, in int8 when the refiner's calibration ranges lie beside
+its weights (shipped), several times faster than eager PyTorch on these small convolutions, else eager — add
+back what the refiner changed: ``paste_changes``, so the frame keeps its own pixels where the refiner leaves a
+patch alone; ``paste="patches"`` pastes the whole patches as the refiner's validation did). A frame it
+cannot handle is shown unchanged: keypoints not finite, a centre off the frame, eyes closer than
+``MIN_INTEROCULAR_PX`` (no face to speak of), or a source image whose own keypoints are so. ``Renderer`` /
+``TieredRenderer`` add it as a ``RenderJob.then`` step and count refined and passed frames per call
+(``RegionCounts``, in the call's stats as ``regions``).
 """
 
 from __future__ import annotations
@@ -215,8 +216,10 @@ class RegionStage:
     added to the frame, ``paste_changes``, so an unchanged patch leaves the frame's pixels exactly as they
     were) or ``patches`` (the refined patches replace the frame's under the feathered window,
     ``paste_patches``, as the refiner's validation pasted them; resamples the regions through 32 pixels);
-    ``onnx``: run the refiner through ONNX Runtime when it is installed (the same numbers to ~1e-6 in float32);
-    ``int8_ranges``: its convolutions in int8 there, from these calibration ranges (``RegionWeights``).
+    ``onnx``: run the refiner through ONNX Runtime when it is installed (``refiner_int8.StageGraph``: the same
+    numbers to ~1e-4 grey levels in float32; the ``changes`` paste only, ``patches`` runs eager PyTorch);
+    ``int8_ranges``: its convolutions, ReLUs, concatenations and upsamplings in int8 there, from these calibration
+    ranges (``RegionWeights``; ~0.4 grey levels from float32, ~1 ms a frame less beside the render).
     """
 
     def __init__(self, refiner: RegionRefiner, regressor: OpeningNet, wire_gain: list[float] | np.ndarray,

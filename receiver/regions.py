@@ -159,6 +159,7 @@ def _change(refined: torch.Tensor, rendered: np.ndarray) -> np.ndarray:
     channels last (what the stage graph outputs, but the window)."""
     return np.moveaxis(refined.numpy(), -3, -1) * np.float32(255.0) - rendered
 
+
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Torch on one intra-op thread in this thread (OpenMP's setting is per thread), restored afterwards:
@@ -174,10 +175,9 @@ def _one_thread() -> Iterator[None]:
 
 
 class OnnxRefiner:
-    """The region refiner as one ONNX Runtime session (batch 1, one thread, no spinning); its convolutions in
-    int8 when ``int8_ranges`` are given (``models.expression.refiner_int8``: ~0.7 ms a frame less; float32
-    weights quantised after training opened closed eyes less, docs/RESULTS.md, so only weights fine-tuned for
-    int8 ship ranges)."""
+    """The stage's graph (``refiner_int8.StageGraph``) as one ONNX Runtime session (one thread, no spinning); in
+    int8 when ``int8_ranges`` are given (``refiner_int8.quantise``: the graph ~1.6 -> ~0.9 ms a frame, drawing
+    what float32 draws to ~0.4 grey levels; docs/RESULTS.md, the stage in int8)."""
 
     def __init__(self, refiner: RegionRefiner, int8_ranges: dict | None = None) -> None:
         from models.expression.refiner_int8 import export_refiner, quantise
@@ -193,7 +193,7 @@ class OnnxRefiner:
         self.session = onnx_session(graph, threads=1)  # 2 threads: slower on these small convs
 
     def __call__(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``graph_feed``'s inputs -> the windowed changes (2, 32, 32, 3) and (1, 32, 48, 3), grey levels."""
+        """``frame_feed``'s inputs -> the windowed changes (2, 32, 32, 3) and (1, 32, 48, 3), grey levels."""
         eyes, mouth = self.session.run(None, feed)
         return eyes, mouth
 

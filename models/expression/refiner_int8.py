@@ -4,12 +4,13 @@
 
 The int8 variant (static QDQ, uint8 activations and per-channel int8 weights, as the render graph's:
 ``models.fomm.fastgraph``; activation ranges measured on training patches, never on the validation persons,
-named by a fingerprint of the weights) took the graph from ~1.5 to ~0.8 ms a frame here (1.0 ms with
-``FLOAT_CONVS`` left in float32). Float32 weights quantised after training drew closed eyes less open
-(``bench.closed_eyes`` closed 0.76 of the gap, 0.81 with ``FLOAT_CONVS`` in float32, against 0.82 in float32);
-weights fine-tuned with the quantisation simulated (``train_refiner --qat``, ``models.expression.qat``) are
-meant for it. The receiver runs a refiner in int8 when its ranges file lies beside it
-(``WEIGHTS.int8.json``, measured on exactly those weights: ``load_ranges``):
+named by a fingerprint of the weights) runs the convolutions, ReLUs, concatenations and upsamplings in int8
+(``OP_TYPES``): the graph ~1.6 -> ~0.9 ms a frame, ~0.4 grey levels from float32; the shipped refiner's
+closed-eye bench read as float32's (docs/RESULTS.md, the stage in int8). With only the convolutions in int8
+it closed 0.76 of a closed eye's gap against 0.82. ``train_refiner --qat`` (``models.expression.qat``)
+fine-tunes a refiner with the int8 graph simulated, for one that loses more. The receiver runs a refiner in
+int8 when its ranges file lies beside it (``WEIGHTS.int8.json``, measured on exactly those weights:
+``load_ranges``):
 
     python -m models.expression.refiner_int8 --weights W.pt --all-convs --samples 512   # writes W.int8.json
 """
@@ -35,9 +36,9 @@ from models.fomm.fastgraph import ranges_path
 
 log = logging.getLogger(__name__)
 
-# The stage's graph takes each U-Net's input planes as the receiver builds them (``graph_feed``: the source's half
-# once per source image) and gives the change it draws, in grey levels, the paste window applied, channels last:
-# what ``paste_changes`` adds to the frame. The refiner's own input normalisation and output conversion in the
+# The stage's graph takes each U-Net's input planes as the receiver builds them (``feed_template`` once per
+# source image, ``frame_feed`` per frame) and gives the change it draws, in grey levels, the paste window
+# applied, channels last: what ``paste_changes`` adds to the frame. The refiner's own input normalisation and output conversion in the
 # graph were ~20 small nodes and numpy passes a frame (ONNX Runtime's per-node cost is most of their time).
 INPUTS = ["eye_x", "mouth_x", "rendered_eyes", "rendered_mouth"]
 OUTPUTS = ["eye_change", "mouth_change"]
@@ -46,7 +47,7 @@ EYE_PLANES, MOUTH_PLANES = 2, 4  # opening planes after the 6 image channels: th
 
 
 class StageGraph(torch.nn.Module):
-    """The refiner as the region stage runs it: (eye_x (2, 8, 32, 32), mouth_x (1, 10, 32, 48): ``graph_feed``,
+    """The refiner as the region stage runs it: (eye_x (2, 8, 32, 32), mouth_x (1, 10, 32, 48): ``frame_feed``,
     rendered_eyes (2, 3, 32, 32), rendered_mouth (1, 3, 32, 48) in [0, 1]) -> (eye_change (2, 32, 32, 3),
     mouth_change (1, 32, 48, 3)): 255 x window x (refined - rendered)."""
 

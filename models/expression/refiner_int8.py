@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 
 # The stage's graph takes each U-Net's input planes as the receiver builds them (``feed_template`` once per
 # source image, ``frame_feed`` per frame) and gives the change it draws, in grey levels, the paste window
-# applied, channels last: what ``paste_changes`` adds to the frame. The refiner's own input normalisation and output conversion in the
-# graph were ~20 small nodes and numpy passes a frame (ONNX Runtime's per-node cost is most of their time).
+# applied, channels last: what ``paste_changes`` adds to the frame. The refiner's own input normalisation and
+# output conversion in the graph were ~20 small nodes and numpy passes a frame (ONNX Runtime's per-node cost is
+# most of their time).
 INPUTS = ["eye_x", "mouth_x", "rendered_eyes", "rendered_mouth"]
 OUTPUTS = ["eye_change", "mouth_change"]
 EYE_PLANES, MOUTH_PLANES = 2, 4  # opening planes after the 6 image channels: this eye's target and source; the

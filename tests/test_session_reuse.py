@@ -73,8 +73,11 @@ async def test_a_frame_with_the_keypoints_on_screen_is_shown_without_a_render(ex
     # the frames the sink got: one per frame shown, each a reused one the same object as the one before
     assert len(pictures) == len(cols["seq"])
     assert all(pictures[i] is pictures[i - 1] for i in idx)
-    # and no frame of a new pose was reused
-    moved = np.flatnonzero(shown & (cols["seq"] % 2 == 0) & (cols["seq"] > 0) & (cols["seq"] < FRAMES))
+    # and no frame of a new pose was reused: of those shown as they arrived (one that came after its time is
+    # concealed, as the last pose with the default forecaster, and is then rightly reused; a busy core did that)
+    real = cols["kinds"][cols["kind"]] == "real"
+    moved = np.flatnonzero(shown & real & (cols["seq"] % 2 == 0) & (cols["seq"] > 0) & (cols["seq"] < FRAMES))
+    assert len(moved) >= FRAMES // 4
     assert not reused[moved].any()
     assert len(stats["rejected_by_reason"]) == 0
 

@@ -85,8 +85,9 @@ def load_render_models(weights: str | None, size: str | int, adapt: bool | None,
                      "keypoints (shown %d, anchored keypoints %s)", shown, meta.get("anchor_kp"))
     stage = region_stage(regions, meta, display if tiers else path)
     if stage is not None:
-        log.info("region stage %s: eyes and mouth redrawn on every frame (--refine-regions off turns it off)",
-                 refine_regions)
+        how = "int8" if stage.onnx is not None and stage.onnx.int8 else "float32" if stage.onnx else "eager PyTorch"
+        log.info("region stage %s (%s): eyes and mouth redrawn on every frame (--refine-regions off turns it off)",
+                 refine_regions, how)
         if tiers is not None and size == "auto":
             # the start-up fps are of the renders alone; the stage adds its time to every display-size frame
             top = max(tiers.models)

@@ -142,3 +142,24 @@ def test_quantisation_aware_ranges_make_the_int8_graph_what_training_simulated()
         to_sim += [np.abs(a - b).mean() for a, b in zip(q, s, strict=True)]
         to_float += [np.abs(a - b).mean() for a, b in zip(q, fl, strict=True)]
     assert np.mean(to_sim) < np.mean(to_float)
+
+
+def test_ranges_that_do_not_fit_the_graph_leave_the_stage_in_float32(tmp_path: Path, caplog) -> None:
+    """A ranges file measured on these weights but missing tensors of the graph (another graph version): the
+    stage logs it and runs the refiner in float32 instead of failing."""
+    from receiver.regions import RegionStage, load_region_weights
+
+    net = _perturbed(4)
+    weights = tmp_path / "refiner.pt"
+    save_refiner(weights, net, {"wire_gain": GAIN, "target": "wire"})
+    loaded, _ = load_refiner(weights)
+    ranges = calibrate(loaded, _feeds(loaded, 4))
+    data = ranges["ranges"]["data"]
+    for name in list(data)[: len(data) // 2]:
+        del data[name]
+    ranges_path(weights).write_text(json.dumps(ranges))
+    parts = load_region_weights(weights)
+    assert parts.int8_ranges is not None  # its fingerprint matches: it is read
+    stage = RegionStage.of(parts, ANCHORS)
+    assert stage.onnx is not None and not stage.onnx.int8
+    assert "do not fit" in caplog.text

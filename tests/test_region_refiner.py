@@ -360,7 +360,8 @@ def test_wild_rows_are_the_clips_of_the_in_the_wild_sets() -> None:
 @pytest.mark.parametrize("args,message", [(["--degrade", "2"], "--degrade is a share"),
                                           (["--degrade", "nan"], "--degrade is a share"),
                                           (["--init", "x.pt", "--resume"], "--init starts a run"),
-                                          (["--levels", "4"], "--levels is the U-Nets' depth")])
+                                          (["--levels", "4"], "--levels is the U-Nets' depth"),
+                                          (["--qat", "some"], "--qat is 'all', 'mixed' or ''")])
 def test_refiner_training_argument_errors(args: list[str], message: str, capsys) -> None:
     from models.expression.train_refiner import main
 

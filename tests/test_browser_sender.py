@@ -313,23 +313,28 @@ def test_a_busy_receiver_is_offered_again(receivers: Receivers, browser_weights:
                            "--max-calls", "1", "--playout", "immediate", "--eager-render", "--threads", "1",
                            "--cors-origin", r.page.split("/send")[0]],
                           netns=r.hosts.a, log_path=r.tmp / "receiver_busy.log")
-    flood = r.hosts.popen("b", [sys.executable, "-c", FLOOD, f"http://{addr}:{port}/offer", TOKEN, "120"], cwd=ROOT,
+    flood = r.hosts.popen("b", [sys.executable, "-c", FLOOD, f"http://{addr}:{port}/offer", TOKEN, "300"], cwd=ROOT,
                           stdout=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: flood.stdout.readline().strip() == "200", 30, "the flood to take the slot")
         # Whether the page's first offer finds the slot held depends on timing: an unconnected flood offer
         # gives way after ~3-4 s (receiver.server), and an offer that arrives in such a gap is answered at
-        # once (busy_offers 0: a slower machine did this once). So the page calls until it was refused at
-        # least once; each call must get through.
-        for _ in range(3):
+        # once (busy_offers 0: a slower machine did this once). Nor is the page sure to win the slot when it
+        # gives way: the flood offers every 0.25 s, and once (a quiet fresh-clone run) it won every time for
+        # the page's 15 s of offers, which ended in "busy". So the page calls until it was refused at least once
+        # and then got in; a call that ends otherwise than live or busy fails the test.
+        got_in = None
+        for _ in range(4):
             run = run_page(f"{r.page}?token={TOKEN}&receiver=http://{addr}:{port}&autostart=1&framing=centre"
                            "&frames=10", r.args(fake_video=camera), netns=r.hosts.b,
                            wait_for=("live", "ended", "error"), timeout_s=60)
-            assert run.state in ("live", "ended"), (run.state, run.error_kind, run.error, run.console[-10:])
-            if run.stats["busy_offers"] >= 1:
+            assert run.state in ("live", "ended") or run.error_kind == "busy", (run.state, run.error_kind,
+                                                                                 run.error, run.console[-10:])
+            if run.state in ("live", "ended") and run.stats["busy_offers"] >= 1:
+                got_in = run
                 break
     finally:
         flood.kill()
         recv.terminate()
         stop(recv)
-    assert run.stats["busy_offers"] >= 1, run.stats  # it was refused as busy, and offered again
+    assert got_in is not None, (run.state, run.error_kind, run.stats)  # refused as busy, offered again, got in
